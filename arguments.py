@@ -1,0 +1,79 @@
+"""Command-line arguments of every script, defined once as dataclasses (help text, choices, validation)."""
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from transformers import HfArgumentParser
+
+from self_speculation.config import GenerationConfig
+from self_speculation.errors import UsageError
+from self_speculation.streamers import STREAMERS
+
+__all__ = ["CorrectnessArguments", "GenerateArguments", "GenerationConfig", "ModelArguments", "parse", "run"]
+
+
+@dataclass
+class ModelArguments:
+    model: str = field(metadata={"help": "Hugging Face hub id or local directory of the model"})
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "weights dtype; auto is bfloat16 on GPUs (float16 where bfloat16 is unsupported), float32 on CPU",
+            "choices": ("auto", "float32", "bfloat16", "float16"),
+        },
+    )
+    device: str = field(default="auto", metadata={"help": "auto (CUDA when present), cpu, cuda or cuda:N"})
+    device_map: str | None = field(
+        default=None, metadata={"help": "spread the model over several GPUs, e.g. auto (needs accelerate)"}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "run model code shipped with the checkpoint"})
+    seed: int = field(default=42, metadata={"help": "random seed for sampling"})
+    output_dir: str = field(default="./logs", metadata={"help": "directory for result files"})
+
+
+@dataclass
+class GenerateArguments:
+    prompt: str | None = field(
+        default=None, metadata={"help": "generate once for this prompt instead of reading prompts interactively"}
+    )
+    streamer: str = field(
+        default="standard",
+        metadata={
+            "help": "none, standard (text as it is generated) or speculative (drafts in colour, erased when rejected)",
+            "choices": tuple(STREAMERS),
+        },
+    )
+
+
+@dataclass
+class CorrectnessArguments:
+    data_path: str = field(metadata={"help": "JSONL file of prompts, one object per line"})
+    prompt_field: str = field(default="prompt", metadata={"help": "field of each line that holds the prompt"})
+    num_samples: int = field(default=-1, metadata={"help": "use only the first N prompts (-1: all)"})
+
+    def __post_init__(self):
+        if self.num_samples == 0 or self.num_samples < -1:
+            raise UsageError(f"--num_samples must be >= 1, or -1 for all (got {self.num_samples})")
+
+
+class _Parser(HfArgumentParser):
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+def parse(types: tuple[type, ...], argv: list[str] | None = None) -> tuple:
+    """Parse argv (default: sys.argv[1:]) into one instance of each dataclass; bad input raises UsageError."""
+    return _Parser(types).parse_args_into_dataclasses(args=argv)
+
+
+def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+    """Run a script's main: a UsageError becomes one line on stderr and exit status 2, ctrl-c status 130."""
+    try:
+        return main(argv)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

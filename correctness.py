@@ -1,0 +1,81 @@
+"""Check that greedy self-speculative decoding reproduces greedy autoregressive decoding token for token.
+
+    python correctness.py --model DIR --data_path prompts.jsonl --exit_layer 8 --num_speculations 6
+
+Writes correctness_<time>.json (and a .jsonl record per prompt as it completes) to --output_dir; exits 1 if any
+output differs.
+"""
+
+import dataclasses
+import sys
+import time
+
+from arguments import CorrectnessArguments, GenerationConfig, ModelArguments, parse, run
+from self_speculation import Generator
+from self_speculation.distributed import rank
+from self_speculation.loading import load
+from self_speculation.results import append_jsonl, ensure_output_dir, read_prompts, write_json
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def main(argv: list[str] | None = None) -> int:
+    model_args, config, args = parse((ModelArguments, GenerationConfig, CorrectnessArguments), argv)
+    # Greedy on both sides: the invariant is token-for-token identity.
+    speculative = dataclasses.replace(config, generation_strategy="self_speculative", sample=False)
+    baseline = dataclasses.replace(config, generation_strategy="autoregressive", sample=False, exit_layer=-1)
+    output_dir = ensure_output_dir(model_args.output_dir)
+    prompts = read_prompts(args.data_path, args.prompt_field)
+    if args.num_samples > 0:
+        prompts = prompts[: args.num_samples]
+    if rank() != 0:
+        return 0
+    model, tokenizer = load(
+        model_args.model, model_args.dtype, model_args.device, model_args.device_map, model_args.trust_remote_code
+    )
+    generators = {
+        "autoregressive": Generator(model, tokenizer, baseline, seed=model_args.seed),
+        "self_speculative": Generator(model, tokenizer, speculative, seed=model_args.seed),
+    }
+    stem = output_dir / f"correctness_{time.strftime('%Y%m%d_%H%M%S')}"
+    records_path = stem.with_suffix(".jsonl")
+    records = []
+    for index, prompt in enumerate(prompts):
+        outputs = {name: generator.generate(prompt) for name, generator in generators.items()}
+        ar, sp = outputs["autoregressive"], outputs["self_speculative"]
+        mismatch = first_difference(ar.tokens, sp.tokens)
+        record = {
+            "prompt_id": index,
+            "match": mismatch is None,
+            "first_mismatch": mismatch,
+            "acceptance_rate": sp.acceptance_rate,
+            "autoregressive": {"tokens": ar.tokens, "text": ar.text},
+            "self_speculative": {"tokens": sp.tokens, "text": sp.text},
+        }
+        append_jsonl(records_path, record)
+        records.append(record)
+        status = "ok" if mismatch is None else f"MISMATCH at token {mismatch}"
+        print(f"prompt {index}: {status} ({len(ar.tokens)} tokens)", flush=True)
+    mismatches = [r["prompt_id"] for r in records if not r["match"]]
+    write_json(
+        stem.with_suffix(".json"),
+        {
+            "arguments": {"model": dataclasses.asdict(model_args), "generation": dataclasses.asdict(speculative),
+                          "correctness": dataclasses.asdict(args)},
+            "num_prompts": len(records),
+            "num_mismatches": len(mismatches),
+            "mismatched_prompt_ids": mismatches,
+            "results": records,
+        },
+    )
+    print(f"{len(mismatches)} of {len(records)} outputs differ; results in {stem.with_suffix('.json')}")
+    return 1 if mismatches else 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

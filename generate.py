@@ -1,0 +1,62 @@
+"""Interactive generation: type a prompt, end it with ctrl-d, watch the completion and its speed.
+
+    python generate.py --model DIR --generation_strategy self_speculative --exit_layer 8 --num_speculations 6
+    python generate.py --model DIR --prompt "def fibonacci(n):" --sample False
+"""
+
+import sys
+
+from arguments import GenerateArguments, GenerationConfig, ModelArguments, parse, run
+from self_speculation import Generator
+from self_speculation.distributed import rank
+from self_speculation.loading import load
+from self_speculation.streamers import STREAMERS
+
+INSTRUCTIONS = "Enter a prompt, then ctrl-d (ctrl-d on an empty prompt quits; ctrl-c stops a generation):"
+
+
+def generate_once(generator: Generator, prompt: str, streamer_name: str) -> None:
+    streamer = STREAMERS[streamer_name](generator.tokenizer)
+    result = generator.generate(prompt, streamer)
+    if streamer is None:
+        print(result.text)
+    print(result.report())
+
+
+def interactive(generator: Generator, streamer_name: str) -> None:
+    while True:
+        print(INSTRUCTIONS, flush=True)
+        try:
+            prompt = sys.stdin.read()
+        except KeyboardInterrupt:
+            print()
+            return
+        if not prompt:
+            return
+        if not prompt.strip():
+            print("error: the prompt is empty", file=sys.stderr)
+            continue
+        print("-" * 40)
+        try:
+            generate_once(generator, prompt, streamer_name)
+        except KeyboardInterrupt:
+            print("\n[generation interrupted]")
+
+
+def main(argv: list[str] | None = None) -> int:
+    model_args, config, args = parse((ModelArguments, GenerationConfig, GenerateArguments), argv)
+    if rank() != 0:
+        return 0  # under torchrun only the first process talks to the terminal
+    model, tokenizer = load(
+        model_args.model, model_args.dtype, model_args.device, model_args.device_map, model_args.trust_remote_code
+    )
+    generator = Generator(model, tokenizer, config, seed=model_args.seed)
+    if args.prompt is not None:
+        generate_once(generator, args.prompt, args.streamer)
+    else:
+        interactive(generator, args.streamer)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

@@ -1,0 +1,99 @@
+"""Loading a model and its tokenizer: a hub id or a local directory, dtype, device, device map."""
+
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .errors import UsageError
+from .layers import check_forward
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N (got {device!r})") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available on this machine")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """auto: bfloat16 on GPUs that support it (else float16), float32 on the CPU."""
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise UsageError(f"--dtype must be one of auto, {', '.join(DTYPES)} (got {dtype!r})")
+        return DTYPES[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP connect to the hub, instead of the minute of retries a download makes when offline."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub ids are `name` or `owner/name`; anything else is meant as a directory."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def load(
+    model: str,
+    dtype: str = "auto",
+    device: str = "auto",
+    device_map: str | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Model in eval mode on its device, and its tokenizer. Raises UsageError for anything the user can fix."""
+    path = Path(model).expanduser()
+    if not path.exists() and _looks_like_path(model):
+        raise UsageError(f"--model: the directory {model} does not exist")
+    source = str(path) if path.exists() else model
+    target = resolve_device(device)
+    kwargs = {"dtype": resolve_dtype(dtype, target), "trust_remote_code": trust_remote_code}
+    if device_map:
+        kwargs["device_map"] = device_map
+
+    def from_pretrained(**extra):
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+        return AutoModelForCausalLM.from_pretrained(source, **kwargs, **extra), tokenizer
+
+    try:
+        try:
+            loaded, tokenizer = from_pretrained(local_files_only=True)
+        except OSError:
+            if path.exists():
+                raise
+            if not hub_reachable():
+                raise UsageError(
+                    f"--model {model}: not in the local cache and the Hugging Face hub is unreachable; "
+                    "download it where the hub is reachable and pass its local directory with --model"
+                ) from None
+            loaded, tokenizer = from_pretrained()
+    except (OSError, ValueError) as error:
+        if isinstance(error, UsageError):
+            raise
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"--model {model}: cannot load it: {first_line}") from error
+    if not device_map:
+        loaded.to(target)
+    loaded.eval()
+    check_forward(loaded)
+    return loaded, tokenizer

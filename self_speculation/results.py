@@ -1,0 +1,59 @@
+"""Reading prompt files and writing results: one JSON document per run, JSONL records as they complete."""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import UsageError
+
+
+def ensure_output_dir(path: str) -> Path:
+    """Create the directory and prove it is writable before any long work starts."""
+    directory = Path(path)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        raise UsageError(f"--output_dir {path} is not writable ({error.strerror or error})") from None
+    return directory
+
+
+def write_json(path: Path, document: dict) -> None:
+    """Write atomically, so an interrupted run never leaves half a document."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(document, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+        f.flush()
+
+
+def read_prompts(path: str, field: str = "prompt") -> list[str]:
+    """Prompts from a JSONL file, one object per line with a string under `field`; blank lines are skipped."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        raise UsageError(f"--data_path {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"--data_path {path}: cannot read it ({error})") from None
+    prompts = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UsageError(f"{path} line {number}: not valid JSON ({error.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            raise UsageError(f"{path} line {number}: expected an object with a string field {field!r}")
+        if not record[field].strip():
+            raise UsageError(f"{path} line {number}: the prompt is empty")
+        prompts.append(record[field])
+    if not prompts:
+        raise UsageError(f"--data_path {path}: the file holds no prompts")
+    return prompts

@@ -1,0 +1,28 @@
+import pytest
+
+from models import save_tiny_checkpoint, tiny_llama
+
+
+@pytest.fixture(scope="session")
+def gqa_tied():
+    """Grouped-query attention (4 query heads, 2 key/value heads), LM head tied to the embeddings."""
+    return tiny_llama(gqa=True, tied=True, seed=0)
+
+
+@pytest.fixture(scope="session")
+def mha_untied():
+    """Plain multi-head attention, separate LM head."""
+    return tiny_llama(gqa=False, tied=False, seed=1)
+
+
+@pytest.fixture(params=["gqa_tied", "mha_untied"])
+def model(request):
+    return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """A tiny model with a byte-level tokenizer on disk, for the scripts."""
+    directory = tmp_path_factory.mktemp("tiny_checkpoint")
+    save_tiny_checkpoint(directory)
+    return directory

@@ -1,0 +1,107 @@
+"""Our layer runner against the model's own forward."""
+
+import pytest
+import torch
+from transformers import Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from self_speculation import UsageError, layers
+
+IDS = torch.tensor([[0, 5, 17, 33, 2, 9, 41, 77, 3, 12, 60, 8]])  # (1, 12)
+ATOL = 1e-5
+
+
+def reference_logits(model, ids=IDS):
+    return model(input_ids=ids, use_cache=False).logits
+
+
+@torch.inference_mode()
+def test_full_forward_prefill(model):
+    ours = layers.full_forward(model, IDS, layers.new_cache())
+    torch.testing.assert_close(ours, reference_logits(model), atol=ATOL, rtol=0)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("chunks", [(12,), (5, 7), (1, 4, 3, 4), (1,) * 12])
+def test_full_forward_chunked_with_cache(model, chunks):
+    cache, pieces, start = layers.new_cache(), [], 0
+    for size in chunks:
+        pieces.append(layers.full_forward(model, IDS[:, start : start + size], cache))
+        start += size
+    torch.testing.assert_close(torch.cat(pieces, dim=1), reference_logits(model), atol=ATOL, rtol=0)
+    assert cache.get_seq_length(0) == cache.get_seq_length(layers.num_layers(model) - 1) == IDS.shape[1]
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("exit_layer", [1, 3, 5])
+def test_early_exit_is_norm_and_head_of_that_layer(model, exit_layer):
+    hidden = model(input_ids=IDS, output_hidden_states=True).hidden_states[exit_layer]  # output of layer E - 1
+    expected = model.lm_head(model.model.norm(hidden))
+    out = layers.early_exit(model, IDS, layers.new_cache(), exit_layer)
+    torch.testing.assert_close(out.logits, expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.hidden, hidden, atol=ATOL, rtol=0)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("exit_layer", [1, 3, 5])
+def test_remainder_over_exit_hiddens_completes_the_full_model(model, exit_layer):
+    """Prefill 8 tokens, run 4 more through the first E layers one by one (as drafting does), then the rest of
+    the layers over their cached exit-layer hidden states at once (as verification does)."""
+    cache = layers.new_cache()
+    layers.full_forward(model, IDS[:, :8], cache)
+    hiddens = [layers.exit_hidden(model, IDS[:, i : i + 1], cache, exit_layer) for i in range(8, 12)]
+    assert cache.get_seq_length(0) == 12 and cache.get_seq_length(exit_layer) == 8
+    logits = layers.remainder(model, torch.cat(hiddens, dim=1), cache, exit_layer)
+    torch.testing.assert_close(logits, reference_logits(model)[:, 8:], atol=ATOL, rtol=0)
+
+
+@torch.inference_mode()
+def test_rollback_then_continue_equals_fresh_run(model):
+    cache = layers.new_cache()
+    layers.full_forward(model, IDS[:, :6], cache)
+    layers.full_forward(model, torch.tensor([[90, 91, 92]]), cache)  # to be rejected
+    layers.rollback(cache, 3)
+    assert cache.get_seq_length(0) == 6
+    logits = layers.full_forward(model, IDS[:, 6:], cache)
+    torch.testing.assert_close(logits, reference_logits(model)[:, 6:], atol=ATOL, rtol=0)
+
+
+def small(config_class, model_class, **extra):
+    config = config_class(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, **extra,
+    )
+    torch.manual_seed(0)
+    return model_class(config).eval()
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: small(Qwen2Config, Qwen2ForCausalLM),
+        lambda: small(MistralConfig, MistralForCausalLM, sliding_window=8),
+    ],
+    ids=["qwen2", "mistral-sliding-window"],
+)
+@torch.inference_mode()
+def test_other_llama_layout_models(build):
+    model = build()
+    layers.check_forward(model)
+    ids = torch.randint(0, 96, (1, 20), generator=torch.Generator().manual_seed(0))
+    cache = layers.new_cache()
+    pieces = [layers.full_forward(model, ids[:, :12], cache)]
+    pieces += [layers.full_forward(model, ids[:, i : i + 1], cache) for i in range(12, 20)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), reference_logits(model, ids), atol=ATOL, rtol=0)
+
+
+def test_model_without_the_layout_is_named():
+    config = GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=2, n_positions=64)
+    with pytest.raises(UsageError, match=r"GPT2LMHeadModel .*model\.model\.embed_tokens is missing"):
+        layers.check_layout(GPT2LMHeadModel(config))
+
+
+def test_model_with_the_layout_but_other_maths_is_refused():
+    """Gemma 2 has the same attribute names but caps its final logits: running the layers alone would be wrong."""
+    model = small(Gemma2Config, Gemma2ForCausalLM, head_dim=16, final_logit_softcapping=1.0)
+    with pytest.raises(UsageError, match="does not reproduce"):
+        layers.check_forward(model)

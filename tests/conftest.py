@@ -5,14 +5,14 @@ from models import save_tiny_checkpoint, tiny_llama
 
 @pytest.fixture(scope="session")
 def gqa_tied():
-    """Grouped-query attention (4 query heads, 2 key/value heads), LM head tied to the embeddings."""
-    return tiny_llama(gqa=True, tied=True, seed=0)
+    """Grouped-query attention (4 query heads, 2 key/value heads), LM head tied to the embeddings; no EOS."""
+    return tiny_llama(gqa=True, tied=True, seed=0, eos_token_id=None)
 
 
 @pytest.fixture(scope="session")
 def mha_untied():
     """Plain multi-head attention, separate LM head."""
-    return tiny_llama(gqa=False, tied=False, seed=1)
+    return tiny_llama(gqa=False, tied=False, seed=1, eos_token_id=None)
 
 
 @pytest.fixture(params=["gqa_tied", "mha_untied"])

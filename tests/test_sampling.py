@@ -1,0 +1,98 @@
+"""Sampling: the pure functions, and a statistical test that speculative sampling is lossless."""
+
+import collections
+import dataclasses
+
+import pytest
+import torch
+from scipy.stats import chi2_contingency
+
+from models import tiny_llama
+from self_speculation import GenerationConfig, Generator, strategies
+from self_speculation.sampling import accept_draft, greedy, processors, residual, sample
+
+
+def test_greedy_is_argmax_per_row():
+    scores = torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 2.9]])
+    assert greedy(scores).tolist() == [1, 0]
+
+
+def test_residual_is_the_normalised_positive_part():
+    p = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    q = torch.tensor([0.2, 0.5, 0.1, 0.2])
+    torch.testing.assert_close(residual(p, q), torch.tensor([0.75, 0.0, 0.25, 0.0]))
+    torch.testing.assert_close(residual(p, p), p)  # nothing to correct
+
+
+def test_accept_draft_probability_is_min_of_one_and_p_over_q():
+    p = torch.tensor([0.2, 0.8])
+    q = torch.tensor([0.5, 0.5])
+    generator = torch.Generator().manual_seed(0)
+    accepted = sum(accept_draft(p, q, 0, generator) for _ in range(20000)) / 20000
+    assert abs(accepted - 0.4) < 0.015
+    assert all(accept_draft(p, q, 1, generator) for _ in range(1000))  # q <= p: always accept
+
+
+def test_sample_follows_the_distribution():
+    probs = torch.tensor([0.1, 0.6, 0.3])
+    generator = torch.Generator().manual_seed(0)
+    counts = collections.Counter(sample(probs, generator) for _ in range(20000))
+    assert abs(counts[1] / 20000 - 0.6) < 0.015 and counts[0] > 0 and counts[2] > 0
+
+
+def test_warpers_follow_the_config():
+    config = GenerationConfig(sample=True, temperature=0.5, top_k=2, top_p=1.0)
+    scores = processors(config)(torch.tensor([[0]]), torch.tensor([[1.0, 3.0, 2.0, 0.0]]))
+    assert torch.isinf(scores[0, [0, 3]]).all() and scores[0, 1].item() == 6.0
+    assert len(processors(GenerationConfig(sample=False))) == 0
+
+
+# Lossless sampling: sample continuations both ways and compare their distributions.
+PROMPT = [0, 3, 5]
+MAX_STEPS = 4  # the first token comes from the prompt pass; the other three from drafts and verification
+SAMPLES = 3000
+SAMPLING = GenerationConfig(sample=True, temperature=0.9, top_k=6, top_p=0.95, max_steps=MAX_STEPS)
+SPECULATIVE = dataclasses.replace(SAMPLING, generation_strategy="self_speculative", exit_layer=1, num_speculations=3)
+
+
+@pytest.fixture(scope="module")
+def small_vocab_model():
+    """Vocabulary of 8; the exit at layer 1 is far from the full model (total variation about 0.3)."""
+    return tiny_llama(vocab_size=8, num_layers=4, init_std=0.2, layer_scale=0.3, eos_token_id=None)
+
+
+def continuations(model, config: GenerationConfig, seed: int) -> collections.Counter:
+    generator = Generator(model, None, config, seed=seed)
+    return collections.Counter(tuple(generator.generate_ids(PROMPT).tokens) for _ in range(SAMPLES))
+
+
+def homogeneity_p_value(a: collections.Counter, b: collections.Counter) -> float:
+    """Chi-square test that two samples come from one distribution; rare outcomes are pooled into one cell
+    so that every expected count is at least 5."""
+    outcomes = set(a) | set(b)
+    table = [[a[o], b[o]] for o in outcomes if a[o] + b[o] >= 10]
+    rare = [sum(a[o] for o in outcomes if a[o] + b[o] < 10), sum(b[o] for o in outcomes if a[o] + b[o] < 10)]
+    if sum(rare):
+        table.append(rare)
+    return chi2_contingency(table).pvalue
+
+
+@pytest.fixture(scope="module")
+def autoregressive_samples(small_vocab_model):
+    return continuations(small_vocab_model, SAMPLING, seed=1)
+
+
+def test_speculative_sampling_matches_autoregressive_sampling(small_vocab_model, autoregressive_samples):
+    speculative = continuations(small_vocab_model, SPECULATIVE, seed=2)
+    p_value = homogeneity_p_value(autoregressive_samples, speculative)
+    print(f"p = {p_value:.3g} over {len(speculative)} distinct continuations")
+    assert p_value > 1e-3
+
+
+def test_the_same_test_catches_a_wrong_acceptance_rule(small_vocab_model, autoregressive_samples, monkeypatch):
+    """Accepting every draft samples from the early exit instead of the full model; the test must notice."""
+    monkeypatch.setattr(strategies, "accept_draft", lambda p, q, token, generator: True)
+    wrong = continuations(small_vocab_model, SPECULATIVE, seed=2)
+    p_value = homogeneity_p_value(autoregressive_samples, wrong)
+    print(f"p = {p_value:.3g}")
+    assert p_value < 1e-6

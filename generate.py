@@ -16,7 +16,7 @@ INSTRUCTIONS = "Enter a prompt, then ctrl-d (ctrl-d on an empty prompt quits; ct
 
 
 def generate_once(generator: Generator, prompt: str, streamer_name: str) -> None:
-    streamer = STREAMERS[streamer_name](generator.tokenizer)
+    streamer = STREAMERS[streamer_name](generator.tokenizer, skip_special_tokens=True)
     result = generator.generate(prompt, streamer)
     if streamer is None:
         print(result.text)

@@ -39,7 +39,7 @@ class SpeculativeStreamer(TextStreamer):
         self.stream.flush()
 
 
-def _no_streamer(tokenizer):
+def _no_streamer(tokenizer, **decode_kwargs):
     return None
 
 

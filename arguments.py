@@ -8,6 +8,7 @@ from transformers import HfArgumentParser
 
 from self_speculation.config import GenerationConfig
 from self_speculation.errors import UsageError
+from self_speculation.loading import load
 from self_speculation.streamers import STREAMERS
 
 __all__ = ["CorrectnessArguments", "GenerateArguments", "GenerationConfig", "ModelArguments", "parse", "run"]
@@ -30,6 +31,10 @@ class ModelArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "run model code shipped with the checkpoint"})
     seed: int = field(default=42, metadata={"help": "random seed for sampling"})
     output_dir: str = field(default="./logs", metadata={"help": "directory for result files"})
+
+    def load(self):
+        """The model (eval mode, on its device) and its tokenizer."""
+        return load(self.model, self.dtype, self.device, self.device_map, self.trust_remote_code)
 
 
 @dataclass

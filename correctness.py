@@ -13,7 +13,6 @@ import time
 from arguments import CorrectnessArguments, GenerationConfig, ModelArguments, parse, run
 from self_speculation import Generator
 from self_speculation.distributed import rank
-from self_speculation.loading import load
 from self_speculation.results import append_jsonl, ensure_output_dir, read_prompts, write_json
 
 
@@ -35,9 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         prompts = prompts[: args.num_samples]
     if rank() != 0:
         return 0
-    model, tokenizer = load(
-        model_args.model, model_args.dtype, model_args.device, model_args.device_map, model_args.trust_remote_code
-    )
+    model, tokenizer = model_args.load()
     generators = {
         "autoregressive": Generator(model, tokenizer, baseline, seed=model_args.seed),
         "self_speculative": Generator(model, tokenizer, speculative, seed=model_args.seed),

@@ -9,7 +9,6 @@ import sys
 from arguments import GenerateArguments, GenerationConfig, ModelArguments, parse, run
 from self_speculation import Generator
 from self_speculation.distributed import rank
-from self_speculation.loading import load
 from self_speculation.streamers import STREAMERS
 
 INSTRUCTIONS = "Enter a prompt, then ctrl-d (ctrl-d on an empty prompt quits; ctrl-c stops a generation):"
@@ -47,9 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     model_args, config, args = parse((ModelArguments, GenerationConfig, GenerateArguments), argv)
     if rank() != 0:
         return 0  # under torchrun only the first process talks to the terminal
-    model, tokenizer = load(
-        model_args.model, model_args.dtype, model_args.device, model_args.device_map, model_args.trust_remote_code
-    )
+    model, tokenizer = model_args.load()
     generator = Generator(model, tokenizer, config, seed=model_args.seed)
     if args.prompt is not None:
         generate_once(generator, args.prompt, args.streamer)

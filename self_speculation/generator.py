@@ -134,7 +134,10 @@ class Generator:
             stop_ids=self.stop.token_ids,
             on_draft=getattr(streamer, "put_draft", None),
         )
-        result = GenerationResult(len(prompt_ids), [], "", "max_steps", 0, 0, 0, 0.0, 0.0)
+        result = GenerationResult(
+            prompt_tokens=len(prompt_ids), tokens=[], text="", stop_reason="max_steps", drafted=0, accepted=0,
+            steps=0, total_time=0.0, time_to_first_token=0.0,
+        )
         generated = result.tokens
         _sync(self.device)
         start = time.perf_counter()

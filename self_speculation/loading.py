@@ -65,6 +65,8 @@ def load(
     path = Path(model).expanduser()
     if not path.exists() and _looks_like_path(model):
         raise UsageError(f"--model: the directory {model} does not exist")
+    if path.exists() and not (path / "config.json").is_file():
+        raise UsageError(f"--model {model}: no config.json there; expected a Hugging Face model directory")
     source = str(path) if path.exists() else model
     target = resolve_device(device)
     kwargs = {"dtype": resolve_dtype(dtype, target), "trust_remote_code": trust_remote_code}

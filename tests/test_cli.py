@@ -76,7 +76,7 @@ def test_missing_model_directory(capsys, tmp_path):
 
 def test_directory_that_is_not_a_model(capsys, tmp_path):
     code, _, err = call(generate.main, ["--model", tmp_path, "--prompt", "hi"], capsys)
-    assert_one_line_error(code, err, f"--model {tmp_path}", "cannot load it")
+    assert_one_line_error(code, err, f"--model {tmp_path}", "no config.json")
 
 
 def test_missing_model_flag(capsys):

@@ -46,9 +46,12 @@ def _mask_function(config):
     return create_causal_mask
 
 
-def run_layers(model: PreTrainedModel, hidden: torch.Tensor, cache: Cache, start: int, end: int) -> torch.Tensor:
-    """Run decoder layers [start, end) over `hidden` (B, T, H); each of their caches grows by T positions."""
-    past = cache.get_seq_length(start)
+def run_layers(
+    model: PreTrainedModel, hidden: torch.Tensor, cache: Cache | None, start: int, end: int
+) -> torch.Tensor:
+    """Run decoder layers [start, end) over `hidden` (B, T, H); each of their caches grows by T positions.
+    Without a cache (training) the sequence starts at position 0."""
+    past = cache.get_seq_length(start) if cache is not None else 0
     positions = torch.arange(past, past + hidden.shape[1], device=hidden.device).unsqueeze(0)  # (1, T)
     rotary = model.model.rotary_emb(hidden, positions)
     mask = _mask_function(model.config)(
@@ -65,7 +68,7 @@ def run_layers(model: PreTrainedModel, hidden: torch.Tensor, cache: Cache, start
             attention_mask=mask,
             position_ids=positions,
             past_key_values=cache,
-            use_cache=True,
+            use_cache=cache is not None,
             position_embeddings=rotary,
         )
     return hidden

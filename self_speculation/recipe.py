@@ -1,0 +1,111 @@
+"""The LayerSkip training recipe: layer dropout and the early-exit loss (Elhoushi et al., 2024, section 4.1).
+
+- Layer dropout: layer l of L is skipped, per sample, with probability p(l, t) = S(t) · D(l) · p_max, where
+  D(l) = exp(l · ln2 / (L − 1)) − 1 grows from 0 (first layer) to 1 (last) and S(t) is 1 (continued training) or
+  the exponential ramp exp(t · ln2 / T) − 1 from 0 to 1 (training from scratch).
+- Early-exit loss: the output of every enabled layer goes through the model's own final norm and LM head; the
+  per-layer cross-entropies are mixed with normalised weights ẽ(l) = e_scale · Σ_{i≤l} i for l < L − 1 and
+  ẽ(L − 1) = L − 1 + e_scale · Σ_{i≤L−2} i for the last layer, which is always enabled.
+- Curriculum (which layers are enabled at step t): rotational (every R-th layer, shifted by one each step) or
+  gradual (from the last layer down to the first, one more every T / L steps); none gives the last layer only.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from . import layers
+
+CURRICULA = ("rotational", "gradual", "none")
+RAMPS = ("constant", "exponential")
+
+
+@dataclass
+class RecipeConfig:
+    p_max: float = 0.1  # layer dropout rate of the last layer once the ramp is complete
+    ramp: str = "exponential"  # S(t): constant or exponential
+    curriculum: str = "rotational"
+    rotation: int = 2  # R of the rotational curriculum
+    e_scale: float = 1.0
+
+
+def ramp_scale(ramp: str, step: int, total_steps: int) -> float:
+    """S(t)."""
+    if ramp == "constant":
+        return 1.0
+    return math.exp(min(step, total_steps) * math.log(2) / max(total_steps, 1)) - 1
+
+
+def dropout_rates(num_layers: int, p_max: float, scale: float = 1.0) -> torch.Tensor:
+    """p(l) for every layer (L,): 0 for the first layer, scale · p_max for the last."""
+    depth = torch.arange(num_layers, dtype=torch.float64)
+    d = torch.exp(depth * math.log(2) / max(num_layers - 1, 1)) - 1
+    return (scale * p_max * d).float()
+
+
+def early_exit_layers(curriculum: str, num_layers: int, step: int, total_steps: int, rotation: int) -> torch.Tensor:
+    """Which layers get the early-exit loss at this step (L,) bool; the last layer always does."""
+    depth = torch.arange(num_layers)
+    if curriculum == "rotational":
+        enabled = (depth + step) % rotation == 0
+    elif curriculum == "gradual":
+        per_layer = max(total_steps, 1) / num_layers
+        enabled = depth >= num_layers - 1 - int(step // per_layer)
+    else:
+        enabled = torch.zeros(num_layers, dtype=torch.bool)
+    enabled[-1] = True
+    return enabled
+
+
+def early_exit_weights(enabled: torch.Tensor, e_scale: float) -> torch.Tensor:
+    """Normalised loss weights (L,); zero where a layer is not enabled, and for the first layer, whose
+    Σ_{i<=0} i is 0 (its output is one layer away from the embeddings)."""
+    num_layers = enabled.numel()
+    depth = torch.arange(num_layers, dtype=torch.float64)
+    weights = e_scale * depth * (depth + 1) / 2  # e_scale · Σ_{i<=l} i
+    weights[-1] = (num_layers - 1) + e_scale * (num_layers - 2) * (num_layers - 1) / 2
+    weights = weights * enabled
+    return (weights / weights.sum()).float()
+
+
+@dataclass
+class RecipeOutput:
+    loss: torch.Tensor  # the weighted early-exit loss to back-propagate
+    layer_losses: torch.Tensor  # (L,) cross-entropy at each layer's exit; NaN where not computed
+    kept: torch.Tensor  # (L, B) bool: which samples ran each layer
+
+
+def recipe_forward(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    rates: torch.Tensor,
+    weights: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> RecipeOutput:
+    """Next-token loss of `input_ids` (B, T) with per-sample layer dropout at `rates` (L,) and the early-exit loss
+    at the layers where `weights` (L,) is non-zero. With `weights` None (evaluation) every layer's loss is
+    reported and `loss` is the last layer's."""
+    num_layers = layers.num_layers(model)
+    batch = input_ids.shape[0]
+    targets = input_ids[:, 1:].reshape(-1)
+    hidden = layers.embed(model, input_ids)  # (B, T, H)
+    kept = torch.rand(num_layers, batch, generator=generator, device=rates.device) >= rates[:, None]
+    kept = kept.to(hidden.device)
+    layer_losses = torch.full((num_layers,), float("nan"), device=hidden.device)
+    loss = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(num_layers):
+        if kept[i].any():
+            out = layers.run_layers(model, hidden, None, i, i + 1)
+            hidden = out if kept[i].all() else torch.where(kept[i][:, None, None], out, hidden)
+        if weights is None or weights[i] > 0:
+            logits = layers.head(model, hidden[:, :-1])  # (B, T-1, V)
+            layer_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets)
+            layer_losses[i] = layer_loss.detach()
+            if weights is not None:
+                loss = loss + weights[i] * layer_loss
+    if weights is None:
+        loss = layer_losses[-1]
+    return RecipeOutput(loss, layer_losses, kept)

@@ -1,0 +1,111 @@
+"""Training text: the Python standard library's own source (a code corpus on every machine), text files, globs or
+JSONL; a byte-level BPE tokenizer trained on it; packing into fixed-length sequences; a held-out split."""
+
+import glob
+import hashlib
+import json
+import sysconfig
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from .errors import UsageError
+
+TEST_DIRECTORIES = {"test", "tests", "idle_test"}
+SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]
+
+
+def stdlib_files(root: Path | None = None) -> list[Path]:
+    """Every .py file of the standard library, tests and installed packages excluded, in a stable order."""
+    root = Path(root or sysconfig.get_paths()["stdlib"])
+    files = []
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root).parts
+        if "site-packages" in parts or TEST_DIRECTORIES & set(parts[:-1]) or path.name.startswith("test_"):
+            continue
+        files.append(path)
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def file_list_hash(files: Iterable[Path], root: Path) -> str:
+    """A short fingerprint of which files make up a corpus (relative paths, in order)."""
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(root).as_posix().encode() + b"\n")
+    return digest.hexdigest()[:16]
+
+
+def expand_sources(sources: Iterable[str]) -> list[Path]:
+    """`stdlib`, file paths, directories (every file below) and glob patterns, in a stable order."""
+    files: list[Path] = []
+    for source in sources:
+        if source == "stdlib":
+            files += stdlib_files()
+            continue
+        matches = sorted(Path(m) for m in glob.glob(source, recursive=True))
+        if not matches:
+            raise UsageError(f"--data {source}: no such file, directory or matching files")
+        for match in matches:
+            files += sorted(p for p in match.rglob("*") if p.is_file()) if match.is_dir() else [match]
+    return files
+
+
+def read_documents(files: Iterable[Path], text_field: str = "text") -> Iterator[str]:
+    """One document per plain-text file, or per line of a .jsonl file (its `text_field`)."""
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue  # binary or foreign-encoded files are not text to learn from
+        if path.suffix != ".jsonl":
+            if text.strip():
+                yield text
+            continue
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise UsageError(f"{path} line {number}: not valid JSON ({error.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                raise UsageError(f"{path} line {number}: expected an object with a string field {text_field!r}")
+            yield record[text_field]
+
+
+def is_held_out(name: str, fraction: float) -> bool:
+    """A deterministic split by (relative) file name, the same on every machine; adding files never moves others
+    between the splits."""
+    bucket = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return bucket < fraction
+
+
+def train_tokenizer(documents: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE with <s>, </s> and <pad>; every text round-trips through it."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(documents, trainer)
+    bos = tokenizer.token_to_id("<s>")
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def pack(documents: Iterable[list[int]], length: int, separator: int) -> list[list[int]]:
+    """Concatenate token lists, each followed by `separator`, and cut them into sequences of exactly `length`
+    tokens (the incomplete tail is dropped)."""
+    sequences, buffer = [], []
+    for tokens in documents:
+        buffer += tokens + [separator]
+        while len(buffer) >= length:
+            sequences.append(buffer[:length])
+            buffer = buffer[length:]
+    return sequences

@@ -3,7 +3,6 @@ JSONL; a byte-level BPE tokenizer trained on it; packing into fixed-length seque
 
 import glob
 import hashlib
-import json
 import sysconfig
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -12,6 +11,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 from .errors import UsageError
+from .results import jsonl_strings
 
 TEST_DIRECTORIES = {"test", "tests", "idle_test"}
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]
@@ -63,16 +63,7 @@ def read_documents(files: Iterable[Path], text_field: str = "text") -> Iterator[
             if text.strip():
                 yield text
             continue
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise UsageError(f"{path} line {number}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                raise UsageError(f"{path} line {number}: expected an object with a string field {text_field!r}")
-            yield record[text_field]
+        yield from (document for _, document in jsonl_strings(path, text, text_field))
 
 
 def is_held_out(name: str, fraction: float) -> bool:

@@ -3,6 +3,7 @@
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import UsageError
@@ -33,16 +34,10 @@ def append_jsonl(path: Path, record: dict) -> None:
         f.flush()
 
 
-def read_prompts(path: str, field: str = "prompt") -> list[str]:
-    """Prompts from a JSONL file, one object per line with a string under `field`; blank lines are skipped."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except FileNotFoundError:
-        raise UsageError(f"--data_path {path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(f"--data_path {path}: cannot read it ({error})") from None
-    prompts = []
-    for number, line in enumerate(lines, start=1):
+def jsonl_strings(path, text: str, field: str) -> Iterator[tuple[int, str]]:
+    """(line number, string under `field`) for each non-blank line of a JSONL text; a bad line raises UsageError
+    naming the file and the line."""
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -51,9 +46,22 @@ def read_prompts(path: str, field: str = "prompt") -> list[str]:
             raise UsageError(f"{path} line {number}: not valid JSON ({error.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get(field), str):
             raise UsageError(f"{path} line {number}: expected an object with a string field {field!r}")
-        if not record[field].strip():
+        yield number, record[field]
+
+
+def read_prompts(path: str, field: str = "prompt") -> list[str]:
+    """Prompts from a JSONL file, one object per line with a string under `field`; blank lines are skipped."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise UsageError(f"--data_path {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"--data_path {path}: cannot read it ({error})") from None
+    prompts = []
+    for number, prompt in jsonl_strings(path, text, field):
+        if not prompt.strip():
             raise UsageError(f"{path} line {number}: the prompt is empty")
-        prompts.append(record[field])
+        prompts.append(prompt)
     if not prompts:
         raise UsageError(f"--data_path {path}: the file holds no prompts")
     return prompts

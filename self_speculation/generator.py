@@ -1,7 +1,7 @@
 """The generator: prompt in, tokens, text and speed figures out."""
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -51,13 +51,6 @@ class GenerationResult:
         if self.drafted:
             line += f" | acceptance {100 * self.acceptance_rate:.1f}% ({self.accepted}/{self.drafted} drafts)"
         return line
-
-    def summary(self) -> dict:
-        """Everything worth writing to a results file."""
-        record = asdict(self)
-        for name in ("num_tokens", "acceptance_rate", "time_per_token", "tokens_per_second"):
-            record[name] = getattr(self, name)
-        return record
 
 
 def _sync(device: torch.device) -> None:

@@ -10,8 +10,9 @@ from self_speculation.config import GenerationConfig
 from self_speculation.errors import UsageError
 from self_speculation.loading import load
 from self_speculation.streamers import STREAMERS
+from self_speculation.training import TrainConfig
 
-__all__ = ["CorrectnessArguments", "GenerateArguments", "GenerationConfig", "ModelArguments", "parse", "run"]
+__all__ = ["CorrectnessArguments", "GenerateArguments", "GenerationConfig", "ModelArguments", "TrainConfig", "parse", "run"]
 
 
 @dataclass

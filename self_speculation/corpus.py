@@ -29,12 +29,16 @@ def stdlib_files(root: Path | None = None) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-def file_list_hash(files: Iterable[Path], root: Path) -> str:
-    """A short fingerprint of which files make up a corpus (relative paths, in order)."""
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.relative_to(root).as_posix().encode() + b"\n")
-    return digest.hexdigest()[:16]
+def corpus_name(path: Path) -> str:
+    """A file's name in the corpus: relative to the standard library for its files (the same on every machine),
+    else the path as given."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    return path.relative_to(stdlib).as_posix() if path.is_relative_to(stdlib) else path.as_posix()
+
+
+def file_list_hash(names: Iterable[str]) -> str:
+    """A short fingerprint of which files make up a corpus (their corpus names, in order)."""
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
 
 
 def expand_sources(sources: Iterable[str]) -> list[Path]:
@@ -52,22 +56,25 @@ def expand_sources(sources: Iterable[str]) -> list[Path]:
     return files
 
 
-def read_documents(files: Iterable[Path], text_field: str = "text") -> Iterator[str]:
-    """One document per plain-text file, or per line of a .jsonl file (its `text_field`)."""
+def read_documents(files: Iterable[Path], text_field: str = "text") -> Iterator[tuple[str, str]]:
+    """(name, text) of every document: one per plain-text file (named by `corpus_name`), one per line of a .jsonl
+    file (named `file:line`)."""
     for path in files:
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             continue  # binary or foreign-encoded files are not text to learn from
+        name = corpus_name(path)
         if path.suffix != ".jsonl":
             if text.strip():
-                yield text
+                yield name, text
             continue
-        yield from (document for _, document in jsonl_strings(path, text, text_field))
+        for number, document in jsonl_strings(path, text, text_field):
+            yield f"{name}:{number}", document
 
 
 def is_held_out(name: str, fraction: float) -> bool:
-    """A deterministic split by (relative) file name, the same on every machine; adding files never moves others
+    """A deterministic split by document name, the same on every machine; adding documents never moves others
     between the splits."""
     bucket = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
     return bucket < fraction

@@ -7,6 +7,7 @@ import pytest
 
 from self_speculation import UsageError
 from self_speculation.corpus import (
+    corpus_name,
     expand_sources,
     file_list_hash,
     is_held_out,
@@ -25,8 +26,10 @@ def test_stdlib_corpus_has_no_tests_and_a_stable_fingerprint():
     assert len(files) > 300 and "os.py" in names and "json/decoder.py" in names
     assert not any("/test/" in f"/{n}" or n.split("/")[-1].startswith("test_") for n in names)
     assert not any("site-packages" in n for n in names)
-    assert file_list_hash(files, STDLIB) == file_list_hash(stdlib_files(), STDLIB)
-    assert file_list_hash(files[1:], STDLIB) != file_list_hash(files, STDLIB)
+    names = [corpus_name(p) for p in files]
+    assert names[0] == files[0].relative_to(STDLIB).as_posix()
+    assert file_list_hash(names) == file_list_hash(corpus_name(p) for p in stdlib_files())
+    assert file_list_hash(names[1:]) != file_list_hash(names)
 
 
 def test_sources_files_directories_globs_and_jsonl(tmp_path):
@@ -36,7 +39,9 @@ def test_sources_files_directories_globs_and_jsonl(tmp_path):
     (tmp_path / "c.jsonl").write_text('{"text": "one"}\n\n{"text": "two"}\n')
     files = expand_sources([str(tmp_path / "*.py"), str(tmp_path / "sub"), str(tmp_path / "c.jsonl")])
     assert [p.name for p in files] == ["a.py", "b.txt", "c.jsonl"]
-    assert list(read_documents(files)) == ["print(1)\n", "hello\n", "one", "two"]
+    documents = list(read_documents(files))
+    assert [text for _, text in documents] == ["print(1)\n", "hello\n", "one", "two"]
+    assert documents[2][0].endswith("c.jsonl:1") and documents[3][0].endswith("c.jsonl:3")
     with pytest.raises(UsageError, match="no such file"):
         expand_sources([str(tmp_path / "missing*.py")])
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"body": "x"}\n')

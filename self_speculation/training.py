@@ -1,0 +1,331 @@
+"""Training with the LayerSkip recipe: data preparation, the optimisation loop, checkpoints that resume exactly,
+a CSV of the training curve and held-out per-layer early-exit losses, and a plot of both."""
+
+import csv
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+from . import corpus, layers
+from .errors import UsageError
+from .recipe import (
+    CURRICULA,
+    RAMPS,
+    dropout_rates,
+    early_exit_layers,
+    early_exit_weights,
+    ramp_scale,
+    recipe_forward,
+)
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = field(metadata={"help": "directory for checkpoints, the final model, the CSV and the plot"})
+    data: list[str] = field(
+        default_factory=lambda: ["stdlib"],
+        metadata={"help": "training text: 'stdlib' (the Python standard library without its tests), files, "
+                          "directories, globs or .jsonl files (a 'text' field per line)"},
+    )
+    init_from: str | None = field(default=None, metadata={"help": "continue from this model directory (else train from scratch)"})
+    vocab_size: int = field(default=2048, metadata={"help": "BPE vocabulary when training from scratch"})
+    num_layers: int = field(default=16, metadata={"help": "decoder layers (from scratch)"})
+    hidden_size: int = field(default=128, metadata={"help": "hidden size (from scratch)"})
+    intermediate_size: int = field(default=352, metadata={"help": "MLP size (from scratch)"})
+    num_heads: int = field(default=4, metadata={"help": "attention heads (from scratch)"})
+    num_kv_heads: int = field(default=2, metadata={"help": "key/value heads (from scratch)"})
+    seq_len: int = field(default=512, metadata={"help": "tokens per packed training sequence"})
+    batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
+    max_steps: int = field(default=1000, metadata={"help": "optimiser steps"})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final learning rate as a fraction of the peak"})
+    warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clipping (0: off)"})
+    dtype: str = field(default="float32", metadata={"help": "training precision", "choices": ("float32", "bfloat16")})
+    p_max: float = field(default=0.1, metadata={"help": "layer dropout of the last layer (0: no layer dropout)"})
+    dropout_ramp: str = field(default="exponential", metadata={"help": "S(t)", "choices": RAMPS})
+    curriculum: str = field(
+        default="rotational", metadata={"help": "which layers get the early-exit loss (none: last layer only)",
+                                        "choices": CURRICULA}
+    )
+    rotation: int = field(default=4, metadata={"help": "R of the rotational curriculum"})
+    e_scale: float = field(default=1.0, metadata={"help": "early-exit loss scale"})
+    heldout_fraction: float = field(default=0.05, metadata={"help": "share of files held out for evaluation"})
+    eval_every: int = field(default=100, metadata={"help": "steps between held-out evaluations"})
+    eval_batches: int = field(default=8, metadata={"help": "held-out micro-batches per evaluation"})
+    save_every: int = field(default=100, metadata={"help": "steps between checkpoints"})
+    seed: int = field(default=42, metadata={"help": "seed for initialisation, data order and layer dropout"})
+    resume: bool = field(default=False, metadata={"help": "continue from the checkpoint in --output_dir"})
+
+    def __post_init__(self):
+        positive = ("vocab_size", "num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads",
+                    "seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches", "save_every",
+                    "rotation")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name} must be >= 1 (got {getattr(self, name)})")
+        if not 0 <= self.p_max < 1:
+            raise UsageError(f"--p_max must be in [0, 1) (got {self.p_max})")
+        if not 0 < self.heldout_fraction < 1:
+            raise UsageError(f"--heldout_fraction must be in (0, 1) (got {self.heldout_fraction})")
+        if self.num_heads % self.num_kv_heads or self.hidden_size % self.num_heads:
+            raise UsageError("--num_heads must divide --hidden_size and be a multiple of --num_kv_heads")
+        if self.lr <= 0 or self.e_scale < 0:
+            raise UsageError("--lr must be > 0 and --e_scale >= 0")
+
+
+def learning_rate_factor(step: int, config: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(config.max_steps - config.warmup_steps, 1)
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+@dataclass
+class Dataset:
+    train: torch.Tensor  # (N, seq_len) packed token ids
+    heldout: torch.Tensor  # (M, seq_len)
+    info: dict  # corpus description for the model card
+
+
+def prepare_data(config: TrainConfig, out: Path) -> tuple[Dataset, object]:
+    """Tokenizer and packed splits; cached in the output directory so a resumed run reuses them exactly."""
+    cached = out / "data.pt"
+    tokenizer_dir = out / "tokenizer"
+    if cached.exists() and tokenizer_dir.exists():
+        return Dataset(**torch.load(cached)), AutoTokenizer.from_pretrained(tokenizer_dir)
+    files = corpus.expand_sources(config.data)
+    documents = list(corpus.read_documents(files))
+    heldout_texts = [text for name, text in documents if corpus.is_held_out(name, config.heldout_fraction)]
+    train_texts = [text for name, text in documents if not corpus.is_held_out(name, config.heldout_fraction)]
+    if config.init_from:
+        tokenizer = AutoTokenizer.from_pretrained(config.init_from)
+    else:
+        tokenizer = corpus.train_tokenizer(train_texts, config.vocab_size)
+    tokenizer.save_pretrained(tokenizer_dir)
+
+    def packed(texts):
+        sequences = corpus.pack((tokenizer(t).input_ids for t in texts), config.seq_len, tokenizer.eos_token_id)
+        return torch.tensor(sequences, dtype=torch.int32).reshape(-1, config.seq_len)
+
+    train, heldout = packed(train_texts), packed(heldout_texts)
+    if len(train) < config.batch_size or len(heldout) < 1:
+        raise UsageError(f"--data: too little text for --seq_len {config.seq_len} and --batch_size {config.batch_size}")
+    info = {
+        "sources": config.data,
+        "files": len(files),
+        "documents": len(documents),
+        "heldout_documents": len(heldout_texts),
+        "file_list_sha256_16": corpus.file_list_hash(corpus.corpus_name(p) for p in files),
+        "train_tokens": train.numel(),
+        "heldout_tokens": heldout.numel(),
+    }
+    dataset = Dataset(train, heldout, info)
+    torch.save(asdict(dataset), cached)
+    return dataset, tokenizer
+
+
+def build_model(config: TrainConfig, tokenizer) -> LlamaForCausalLM:
+    if config.init_from:
+        model = AutoModelForCausalLM.from_pretrained(config.init_from, dtype=torch.float32)
+        layers.check_layout(model)
+        return model
+    model_config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        max_position_embeddings=2 * config.seq_len,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(model_config)
+
+
+def batch_indices(step: int, micro: int, config: TrainConfig, num_sequences: int) -> torch.Tensor:
+    """Which training sequences micro-batch `micro` of `step` uses: a fresh seeded permutation per epoch, a pure
+    function of the step, so a resumed run sees exactly the data the uninterrupted run would have."""
+    per_step = config.batch_size * config.grad_accum
+    start = (step * per_step + micro * config.batch_size)
+    epoch, offset = divmod(start, num_sequences)
+    order = torch.randperm(num_sequences, generator=torch.Generator().manual_seed(config.seed + epoch))
+    indices = order[offset : offset + config.batch_size]
+    if len(indices) < config.batch_size:  # the batch runs into the next epoch
+        following = torch.randperm(num_sequences, generator=torch.Generator().manual_seed(config.seed + epoch + 1))
+        indices = torch.cat([indices, following[: config.batch_size - len(indices)]])
+    return indices
+
+
+@torch.no_grad()
+def evaluate(model, heldout: torch.Tensor, config: TrainConfig) -> list[float]:
+    """Held-out loss at every layer's exit (no dropout)."""
+    model.eval()
+    num_layers = layers.num_layers(model)
+    totals = torch.zeros(num_layers)
+    count = min(config.eval_batches, math.ceil(len(heldout) / config.batch_size))
+    for i in range(count):
+        ids = heldout[i * config.batch_size : (i + 1) * config.batch_size].long()
+        totals += recipe_forward(model, ids, torch.zeros(num_layers), None).layer_losses.float().cpu()
+    model.train()
+    return (totals / count).tolist()
+
+
+def train(config: TrainConfig) -> Path:
+    out = Path(config.output_dir)
+    checkpoint_path = out / "checkpoint.pt"
+    if checkpoint_path.exists() and not config.resume:
+        raise UsageError(f"--output_dir {out} holds a checkpoint; pass --resume to continue it or choose another directory")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    dataset, tokenizer = prepare_data(config, out)
+    model = build_model(config, tokenizer)
+    num_layers = layers.num_layers(model)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr, betas=(0.9, 0.95),
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(s, config))
+    dropout_random = torch.Generator().manual_seed(config.seed + 1_000_003)
+    step, elapsed = 0, 0.0
+    if config.resume and checkpoint_path.exists():
+        state = torch.load(checkpoint_path, weights_only=False)
+        if state["config"] | {"resume": config.resume} != asdict(config):
+            raise UsageError(f"--resume: the flags differ from those the checkpoint in {out} was trained with")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        dropout_random.set_state(state["dropout_random"])
+        step, elapsed = state["step"], state["elapsed"]
+    (out / "train_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.dtype == "bfloat16")
+    curve = CsvLog(out / "training_curve.csv", ["step", "tokens", "lr", "loss", "last_layer_loss", "tokens_per_second", "elapsed"])
+    heldout_log = CsvLog(out / "heldout_losses.csv", ["step", "tokens"] + [f"layer_{i + 1}" for i in range(num_layers)])
+    curve.truncate_after(step)  # rows written after the checkpoint are computed again
+    heldout_log.truncate_after(step)
+    tokens_per_step = config.batch_size * config.grad_accum * config.seq_len
+    model.train()
+    progress = tqdm(total=config.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    while step < config.max_steps:
+        started = time.perf_counter()
+        rates = dropout_rates(num_layers, config.p_max, ramp_scale(config.dropout_ramp, step, config.max_steps))
+        enabled = early_exit_layers(config.curriculum, num_layers, step, config.max_steps, config.rotation)
+        weights = early_exit_weights(enabled, config.e_scale)
+        loss_sum, last_sum = 0.0, 0.0
+        for micro in range(config.grad_accum):
+            ids = dataset.train[batch_indices(step, micro, config, len(dataset.train))].long()
+            with autocast:
+                result = recipe_forward(model, ids, rates, weights, dropout_random)
+            (result.loss / config.grad_accum).backward()
+            loss_sum += result.loss.item() / config.grad_accum
+            last_sum += result.layer_losses[-1].item() / config.grad_accum
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        seconds = time.perf_counter() - started
+        elapsed += seconds
+        curve.write([step, step * tokens_per_step, scheduler.get_last_lr()[0], loss_sum, last_sum,
+                     tokens_per_step / seconds, elapsed])
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss_sum:.3f}", last=f"{last_sum:.3f}", tok_s=f"{tokens_per_step / seconds:.0f}")
+        if step % config.eval_every == 0 or step == config.max_steps:
+            heldout_log.write([step, step * tokens_per_step] + evaluate(model, dataset.heldout, config))
+        if step % config.save_every == 0 or step == config.max_steps:
+            save_checkpoint(checkpoint_path, model, optimizer, scheduler, dropout_random, step, elapsed, config)
+    progress.close()
+    final = out / "model"
+    save_model(model, tokenizer, final, dataset.info, config, step, elapsed)
+    plot(out)
+    return final
+
+
+class CsvLog:
+    """Rows appended as they come; on resume, rows past the checkpoint are dropped first (no duplicates)."""
+
+    def __init__(self, path: Path, header: list[str]):
+        self.path = path
+        if not path.exists():
+            with path.open("w", newline="") as f:
+                csv.writer(f).writerow(header)
+
+    def truncate_after(self, step: int) -> None:
+        rows = list(csv.reader(self.path.open()))
+        kept = [rows[0]] + [r for r in rows[1:] if int(r[0]) <= step]
+        with self.path.open("w", newline="") as f:
+            csv.writer(f).writerows(kept)
+
+    def write(self, row: list) -> None:
+        with self.path.open("a", newline="") as f:
+            csv.writer(f).writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, dropout_random, step, elapsed, config) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "dropout_random": dropout_random.get_state(),
+            "step": step,
+            "elapsed": elapsed,
+            "config": asdict(config),
+        },
+        tmp,
+    )
+    tmp.replace(path)
+
+
+def save_model(model, tokenizer, directory: Path, corpus_info: dict, config: TrainConfig, step: int, elapsed: float):
+    """Hugging Face format in bfloat16, with the tokenizer, a generation config and the training facts."""
+    model = model.to(torch.bfloat16)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    facts = {"corpus": corpus_info, "recipe": asdict(config), "steps": step,
+             "tokens": step * config.batch_size * config.grad_accum * config.seq_len, "wall_time_seconds": elapsed}
+    (directory / "training.json").write_text(json.dumps(facts, indent=2) + "\n")
+    model.to(torch.float32)
+
+
+def plot(out: Path) -> None:
+    """training_curve.png: training loss and held-out loss per exit layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    curve = pd.read_csv(out / "training_curve.csv")
+    heldout = pd.read_csv(out / "heldout_losses.csv")
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    left.plot(curve["tokens"], curve["last_layer_loss"], label="last layer (train)", alpha=0.7)
+    left.plot(curve["tokens"], curve["loss"], label="weighted early-exit loss (train)", alpha=0.7)
+    left.set(xlabel="tokens", ylabel="cross-entropy", title="training", yscale="log")
+    left.legend()
+    final = heldout.iloc[-1]
+    layer_columns = [c for c in heldout.columns if c.startswith("layer_")]
+    right.plot(range(1, len(layer_columns) + 1), [final[c] for c in layer_columns], marker="o")
+    right.set(xlabel="exit layer", ylabel="held-out cross-entropy", title=f"held-out loss per exit (step {int(final['step'])})")
+    figure.tight_layout()
+    figure.savefig(out / "training_curve.png", dpi=120)
+    plt.close(figure)

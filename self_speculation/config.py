@@ -1,5 +1,6 @@
 """The generation configuration: one object, also parsed from the command line by arguments.py."""
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from .errors import UsageError
@@ -21,10 +22,12 @@ class GenerationConfig:
     max_steps: int = field(default=512, metadata={"help": "maximum number of new tokens (>= 1)"})
     exit_layer: int = field(
         default=-1,
-        metadata={"help": "number of layers of the early exit / draft model (>= 1); -1 means the full model"},
+        metadata={"help": "number of layers of the early exit / draft model (>= 1); -1: the full model for "
+                          "autoregressive, the model's recommended exit layer for self_speculative"},
     )
     num_speculations: int = field(
-        default=-1, metadata={"help": "tokens drafted per verification (>= 1) for self_speculative"}
+        default=-1,
+        metadata={"help": "tokens drafted per verification (>= 1) for self_speculative; -1: the model's recommendation"},
     )
     sample: bool = field(default=True, metadata={"help": "sample (True) or greedy decoding (False)"})
     temperature: float = field(default=0.6, metadata={"help": "sampling temperature (> 0)"})
@@ -43,11 +46,8 @@ class GenerationConfig:
             raise UsageError(f"--max_steps must be >= 1 (got {self.max_steps})")
         if self.exit_layer != -1 and self.exit_layer < 1:
             raise UsageError(f"--exit_layer must be >= 1, or -1 for the full model (got {self.exit_layer})")
-        if self.speculative:
-            if self.exit_layer < 1:
-                raise UsageError(f"--exit_layer must be >= 1 for self_speculative (got {self.exit_layer})")
-            if self.num_speculations < 1:
-                raise UsageError(f"--num_speculations must be >= 1 for self_speculative (got {self.num_speculations})")
+        if self.num_speculations != -1 and self.num_speculations < 1:
+            raise UsageError(f"--num_speculations must be >= 1 (got {self.num_speculations})")
         if self.sample:
             if not self.temperature > 0:
                 raise UsageError(f"--temperature must be > 0 when sampling (got {self.temperature})")
@@ -62,14 +62,31 @@ class GenerationConfig:
     def speculative(self) -> bool:
         return self.generation_strategy == "self_speculative"
 
-    def check_model(self, num_layers: int) -> None:
-        """Checks that need the model: the exit layer must leave layers to verify with."""
-        if self.speculative and self.exit_layer >= num_layers:
-            raise UsageError(
-                f"--exit_layer must be in [1, {num_layers - 1}] for self_speculative with this "
-                f"{num_layers}-layer model (got {self.exit_layer})"
+    def for_model(self, model_config) -> "GenerationConfig":
+        """This configuration completed and checked for a model: self_speculative takes the exit layer and draft
+        length the checkpoint recommends (`layerskip` in its config) where the flags were not given, and the exit
+        layer must leave layers to verify with."""
+        num_layers = model_config.num_hidden_layers
+        config = self
+        if self.speculative:
+            recommended = getattr(model_config, "layerskip", None) or {}
+            config = dataclasses.replace(
+                self,
+                exit_layer=self.exit_layer if self.exit_layer != -1 else recommended.get("exit_layer", -1),
+                num_speculations=self.num_speculations if self.num_speculations != -1
+                else recommended.get("num_speculations", -1),
             )
-        if self.exit_layer > num_layers:
+            if config.exit_layer < 1:
+                raise UsageError("--exit_layer must be >= 1 for self_speculative; this model recommends none")
+            if config.num_speculations < 1:
+                raise UsageError("--num_speculations must be >= 1 for self_speculative; this model recommends none")
+            if config.exit_layer >= num_layers:
+                raise UsageError(
+                    f"--exit_layer must be in [1, {num_layers - 1}] for self_speculative with this "
+                    f"{num_layers}-layer model (got {config.exit_layer})"
+                )
+        if config.exit_layer > num_layers:
             raise UsageError(
-                f"--exit_layer must be in [1, {num_layers}] for this {num_layers}-layer model (got {self.exit_layer})"
+                f"--exit_layer must be in [1, {num_layers}] for this {num_layers}-layer model (got {config.exit_layer})"
             )
+        return config

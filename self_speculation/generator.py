@@ -75,7 +75,7 @@ class Generator:
         seed: int = 42,
     ):
         layers.check_layout(model)
-        config.check_model(layers.num_layers(model))
+        config = config.for_model(model.config)
         self.model = model
         self.tokenizer = tokenizer
         self.config = config

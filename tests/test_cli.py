@@ -224,3 +224,33 @@ def test_script_runs_end_to_end(checkpoint):
 def test_only_rank_zero_talks(checkpoint):
     done = script("generate.py", "--model", checkpoint, "--prompt", "hi", env={"RANK": "1", "WORLD_SIZE": "2"})
     assert done.returncode == 0 and done.stdout == ""
+
+
+@pytest.fixture(scope="module")
+def recommending_checkpoint(tmp_path_factory):
+    """The tiny checkpoint with a recommended exit layer and draft length in its config, as train.py writes them."""
+    from models import save_tiny_checkpoint
+
+    directory = tmp_path_factory.mktemp("recommending")
+    save_tiny_checkpoint(directory)
+    config = json.loads((directory / "config.json").read_text())
+    config["layerskip"] = {"exit_layer": 2, "num_speculations": 3}
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_self_speculative_takes_the_checkpoints_recommendation(recommending_checkpoint, capsys):
+    from self_speculation import GenerationConfig, Generator
+    from self_speculation.loading import load
+
+    model, tokenizer = load(str(recommending_checkpoint))
+    speculative = GenerationConfig(generation_strategy="self_speculative")
+    assert Generator(model, tokenizer, speculative).config.exit_layer == 2
+    assert Generator(model, tokenizer, speculative).config.num_speculations == 3
+    explicit = GenerationConfig(generation_strategy="self_speculative", exit_layer=4, num_speculations=1)
+    assert (Generator(model, tokenizer, explicit).config.exit_layer,
+            Generator(model, tokenizer, explicit).config.num_speculations) == (4, 1)
+    assert Generator(model, tokenizer, GenerationConfig()).config.exit_layer == -1  # autoregressive: full model
+    code, out, _ = call(generate.main, ["--model", recommending_checkpoint, "--prompt", "x = ", "--sample", "False",
+                                        "--max_steps", "6", "--generation_strategy", "self_speculative"], capsys)
+    assert code == 0 and "acceptance" in out

@@ -12,7 +12,7 @@ from self_speculation.loading import load
 from self_speculation.streamers import STREAMERS
 from self_speculation.training import TrainConfig
 
-__all__ = ["CorrectnessArguments", "GenerateArguments", "GenerationConfig", "ModelArguments", "TrainConfig", "parse", "run"]
+__all__ = ["CorrectnessArguments", "GenerateArguments", "GenerationConfig", "ModelArguments", "TrainConfig", "parse", "pop_option", "run"]
 
 
 @dataclass
@@ -71,6 +71,22 @@ class _Parser(HfArgumentParser):
 def parse(types: tuple[type, ...], argv: list[str] | None = None) -> tuple:
     """Parse argv (default: sys.argv[1:]) into one instance of each dataclass; bad input raises UsageError."""
     return _Parser(types).parse_args_into_dataclasses(args=argv)
+
+
+def pop_option(argv: list[str], flag: str, default: str) -> str:
+    """Remove `flag VALUE` (or `flag=VALUE`) from argv and return VALUE: for a flag a script reads differently from
+    the shared dataclasses (benchmark.py's comma-separated --generation_strategy)."""
+    for i, item in enumerate(argv):
+        if item == flag:
+            if i + 1 >= len(argv):
+                raise UsageError(f"{flag} needs a value")
+            value = argv[i + 1]
+            del argv[i : i + 2]
+            return value
+        if item.startswith(flag + "="):
+            del argv[i]
+            return item.split("=", 1)[1]
+    return default
 
 
 def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 from .errors import UsageError
-from .results import jsonl_strings
+from .results import jsonl_records
 
 TEST_DIRECTORIES = {"test", "tests", "idle_test"}
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]
@@ -69,8 +69,8 @@ def read_documents(files: Iterable[Path], text_field: str = "text") -> Iterator[
             if text.strip():
                 yield name, text
             continue
-        for number, document in jsonl_strings(path, text, text_field):
-            yield f"{name}:{number}", document
+        for number, record in jsonl_records(path, text, text_field):
+            yield f"{name}:{number}", record[text_field]
 
 
 def is_held_out(name: str, fraction: float) -> bool:

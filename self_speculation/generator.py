@@ -53,7 +53,7 @@ class GenerationResult:
         return line
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -132,7 +132,7 @@ class Generator:
             steps=0, total_time=0.0, time_to_first_token=0.0,
         )
         generated = result.tokens
-        _sync(self.device)
+        sync_device(self.device)
         start = time.perf_counter()
         try:
             logits = self.strategy.prefill(d, torch.tensor([prompt_ids], device=self.device))
@@ -147,7 +147,7 @@ class Generator:
                         new_tokens = new_tokens[: i + 1]
                         break
                 if result.steps == 0:
-                    _sync(self.device)
+                    sync_device(self.device)
                     result.time_to_first_token = time.perf_counter() - start
                 if streamer is not None:
                     streamer.put(torch.tensor(new_tokens))
@@ -162,7 +162,7 @@ class Generator:
                 result.accepted += step.accepted
                 new_tokens = step.tokens
         finally:
-            _sync(self.device)
+            sync_device(self.device)
             result.total_time = time.perf_counter() - start
             if streamer is not None:
                 streamer.end()

@@ -34,9 +34,9 @@ def append_jsonl(path: Path, record: dict) -> None:
         f.flush()
 
 
-def jsonl_strings(path, text: str, field: str) -> Iterator[tuple[int, str]]:
-    """(line number, string under `field`) for each non-blank line of a JSONL text; a bad line raises UsageError
-    naming the file and the line."""
+def jsonl_records(path, text: str, field: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL text, each with a string under `field`; a bad line
+    raises UsageError naming the file and the line."""
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -46,7 +46,7 @@ def jsonl_strings(path, text: str, field: str) -> Iterator[tuple[int, str]]:
             raise UsageError(f"{path} line {number}: not valid JSON ({error.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get(field), str):
             raise UsageError(f"{path} line {number}: expected an object with a string field {field!r}")
-        yield number, record[field]
+        yield number, record
 
 
 def read_prompts(path: str, field: str = "prompt") -> list[str]:
@@ -58,7 +58,8 @@ def read_prompts(path: str, field: str = "prompt") -> list[str]:
     except (OSError, UnicodeDecodeError) as error:
         raise UsageError(f"--data_path {path}: cannot read it ({error})") from None
     prompts = []
-    for number, prompt in jsonl_strings(path, text, field):
+    for number, record in jsonl_records(path, text, field):
+        prompt = record[field]
         if not prompt.strip():
             raise UsageError(f"{path} line {number}: the prompt is empty")
         prompts.append(prompt)

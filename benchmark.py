@@ -1,0 +1,98 @@
+"""Benchmark generation strategies side by side on the same examples, in one process.
+
+    python benchmark.py --dataset human_eval --num_samples 20 --max_steps 128 --sample False \
+        --generation_strategy autoregressive,self_speculative,hf_generate,hf_assistant_early_exit
+
+Every strategy runs on every example in turn (after a warm-up), so they share the machine's conditions. Prints a
+table with each strategy's speed and its speedup over hf_generate; writes benchmark_<time>.json (arguments,
+effective settings, metrics) and benchmark_<time>.jsonl (a record per example and strategy, as they complete).
+"""
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+from arguments import GenerationConfig, ModelArguments, parse, pop_option, run
+from self_speculation import UsageError
+from self_speculation.benchmarking import RUNNERS, summarize
+from self_speculation.data import DATASETS, load_examples
+from self_speculation.distributed import rank
+from self_speculation.results import append_jsonl, ensure_output_dir, write_json
+
+
+@dataclass
+class BenchmarkArguments:
+    dataset: str = field(default="human_eval", metadata={"help": "dataset to take prompts from", "choices": tuple(DATASETS)})
+    data_path: str | None = field(default=None, metadata={"help": "local file for the dataset"})
+    num_samples: int = field(default=-1, metadata={"help": "examples to use (-1: all)"})
+    random_shuffle: bool = field(default=False, metadata={"help": "shuffle the examples (seeded by --seed)"})
+    template: str | None = field(default=None, metadata={"help": "prompt template containing {message}"})
+    warmup: int = field(default=1, metadata={"help": "untimed runs of each strategy before measuring"})
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    strategies = pop_option(argv, "--generation_strategy", "autoregressive").split(",")
+    unknown = [s for s in strategies if s not in RUNNERS]
+    if unknown:
+        raise UsageError(f"--generation_strategy: unknown {', '.join(unknown)} (choose from {', '.join(RUNNERS)})")
+    model_args, config, args = parse((ModelArguments, GenerationConfig, BenchmarkArguments), argv)
+    out = ensure_output_dir(model_args.output_dir)
+    examples = load_examples(args.dataset, args.data_path, args.num_samples, args.random_shuffle, model_args.seed,
+                             args.template)
+    if rank() != 0:
+        return 0
+    model, tokenizer = model_args.load()
+    runners = {name: RUNNERS[name](model, tokenizer, config, model_args.seed) for name in strategies}
+    prompts = [tokenizer(e.prompt).input_ids for e in examples]
+    for _ in range(args.warmup):
+        for runner in runners.values():
+            runner.run(prompts[0])
+    stem = out / f"benchmark_{time.strftime('%Y%m%d_%H%M%S')}"
+    samples = {name: [] for name in runners}
+    for prompt_id, prompt in enumerate(tqdm(prompts, desc="examples", unit="example")):
+        for name, runner in runners.items():
+            sample = dataclasses.replace(runner.run(prompt), strategy=name, prompt_id=prompt_id)
+            samples[name].append(sample)
+            append_jsonl(stem.with_suffix(".jsonl"), dataclasses.asdict(sample) | {
+                "num_tokens": len(sample.tokens), "tokens_per_second": sample.tokens_per_second,
+                "output": tokenizer.decode(sample.tokens, skip_special_tokens=True)})
+    metrics = {name: summarize(s) for name, s in samples.items()}
+    baseline = metrics.get("hf_generate")
+    for name, m in metrics.items():
+        if baseline:
+            m["speedup_vs_hf_generate"] = m["tokens_per_second_median"] / baseline["tokens_per_second_median"]
+            if not config.sample:
+                m["outputs_differing_from_hf_generate"] = sum(
+                    a.tokens != b.tokens for a, b in zip(samples[name], samples["hf_generate"]))
+    write_json(stem.with_suffix(".json"), {
+        "arguments": {"model": dataclasses.asdict(model_args), "generation": dataclasses.asdict(config),
+                      "benchmark": dataclasses.asdict(args), "strategies": strategies},
+        "settings": {name: r.settings for name, r in runners.items()},
+        "metrics": metrics,
+    })
+    print(format_table(metrics))
+    print(f"results in {stem.with_suffix('.json')}")
+    return 0
+
+
+def format_table(metrics: dict) -> str:
+    def cell(value, fmt):
+        return "-" if value is None else format(value, fmt)
+
+    lines = ["| strategy | tokens/s (median) | ms/token | acceptance | tokens/pass | speedup vs hf_generate | outputs ≠ hf |",
+             "|---|---|---|---|---|---|---|"]
+    for name, m in metrics.items():
+        acceptance = None if m["acceptance_rate"] is None else 100 * m["acceptance_rate"]
+        lines.append(f"| {name} | {m['tokens_per_second_median']:.1f} | {1000 * m['time_per_token_median']:.2f} | "
+                     f"{cell(acceptance, '.1f')}{'%' if acceptance is not None else ''} | "
+                     f"{cell(m['tokens_per_full_model_pass'], '.2f')} | {cell(m.get('speedup_vs_hf_generate'), '.2f')}x | "
+                     f"{m.get('outputs_differing_from_hf_generate', '-')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

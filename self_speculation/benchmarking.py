@@ -1,0 +1,155 @@
+"""Running several generation strategies side by side on the same prompts: ours and Hugging Face's peers."""
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .config import GenerationConfig
+from .generator import Generator, sync_device
+
+
+@dataclass
+class Sample:
+    strategy: str
+    prompt_id: int
+    tokens: list[int]
+    total_time: float
+    time_to_first_token: float | None = None
+    drafted: int = 0
+    accepted: int = 0
+    passes: int = 0  # full-model passes (prompt pass included) for our strategies
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.tokens) / self.total_time if self.total_time > 0 else 0.0
+
+
+@dataclass
+class Runner:
+    run: Callable[[list[int]], Sample]  # prompt ids -> sample (strategy and prompt_id filled in by the caller)
+    settings: dict  # the effective settings, recorded in the results
+
+
+def _speculative(model, config: GenerationConfig) -> GenerationConfig:
+    """The self-speculative settings for this model: flags, else the checkpoint's recommendation."""
+    return dataclasses.replace(config, generation_strategy="self_speculative").for_model(model.config)
+
+
+def _ours(name: str, model, tokenizer, config: GenerationConfig, seed: int) -> Runner:
+    generator = Generator(model, tokenizer, config, seed=seed)
+
+    def run(prompt_ids):
+        r = generator.generate_ids(prompt_ids)
+        return Sample(name, -1, r.tokens, r.total_time, r.time_to_first_token, r.drafted, r.accepted, r.steps + 1)
+
+    return Runner(run, dataclasses.asdict(generator.config))
+
+
+def _autoregressive(model, tokenizer, config, seed) -> Runner:
+    """Always the full model here, whatever --exit_layer says (that is early_exit)."""
+    config = dataclasses.replace(config, generation_strategy="autoregressive", exit_layer=-1)
+    return _ours("autoregressive", model, tokenizer, config, seed)
+
+
+def _early_exit(model, tokenizer, config, seed) -> Runner:
+    exit_layer = _speculative(model, config).exit_layer
+    config = dataclasses.replace(config, generation_strategy="autoregressive", exit_layer=exit_layer)
+    return _ours("early_exit", model, tokenizer, config, seed)
+
+
+def _self_speculative(model, tokenizer, config, seed) -> Runner:
+    return _ours("self_speculative", model, tokenizer, _speculative(model, config), seed)
+
+
+def _hf_kwargs(model, tokenizer, config: GenerationConfig) -> dict:
+    kwargs = {"max_new_tokens": config.max_steps, "do_sample": config.sample}
+    if config.sample:
+        kwargs |= {"temperature": config.temperature, "top_k": config.top_k or None, "top_p": config.top_p}
+    if config.no_repeat_ngram_size:
+        kwargs["no_repeat_ngram_size"] = config.no_repeat_ngram_size
+    eos = model.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    eos += [t for t in config.stop_token_ids if t not in eos]
+    if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.append(tokenizer.eos_token_id)
+    kwargs["eos_token_id"] = eos or None
+    kwargs["pad_token_id"] = model.generation_config.pad_token_id or (eos[0] if eos else 0)
+    if config.stop_words:
+        kwargs |= {"stop_strings": config.stop_words, "tokenizer": tokenizer}
+    return kwargs
+
+
+def _hf_run(name: str, model, kwargs: dict, patch: dict | None = None):
+    device = model.lm_head.weight.device
+
+    def run(prompt_ids):
+        ids = torch.tensor([prompt_ids], device=device)
+        saved = {k: getattr(model.generation_config, k, None) for k in (patch or {})}
+        try:
+            for key, value in (patch or {}).items():
+                setattr(model.generation_config, key, value)
+            sync_device(device)
+            start = time.perf_counter()
+            with torch.inference_mode():
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+            sync_device(device)
+            elapsed = time.perf_counter() - start
+        finally:
+            for key, value in saved.items():
+                setattr(model.generation_config, key, value)
+        return Sample(name, -1, out[0, ids.shape[1] :].tolist(), elapsed)
+
+    return run
+
+
+def _hf_generate(model, tokenizer, config, seed) -> Runner:
+    kwargs = _hf_kwargs(model, tokenizer, config)
+    return Runner(_hf_run("hf_generate", model, kwargs), {k: v for k, v in kwargs.items() if k != "tokenizer"})
+
+
+def _hf_assistant_early_exit(model, tokenizer, config, seed) -> Runner:
+    """Hugging Face's LayerSkip: the first E layers draft with their own cache, the full model verifies. Its draft
+    length is read from the model's generation config (not from generate() arguments), so it is set there for the
+    call and restored; its confidence-based early stop is switched off to draft exactly d tokens like ours."""
+    speculative = _speculative(model, config)
+    kwargs = _hf_kwargs(model, tokenizer, config) | {"assistant_early_exit": speculative.exit_layer}
+    patch = {
+        "num_assistant_tokens": speculative.num_speculations,
+        "num_assistant_tokens_schedule": "constant",
+        "assistant_confidence_threshold": 0.0,
+    }
+    settings = {k: v for k, v in kwargs.items() if k != "tokenizer"} | patch
+    return Runner(_hf_run("hf_assistant_early_exit", model, kwargs, patch), settings)
+
+
+RUNNERS: dict[str, Callable] = {
+    "autoregressive": _autoregressive,
+    "early_exit": _early_exit,
+    "self_speculative": _self_speculative,
+    "hf_generate": _hf_generate,
+    "hf_assistant_early_exit": _hf_assistant_early_exit,
+}
+
+
+def summarize(samples: list[Sample]) -> dict:
+    """Speed metrics of one strategy over its samples: medians over samples, totals over all of them."""
+    tokens = sum(len(s.tokens) for s in samples)
+    total_time = sum(s.total_time for s in samples)
+    drafted = sum(s.drafted for s in samples)
+    passes = sum(s.passes for s in samples)
+    first = [s.time_to_first_token for s in samples if s.time_to_first_token is not None]
+    return {
+        "samples": len(samples),
+        "tokens": tokens,
+        "tokens_per_second_median": statistics.median(s.tokens_per_second for s in samples),
+        "tokens_per_second_overall": tokens / total_time if total_time else 0.0,
+        "time_per_token_median": statistics.median(s.total_time / max(len(s.tokens), 1) for s in samples),
+        "total_time": total_time,
+        "time_to_first_token_median": statistics.median(first) if first else None,
+        "acceptance_rate": sum(s.accepted for s in samples) / drafted if drafted else None,
+        "tokens_per_full_model_pass": tokens / passes if passes else None,
+    }

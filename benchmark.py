@@ -18,7 +18,8 @@ from tqdm import tqdm
 from arguments import GenerationConfig, ModelArguments, parse, pop_option, run
 from self_speculation import UsageError
 from self_speculation.benchmarking import RUNNERS, summarize
-from self_speculation.data import DATASETS, load_examples
+from self_speculation.data import DATASETS, DataOptions, load_examples
+from self_speculation.metrics import quality
 from self_speculation.distributed import rank
 from self_speculation.results import append_jsonl, ensure_output_dir, write_json
 
@@ -26,11 +27,22 @@ from self_speculation.results import append_jsonl, ensure_output_dir, write_json
 @dataclass
 class BenchmarkArguments:
     dataset: str = field(default="human_eval", metadata={"help": "dataset to take prompts from", "choices": tuple(DATASETS)})
-    data_path: str | None = field(default=None, metadata={"help": "local file for the dataset"})
+    data_path: str | None = field(
+        default=None, metadata={"help": "local file for the dataset (JSONL/JSON/parquet/CSV with its own field names)"}
+    )
+    n_shot: int = field(default=0, metadata={"help": "examples shown before each prompt (summarization, top_v2)"})
+    prompt_field: str = field(default="prompt", metadata={"help": "prompt field of custom_jsonl"})
+    response_field: str = field(default="response", metadata={"help": "reference field of custom_jsonl"})
     num_samples: int = field(default=-1, metadata={"help": "examples to use (-1: all)"})
     random_shuffle: bool = field(default=False, metadata={"help": "shuffle the examples (seeded by --seed)"})
     template: str | None = field(default=None, metadata={"help": "prompt template containing {message}"})
     warmup: int = field(default=1, metadata={"help": "untimed runs of each strategy before measuring"})
+
+    def __post_init__(self):
+        if self.num_samples == 0 or self.num_samples < -1:
+            raise UsageError(f"--num_samples must be >= 1, or -1 for all (got {self.num_samples})")
+        if self.n_shot < 0 or self.warmup < 0:
+            raise UsageError("--n_shot and --warmup must be >= 0")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"--generation_strategy: unknown {', '.join(unknown)} (choose from {', '.join(RUNNERS)})")
     model_args, config, args = parse((ModelArguments, GenerationConfig, BenchmarkArguments), argv)
     out = ensure_output_dir(model_args.output_dir)
-    examples = load_examples(args.dataset, args.data_path, args.num_samples, args.random_shuffle, model_args.seed,
-                             args.template)
+    options = DataOptions(args.data_path, args.n_shot, args.prompt_field, args.response_field, model_args.seed)
+    examples = load_examples(args.dataset, options, args.num_samples, args.random_shuffle, args.template)
     if rank() != 0:
         return 0
     model, tokenizer = model_args.load()
@@ -60,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
             append_jsonl(stem.with_suffix(".jsonl"), dataclasses.asdict(sample) | {
                 "num_tokens": len(sample.tokens), "tokens_per_second": sample.tokens_per_second,
                 "output": tokenizer.decode(sample.tokens, skip_special_tokens=True)})
-    metrics = {name: summarize(s) for name, s in samples.items()}
+    metrics = {}
+    for name, strategy_samples in samples.items():
+        outputs = [tokenizer.decode(s.tokens, skip_special_tokens=True) for s in strategy_samples]
+        metrics[name] = summarize(strategy_samples) | quality(outputs, [e.reference for e in examples])
     baseline = metrics.get("hf_generate")
     for name, m in metrics.items():
         if baseline:

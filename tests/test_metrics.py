@@ -1,0 +1,32 @@
+"""Quality metrics against hand-computed values."""
+
+import pytest
+
+from self_speculation.metrics import bleu, edit_distance, exact_match, quality, rouge
+
+
+def test_rouge_by_hand():
+    # prediction "the cat sat", reference "the cat ran": unigram overlap 2/3, bigram overlap 1/2
+    scores = rouge(["The cat sat"], ["the cat ran"])
+    assert scores["rouge1"] == pytest.approx(2 / 3)
+    assert scores["rouge2"] == pytest.approx(1 / 2)
+    assert scores["rouge3"] == pytest.approx(0.0)
+    assert scores["rougeL"] == pytest.approx(2 / 3)
+
+
+def test_bleu_perfect_and_disjoint():
+    sentence = "the quick brown fox jumps over the lazy dog"
+    assert bleu([sentence], [sentence])["bleu"] == pytest.approx(100.0)
+    assert bleu(["alpha beta gamma delta"], [sentence])["bleu"] == pytest.approx(0.0)
+
+
+def test_exact_match_is_not_an_edit_distance():
+    assert exact_match(["abc ", "abd"], ["abc", "abc"])["exact_match"] == 0.5
+    scores = edit_distance(["kitten", "abc"], ["sitting", "abc"])
+    assert scores["edit_distance"] == pytest.approx(1.5)  # 3 and 0
+    assert scores["normalized_edit_distance"] == pytest.approx((3 / 7 + 0) / 2)
+
+
+def test_no_references_no_quality_metrics():
+    assert quality(["x"], [""]) == {}
+    assert set(quality(["x"], ["x"])) >= {"rouge1", "bleu", "exact_match", "edit_distance"}

@@ -7,12 +7,13 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser
 
 from self_speculation.config import GenerationConfig
+from self_speculation.data import DATASETS, DataOptions, Example, load_examples
 from self_speculation.errors import UsageError
 from self_speculation.loading import load
 from self_speculation.streamers import STREAMERS
 from self_speculation.training import TrainConfig
 
-__all__ = ["CorrectnessArguments", "GenerateArguments", "GenerationConfig", "ModelArguments", "TrainConfig", "parse", "pop_option", "run"]
+__all__ = ["DataArguments", "GenerateArguments", "GenerationConfig", "ModelArguments", "TrainConfig", "parse", "pop_option", "run"]
 
 
 @dataclass
@@ -53,14 +54,29 @@ class GenerateArguments:
 
 
 @dataclass
-class CorrectnessArguments:
-    data_path: str = field(metadata={"help": "JSONL file of prompts, one object per line"})
-    prompt_field: str = field(default="prompt", metadata={"help": "field of each line that holds the prompt"})
-    num_samples: int = field(default=-1, metadata={"help": "use only the first N prompts (-1: all)"})
+class DataArguments:
+    dataset: str = field(default="human_eval", metadata={"help": "where the prompts come from", "choices": tuple(DATASETS)})
+    data_path: str | None = field(
+        default=None,
+        metadata={"help": "local file for the dataset: JSONL/JSON/parquet/CSV with the dataset's own field names "
+                          "(needed offline for the hub datasets, and for custom_jsonl and chat_format)"},
+    )
+    num_samples: int = field(default=-1, metadata={"help": "use only the first N examples (-1: all)"})
+    random_shuffle: bool = field(default=False, metadata={"help": "shuffle the examples first (seeded by --seed)"})
+    n_shot: int = field(default=0, metadata={"help": "solved examples shown before each prompt (summarization, top_v2)"})
+    template: str | None = field(default=None, metadata={"help": "prompt template containing {message}"})
+    prompt_field: str = field(default="prompt", metadata={"help": "prompt field of custom_jsonl"})
+    response_field: str = field(default="response", metadata={"help": "reference field of custom_jsonl"})
 
     def __post_init__(self):
         if self.num_samples == 0 or self.num_samples < -1:
             raise UsageError(f"--num_samples must be >= 1, or -1 for all (got {self.num_samples})")
+        if self.n_shot < 0:
+            raise UsageError(f"--n_shot must be >= 0 (got {self.n_shot})")
+
+    def load(self, seed: int) -> list[Example]:
+        options = DataOptions(self.data_path, self.n_shot, self.prompt_field, self.response_field, seed)
+        return load_examples(self.dataset, options, self.num_samples, self.random_shuffle, self.template)
 
 
 class _Parser(HfArgumentParser):

@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from arguments import GenerationConfig, ModelArguments, parse, pop_option, run
+from arguments import DataArguments, GenerationConfig, ModelArguments, parse, pop_option, run
 from self_speculation import UsageError
 from self_speculation.benchmarking import RUNNERS, summarize
-from self_speculation.data import DATASETS, DataOptions, load_examples
 from self_speculation.metrics import quality
 from self_speculation.distributed import rank
 from self_speculation.results import append_jsonl, ensure_output_dir, write_json
@@ -26,23 +25,11 @@ from self_speculation.results import append_jsonl, ensure_output_dir, write_json
 
 @dataclass
 class BenchmarkArguments:
-    dataset: str = field(default="human_eval", metadata={"help": "dataset to take prompts from", "choices": tuple(DATASETS)})
-    data_path: str | None = field(
-        default=None, metadata={"help": "local file for the dataset (JSONL/JSON/parquet/CSV with its own field names)"}
-    )
-    n_shot: int = field(default=0, metadata={"help": "examples shown before each prompt (summarization, top_v2)"})
-    prompt_field: str = field(default="prompt", metadata={"help": "prompt field of custom_jsonl"})
-    response_field: str = field(default="response", metadata={"help": "reference field of custom_jsonl"})
-    num_samples: int = field(default=-1, metadata={"help": "examples to use (-1: all)"})
-    random_shuffle: bool = field(default=False, metadata={"help": "shuffle the examples (seeded by --seed)"})
-    template: str | None = field(default=None, metadata={"help": "prompt template containing {message}"})
     warmup: int = field(default=1, metadata={"help": "untimed runs of each strategy before measuring"})
 
     def __post_init__(self):
-        if self.num_samples == 0 or self.num_samples < -1:
-            raise UsageError(f"--num_samples must be >= 1, or -1 for all (got {self.num_samples})")
-        if self.n_shot < 0 or self.warmup < 0:
-            raise UsageError("--n_shot and --warmup must be >= 0")
+        if self.warmup < 0:
+            raise UsageError(f"--warmup must be >= 0 (got {self.warmup})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,10 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in strategies if s not in RUNNERS]
     if unknown:
         raise UsageError(f"--generation_strategy: unknown {', '.join(unknown)} (choose from {', '.join(RUNNERS)})")
-    model_args, config, args = parse((ModelArguments, GenerationConfig, BenchmarkArguments), argv)
+    model_args, config, data_args, args = parse((ModelArguments, GenerationConfig, DataArguments, BenchmarkArguments), argv)
     out = ensure_output_dir(model_args.output_dir)
-    options = DataOptions(args.data_path, args.n_shot, args.prompt_field, args.response_field, model_args.seed)
-    examples = load_examples(args.dataset, options, args.num_samples, args.random_shuffle, args.template)
+    examples = data_args.load(model_args.seed)
     if rank() != 0:
         return 0
     model, tokenizer = model_args.load()
@@ -85,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                     a.tokens != b.tokens for a, b in zip(samples[name], samples["hf_generate"]))
     write_json(stem.with_suffix(".json"), {
         "arguments": {"model": dataclasses.asdict(model_args), "generation": dataclasses.asdict(config),
-                      "benchmark": dataclasses.asdict(args), "strategies": strategies},
+                      "data": dataclasses.asdict(data_args), "benchmark": dataclasses.asdict(args), "strategies": strategies},
         "settings": {name: r.settings for name, r in runners.items()},
         "metrics": metrics,
     })

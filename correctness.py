@@ -1,6 +1,7 @@
 """Check that greedy self-speculative decoding reproduces greedy autoregressive decoding token for token.
 
-    python correctness.py --model DIR --data_path prompts.jsonl --exit_layer 8 --num_speculations 6
+    python correctness.py --dataset human_eval --num_samples 20 --max_steps 128
+    python correctness.py --model DIR --dataset custom_jsonl --data_path prompts.jsonl --exit_layer 8 --num_speculations 6
 
 Writes correctness_<time>.json (and a .jsonl record per prompt as it completes) to --output_dir; exits 1 if any
 output differs.
@@ -10,10 +11,10 @@ import dataclasses
 import sys
 import time
 
-from arguments import CorrectnessArguments, GenerationConfig, ModelArguments, parse, run
+from arguments import DataArguments, GenerationConfig, ModelArguments, parse, run
 from self_speculation import Generator
 from self_speculation.distributed import rank
-from self_speculation.results import append_jsonl, ensure_output_dir, read_prompts, write_json
+from self_speculation.results import append_jsonl, ensure_output_dir, write_json
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
@@ -24,14 +25,12 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    model_args, config, args = parse((ModelArguments, GenerationConfig, CorrectnessArguments), argv)
+    model_args, config, args = parse((ModelArguments, GenerationConfig, DataArguments), argv)
     # Greedy on both sides: the invariant is token-for-token identity.
     speculative = dataclasses.replace(config, generation_strategy="self_speculative", sample=False)
     baseline = dataclasses.replace(config, generation_strategy="autoregressive", sample=False, exit_layer=-1)
     output_dir = ensure_output_dir(model_args.output_dir)
-    prompts = read_prompts(args.data_path, args.prompt_field)
-    if args.num_samples > 0:
-        prompts = prompts[: args.num_samples]
+    prompts = [example.prompt for example in args.load(model_args.seed)]
     if rank() != 0:
         return 0
     model, tokenizer = model_args.load()
@@ -63,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         stem.with_suffix(".json"),
         {
             "arguments": {"model": dataclasses.asdict(model_args), "generation": dataclasses.asdict(speculative),
-                          "correctness": dataclasses.asdict(args)},
+                          "data": dataclasses.asdict(args)},
             "num_prompts": len(records),
             "num_mismatches": len(mismatches),
             "mismatched_prompt_ids": mismatches,

@@ -128,8 +128,14 @@ def custom_jsonl(options: DataOptions) -> list[Example]:
     path = Path(options.data_path)
     if not path.is_file():
         raise UsageError(f"--data_path {options.data_path}: no such file")
-    records = jsonl_records(path, path.read_text(), options.prompt_field)
-    return [Example(r[options.prompt_field], str(r.get(options.response_field, ""))) for _, r in records]
+    examples = []
+    for number, record in jsonl_records(path, path.read_text(), options.prompt_field):
+        if not record[options.prompt_field].strip():
+            raise UsageError(f"{path} line {number}: the prompt is empty")
+        examples.append(Example(record[options.prompt_field], str(record.get(options.response_field, ""))))
+    if not examples:
+        raise UsageError(f"--data_path {options.data_path}: the file holds no prompts")
+    return examples
 
 
 def chat_format(options: DataOptions) -> list[Example]:

@@ -47,22 +47,3 @@ def jsonl_records(path, text: str, field: str) -> Iterator[tuple[int, dict]]:
         if not isinstance(record, dict) or not isinstance(record.get(field), str):
             raise UsageError(f"{path} line {number}: expected an object with a string field {field!r}")
         yield number, record
-
-
-def read_prompts(path: str, field: str = "prompt") -> list[str]:
-    """Prompts from a JSONL file, one object per line with a string under `field`; blank lines are skipped."""
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        raise UsageError(f"--data_path {path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(f"--data_path {path}: cannot read it ({error})") from None
-    prompts = []
-    for number, record in jsonl_records(path, text, field):
-        prompt = record[field]
-        if not prompt.strip():
-            raise UsageError(f"{path} line {number}: the prompt is empty")
-        prompts.append(prompt)
-    if not prompts:
-        raise UsageError(f"--data_path {path}: the file holds no prompts")
-    return prompts

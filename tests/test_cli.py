@@ -150,12 +150,13 @@ def write_prompts(path: Path, lines: list[str]) -> Path:
 )
 def test_correctness_bad_prompt_files(checkpoint, capsys, tmp_path, lines, fragments):
     path = write_prompts(tmp_path / "prompts.jsonl", lines)
-    code, _, err = call(correctness.main, ["--model", checkpoint, "--data_path", path] + SPECULATIVE, capsys)
+    code, _, err = call(correctness.main, ["--model", checkpoint, "--dataset", "custom_jsonl", "--data_path", path] + SPECULATIVE, capsys)
     assert_one_line_error(code, err, *fragments)
 
 
 def test_correctness_missing_prompt_file(checkpoint, capsys, tmp_path):
-    code, _, err = call(correctness.main, ["--model", checkpoint, "--data_path", tmp_path / "no.jsonl"] + SPECULATIVE,
+    code, _, err = call(correctness.main, ["--model", checkpoint, "--dataset", "custom_jsonl", "--data_path",
+                                           tmp_path / "no.jsonl"] + SPECULATIVE,
                         capsys)
     assert_one_line_error(code, err, "--data_path", "no such file")
 
@@ -164,7 +165,7 @@ def test_correctness_unwritable_output_dir(checkpoint, capsys, tmp_path):
     path = write_prompts(tmp_path / "prompts.jsonl", ['{"prompt": "a"}'])
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    code, _, err = call(correctness.main, ["--model", checkpoint, "--data_path", path, "--output_dir",
+    code, _, err = call(correctness.main, ["--model", checkpoint, "--dataset", "custom_jsonl", "--data_path", path, "--output_dir",
                                            blocker / "logs"] + SPECULATIVE, capsys)
     assert_one_line_error(code, err, "--output_dir", "not writable")
 
@@ -174,7 +175,7 @@ PROMPTS = ['{"prompt": "def add(a, b):"}', '{"prompt": "import os\\n"}', '{"prom
 
 def run_correctness(checkpoint, capsys, tmp_path):
     path = write_prompts(tmp_path / "prompts.jsonl", PROMPTS)
-    code, out, err = call(correctness.main, ["--model", checkpoint, "--data_path", path, "--output_dir", tmp_path / "out",
+    code, out, err = call(correctness.main, ["--model", checkpoint, "--dataset", "custom_jsonl", "--data_path", path, "--output_dir", tmp_path / "out",
                                              "--max_steps", "24"] + SPECULATIVE, capsys)
     [result] = (tmp_path / "out").glob("correctness_*.json")
     [records] = (tmp_path / "out").glob("correctness_*.jsonl")

@@ -1,0 +1,118 @@
+"""Sweep exit_layer × num_speculations for self-speculative decoding on the same examples.
+
+    python sweep.py --dataset human_eval --num_samples 10 --max_steps 128 --sample False \
+        --exit_layer_first 1 --exit_layer_last 12 --num_speculations_first 1 --num_speculations_last 8
+
+Each point is a benchmark of every example; sweep.csv gets a row as each point finishes. Running the same command
+again resumes: finished points are skipped. At the end: a summary table, the best point, and contour plots of
+tokens/s and acceptance (PNG and PDF). The baseline (Hugging Face generate) is measured once, first.
+"""
+
+import csv
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+
+import pandas as pd
+from tqdm import tqdm
+
+from arguments import DataArguments, GenerationConfig, ModelArguments, parse, run
+from self_speculation import UsageError
+from self_speculation.benchmarking import RUNNERS, summarize
+from self_speculation.distributed import rank
+from self_speculation.plotting import sweep_plot
+from self_speculation.results import ensure_output_dir, write_json
+
+COLUMNS = ["exit_layer", "num_speculations", "tokens_per_second_median", "speedup_vs_baseline", "acceptance_rate",
+           "tokens_per_full_model_pass", "time_per_token_median", "total_time", "outputs_differing_from_baseline"]
+
+
+@dataclass
+class SweepArguments:
+    exit_layer_first: int = field(default=1, metadata={"help": "first exit layer"})
+    exit_layer_last: int = field(default=15, metadata={"help": "last exit layer (clipped to the model's layers - 1)"})
+    exit_layer_step: int = field(default=1, metadata={"help": "exit layer step"})
+    num_speculations_first: int = field(default=1, metadata={"help": "first draft length"})
+    num_speculations_last: int = field(default=6, metadata={"help": "last draft length"})
+    num_speculations_step: int = field(default=1, metadata={"help": "draft length step"})
+    warmup: int = field(default=1, metadata={"help": "untimed runs before measuring"})
+
+    def __post_init__(self):
+        if self.exit_layer_first < 1 or self.num_speculations_first < 1:
+            raise UsageError("--exit_layer_first and --num_speculations_first must be >= 1")
+        if self.exit_layer_step < 1 or self.num_speculations_step < 1:
+            raise UsageError("--exit_layer_step and --num_speculations_step must be >= 1")
+        if self.exit_layer_last < self.exit_layer_first or self.num_speculations_last < self.num_speculations_first:
+            raise UsageError("each --*_last must be >= its --*_first")
+
+
+def main(argv: list[str] | None = None) -> int:
+    model_args, config, data_args, args = parse((ModelArguments, GenerationConfig, DataArguments, SweepArguments), argv)
+    out = ensure_output_dir(model_args.output_dir)
+    examples = data_args.load(model_args.seed)
+    settings = {"model": dataclasses.asdict(model_args), "generation": dataclasses.asdict(config),
+                "data": dataclasses.asdict(data_args), "sweep": dataclasses.asdict(args)}
+    settings_path, csv_path = out / "sweep_config.json", out / "sweep.csv"
+    if settings_path.exists() and json.loads(settings_path.read_text()) != json.loads(json.dumps(settings)):
+        raise UsageError(f"--output_dir {out} holds a sweep with other flags; use another directory to start anew")
+    if rank() != 0:
+        return 0
+    write_json(settings_path, settings)
+    model, tokenizer = model_args.load()
+    last_exit = min(args.exit_layer_last, model.config.num_hidden_layers - 1)
+    if args.exit_layer_first > last_exit:
+        raise UsageError(f"--exit_layer_first must be <= {last_exit} for this model")
+    points = [(e, d) for e in range(args.exit_layer_first, last_exit + 1, args.exit_layer_step)
+              for d in range(args.num_speculations_first, args.num_speculations_last + 1, args.num_speculations_step)]
+    done = set()
+    if csv_path.exists():
+        done = {(int(r["exit_layer"]), int(r["num_speculations"])) for r in csv.DictReader(csv_path.open())}
+    else:
+        with csv_path.open("w", newline="") as f:
+            csv.writer(f).writerow(COLUMNS)
+    prompts = [tokenizer(e.prompt).input_ids for e in examples]
+    baseline = measure_baseline(out, model, tokenizer, config, model_args.seed, prompts, args.warmup)
+    for exit_layer, num_speculations in tqdm([p for p in points if p not in done], desc="sweep", unit="point"):
+        point = dataclasses.replace(config, exit_layer=exit_layer, num_speculations=num_speculations)
+        runner = RUNNERS["self_speculative"](model, tokenizer, point, model_args.seed)
+        samples = [runner.run(p) for p in prompts]
+        m = summarize(samples)
+        differing = None if config.sample else sum(s.tokens != b for s, b in zip(samples, baseline["outputs"]))
+        row = [exit_layer, num_speculations, m["tokens_per_second_median"],
+               m["tokens_per_second_median"] / baseline["tokens_per_second_median"], m["acceptance_rate"],
+               m["tokens_per_full_model_pass"], m["time_per_token_median"], m["total_time"], differing]
+        with csv_path.open("a", newline="") as f:
+            csv.writer(f).writerow(row)
+    frame = pd.read_csv(csv_path)
+    frame = frame[frame.apply(lambda r: (int(r["exit_layer"]), int(r["num_speculations"])) in set(points), axis=1)]
+    best = frame.loc[frame["tokens_per_second_median"].idxmax()]
+    print(frame.sort_values(["exit_layer", "num_speculations"]).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"baseline hf_generate: {baseline['tokens_per_second_median']:.1f} tokens/s; best: exit_layer "
+          f"{int(best['exit_layer'])}, num_speculations {int(best['num_speculations'])}: "
+          f"{best['tokens_per_second_median']:.1f} tokens/s ({best['speedup_vs_baseline']:.2f}x), "
+          f"acceptance {100 * best['acceptance_rate']:.1f}%")
+    if not config.sample and frame["outputs_differing_from_baseline"].sum() > 0:
+        print("warning: some greedy outputs differ from the baseline's; see outputs_differing_from_baseline")
+    sweep_plot(frame, "tokens_per_second_median", "self-speculative tokens/s", out / "sweep_tokens_per_second")
+    sweep_plot(frame, "acceptance_rate", "acceptance rate", out / "sweep_acceptance")
+    print(f"results in {csv_path} and sweep_*.png/pdf")
+    return 0
+
+
+def measure_baseline(out, model, tokenizer, config, seed, prompts, warmup) -> dict:
+    """hf_generate on every prompt, once per sweep directory (reused when the sweep resumes)."""
+    path = out / "sweep_baseline.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    runner = RUNNERS["hf_generate"](model, tokenizer, config, seed)
+    for _ in range(warmup):
+        runner.run(prompts[0])
+    samples = [runner.run(p) for p in tqdm(prompts, desc="baseline", unit="example")]
+    baseline = summarize(samples) | {"outputs": [s.tokens for s in samples], "settings": runner.settings}
+    write_json(path, baseline)
+    return baseline
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

@@ -1,0 +1,53 @@
+"""sweep.py: a CSV row per point as it finishes; an interrupted sweep resumes without losing or repeating points."""
+
+import csv
+
+import pytest
+
+import sweep
+from arguments import run
+from self_speculation import benchmarking
+
+
+@pytest.fixture
+def argv(checkpoint, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "def f(x):"}\n{"prompt": "import os"}\n')
+    return ["--model", str(checkpoint), "--dataset", "custom_jsonl", "--data_path", str(prompts), "--max_steps", "8",
+            "--sample", "False", "--exit_layer_first", "1", "--exit_layer_last", "3", "--num_speculations_first", "1",
+            "--num_speculations_last", "2", "--output_dir", str(tmp_path / "out")]
+
+
+def points(path):
+    return [(int(r["exit_layer"]), int(r["num_speculations"])) for r in csv.DictReader(path.open())]
+
+
+def test_interrupted_sweep_resumes_with_every_point_once(argv, tmp_path, monkeypatch, capsys):
+    real = benchmarking.RUNNERS["self_speculative"]
+    built = []
+
+    def interrupt_at_the_fourth_point(*args):
+        built.append(args[2])
+        if len(built) == 4:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setitem(sweep.RUNNERS, "self_speculative", interrupt_at_the_fourth_point)
+    assert run(sweep.main, argv) == 130
+    csv_path = tmp_path / "out" / "sweep.csv"
+    assert points(csv_path) == [(1, 1), (1, 2), (2, 1)]
+
+    monkeypatch.setitem(sweep.RUNNERS, "self_speculative", real)
+    assert run(sweep.main, argv) == 0
+    assert sorted(points(csv_path)) == [(e, d) for e in (1, 2, 3) for d in (1, 2)]
+    rows = list(csv.DictReader(csv_path.open()))
+    assert all(r["outputs_differing_from_baseline"] == "0" for r in rows)  # greedy: lossless at every point
+    for name in ("sweep_tokens_per_second", "sweep_acceptance"):
+        assert (tmp_path / "out" / f"{name}.png").exists() and (tmp_path / "out" / f"{name}.pdf").exists()
+    assert "best: exit_layer" in capsys.readouterr().out
+
+
+def test_resuming_with_other_flags_is_refused(argv, capsys):
+    assert run(sweep.main, argv) == 0
+    assert run(sweep.main, argv + ["--max_steps", "9"]) == 2
+    assert "other flags" in capsys.readouterr().err

@@ -19,7 +19,7 @@ from arguments import DataArguments, GenerationConfig, ModelArguments, parse, po
 from self_speculation import UsageError
 from self_speculation.benchmarking import RUNNERS, summarize
 from self_speculation.metrics import quality
-from self_speculation.distributed import rank
+from self_speculation import distributed
 from self_speculation.results import append_jsonl, ensure_output_dir, write_json
 
 
@@ -41,8 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     model_args, config, data_args, args = parse((ModelArguments, GenerationConfig, DataArguments, BenchmarkArguments), argv)
     out = ensure_output_dir(model_args.output_dir)
     examples = data_args.load(model_args.seed)
-    if rank() != 0:
-        return 0
+    distributed.setup()
     model, tokenizer = model_args.load()
     runners = {name: RUNNERS[name](model, tokenizer, config, model_args.seed) for name in strategies}
     prompts = [tokenizer(e.prompt).input_ids for e in examples]
@@ -50,14 +49,22 @@ def main(argv: list[str] | None = None) -> int:
         for runner in runners.values():
             runner.run(prompts[0])
     stem = out / f"benchmark_{time.strftime('%Y%m%d_%H%M%S')}"
-    samples = {name: [] for name in runners}
-    for prompt_id, prompt in enumerate(tqdm(prompts, desc="examples", unit="example")):
+    local = []  # this process's share; rank 0 writes its own records as they complete, the others' when gathered
+    shard = distributed.shard(prompts)
+    for prompt_id, prompt in tqdm(shard, desc="examples", unit="example", disable=distributed.rank() != 0):
         for name, runner in runners.items():
             sample = dataclasses.replace(runner.run(prompt), strategy=name, prompt_id=prompt_id)
-            samples[name].append(sample)
-            append_jsonl(stem.with_suffix(".jsonl"), dataclasses.asdict(sample) | {
-                "num_tokens": len(sample.tokens), "tokens_per_second": sample.tokens_per_second,
-                "output": tokenizer.decode(sample.tokens, skip_special_tokens=True)})
+            local.append(sample)
+            if distributed.rank() == 0:
+                append_jsonl(stem.with_suffix(".jsonl"), record(sample, tokenizer))
+    gathered = distributed.gather(local)
+    distributed.teardown()
+    if gathered is None:
+        return 0
+    for sample in gathered:
+        if sample.prompt_id % distributed.world_size() != 0:
+            append_jsonl(stem.with_suffix(".jsonl"), record(sample, tokenizer))
+    samples = {name: sorted((s for s in gathered if s.strategy == name), key=lambda s: s.prompt_id) for name in runners}
     metrics = {}
     for name, strategy_samples in samples.items():
         outputs = [tokenizer.decode(s.tokens, skip_special_tokens=True) for s in strategy_samples]
@@ -78,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(metrics))
     print(f"results in {stem.with_suffix('.json')}")
     return 0
+
+
+def record(sample, tokenizer) -> dict:
+    return dataclasses.asdict(sample) | {"num_tokens": len(sample.tokens), "tokens_per_second": sample.tokens_per_second,
+                                         "output": tokenizer.decode(sample.tokens, skip_special_tokens=True)}
 
 
 def format_table(metrics: dict) -> str:

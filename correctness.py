@@ -13,7 +13,7 @@ import time
 
 from arguments import DataArguments, GenerationConfig, ModelArguments, parse, run
 from self_speculation import Generator
-from self_speculation.distributed import rank
+from self_speculation import distributed
 from self_speculation.results import append_jsonl, ensure_output_dir, write_json
 
 
@@ -31,8 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     baseline = dataclasses.replace(config, generation_strategy="autoregressive", sample=False, exit_layer=-1)
     output_dir = ensure_output_dir(model_args.output_dir)
     prompts = [example.prompt for example in args.load(model_args.seed)]
-    if rank() != 0:
-        return 0
+    distributed.setup()
     model, tokenizer = model_args.load()
     generators = {
         "autoregressive": Generator(model, tokenizer, baseline, seed=model_args.seed),
@@ -40,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     stem = output_dir / f"correctness_{time.strftime('%Y%m%d_%H%M%S')}"
     records_path = stem.with_suffix(".jsonl")
-    records = []
-    for index, prompt in enumerate(prompts):
+    records = []  # this process's share; rank 0 writes its own as they complete, the others' when gathered
+    for index, prompt in distributed.shard(prompts):
         outputs = {name: generator.generate(prompt) for name, generator in generators.items()}
         ar, sp = outputs["autoregressive"], outputs["self_speculative"]
         mismatch = first_difference(ar.tokens, sp.tokens)
@@ -53,10 +52,19 @@ def main(argv: list[str] | None = None) -> int:
             "autoregressive": {"tokens": ar.tokens, "text": ar.text},
             "self_speculative": {"tokens": sp.tokens, "text": sp.text},
         }
-        append_jsonl(records_path, record)
         records.append(record)
-        status = "ok" if mismatch is None else f"MISMATCH at token {mismatch}"
-        print(f"prompt {index}: {status} ({len(ar.tokens)} tokens)", flush=True)
+        if distributed.rank() == 0:
+            append_jsonl(records_path, record)
+            status = "ok" if mismatch is None else f"MISMATCH at token {mismatch}"
+            print(f"prompt {index}: {status} ({len(ar.tokens)} tokens)", flush=True)
+    records = distributed.gather(records)
+    distributed.teardown()
+    if records is None:
+        return 0
+    for record in records:
+        if record["prompt_id"] % distributed.world_size() != 0:
+            append_jsonl(records_path, record)
+    records.sort(key=lambda r: r["prompt_id"])
     mismatches = [r["prompt_id"] for r in records if not r["match"]]
     write_json(
         stem.with_suffix(".json"),

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from arguments import DataArguments, GenerationConfig, ModelArguments, parse, run
 from self_speculation import UsageError
 from self_speculation.benchmarking import RUNNERS, summarize
-from self_speculation.distributed import rank
+from self_speculation import distributed
 from self_speculation.plotting import sweep_plot
 from self_speculation.results import ensure_output_dir, write_json
 
@@ -56,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     settings_path, csv_path = out / "sweep_config.json", out / "sweep.csv"
     if settings_path.exists() and json.loads(settings_path.read_text()) != json.loads(json.dumps(settings)):
         raise UsageError(f"--output_dir {out} holds a sweep with other flags; use another directory to start anew")
-    if rank() != 0:
-        return 0
-    write_json(settings_path, settings)
+    distributed.setup()
+    if distributed.rank() == 0:
+        write_json(settings_path, settings)
     model, tokenizer = model_args.load()
     last_exit = min(args.exit_layer_last, model.config.num_hidden_layers - 1)
     if args.exit_layer_first > last_exit:
@@ -68,15 +68,18 @@ def main(argv: list[str] | None = None) -> int:
     done = set()
     if csv_path.exists():
         done = {(int(r["exit_layer"]), int(r["num_speculations"])) for r in csv.DictReader(csv_path.open())}
-    else:
+    elif distributed.rank() == 0:
         with csv_path.open("w", newline="") as f:
             csv.writer(f).writerow(COLUMNS)
     prompts = [tokenizer(e.prompt).input_ids for e in examples]
     baseline = measure_baseline(out, model, tokenizer, config, model_args.seed, prompts, args.warmup)
-    for exit_layer, num_speculations in tqdm([p for p in points if p not in done], desc="sweep", unit="point"):
+    todo = [p for p in points if p not in done]
+    for exit_layer, num_speculations in tqdm(todo, desc="sweep", unit="point", disable=distributed.rank() != 0):
         point = dataclasses.replace(config, exit_layer=exit_layer, num_speculations=num_speculations)
         runner = RUNNERS["self_speculative"](model, tokenizer, point, model_args.seed)
-        samples = [runner.run(p) for p in prompts]
+        samples = run_shared(runner, prompts)
+        if samples is None:
+            continue  # not rank 0: rank 0 writes the row
         m = summarize(samples)
         differing = None if config.sample else sum(s.tokens != b for s, b in zip(samples, baseline["outputs"]))
         row = [exit_layer, num_speculations, m["tokens_per_second_median"],
@@ -84,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
                m["tokens_per_full_model_pass"], m["time_per_token_median"], m["total_time"], differing]
         with csv_path.open("a", newline="") as f:
             csv.writer(f).writerow(row)
+    distributed.teardown()
+    if distributed.rank() != 0:
+        return 0
     frame = pd.read_csv(csv_path)
     frame = frame[frame.apply(lambda r: (int(r["exit_layer"]), int(r["num_speculations"])) in set(points), axis=1)]
     best = frame.loc[frame["tokens_per_second_median"].idxmax()]
@@ -100,15 +106,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def measure_baseline(out, model, tokenizer, config, seed, prompts, warmup) -> dict:
-    """hf_generate on every prompt, once per sweep directory (reused when the sweep resumes)."""
+def run_shared(runner, prompts: list[list[int]]):
+    """Every prompt through the runner, the prompts split over the processes; the samples in prompt order on
+    rank 0, None on the others."""
+    local = [dataclasses.replace(runner.run(p), prompt_id=i) for i, p in distributed.shard(prompts)]
+    gathered = distributed.gather(local)
+    return None if gathered is None else sorted(gathered, key=lambda s: s.prompt_id)
+
+
+def measure_baseline(out, model, tokenizer, config, seed, prompts, warmup) -> dict | None:
+    """hf_generate on every prompt, once per sweep directory (reused when the sweep resumes); None off rank 0."""
     path = out / "sweep_baseline.json"
     if path.exists():
         return json.loads(path.read_text())
     runner = RUNNERS["hf_generate"](model, tokenizer, config, seed)
     for _ in range(warmup):
         runner.run(prompts[0])
-    samples = [runner.run(p) for p in tqdm(prompts, desc="baseline", unit="example")]
+    samples = run_shared(runner, prompts)
+    if samples is None:
+        return None
     baseline = summarize(samples) | {"outputs": [s.tokens for s in samples], "settings": runner.settings}
     write_json(path, baseline)
     return baseline

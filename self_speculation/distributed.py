@@ -1,7 +1,40 @@
-"""Process rank under torchrun (0 when started with plain python)."""
+"""Several processes under torchrun: each takes a share of the examples, rank 0 gathers and writes the results.
+Started with plain python, everything here is a no-op for a single process."""
 
 import os
+
+import torch
+import torch.distributed as dist
 
 
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def setup() -> None:
+    """Join the process group torchrun describes (gloo on CPU, nccl on GPU); once per process."""
+    if world_size() > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def shard(items: list) -> list[tuple[int, object]]:
+    """This process's share: (index, item) for every world_size-th item, starting at its rank."""
+    return [(i, item) for i, item in enumerate(items) if i % world_size() == rank()]
+
+
+def gather(local: list) -> list | None:
+    """Every process's list, concatenated, on rank 0 (None elsewhere)."""
+    if world_size() == 1:
+        return local
+    parts = [None] * world_size() if rank() == 0 else None
+    dist.gather_object(local, parts, dst=0)
+    return [item for part in parts for item in part] if rank() == 0 else None
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

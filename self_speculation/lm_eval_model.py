@@ -1,0 +1,102 @@
+"""lm-evaluation-harness model `layerskip`: Hugging Face's HFLM with two hooks replaced.
+
+- `_model_generate` (generate_until) runs our generator with the chosen strategy, honouring each request's
+  `until`, `max_gen_toks`, `do_sample` and `temperature`, and collects speed figures.
+- `_model_call` (loglikelihood, loglikelihood_rolling) scores with the early exit when the strategy is
+  autoregressive and an exit layer is set; otherwise with the full model. Self-speculative decoding is lossless,
+  so it cannot change log-likelihood scores: those always come from the full model.
+"""
+
+import dataclasses
+
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+from . import layers
+from .config import GenerationConfig
+from .generator import Generator
+from .loading import load
+
+
+@dataclasses.dataclass
+class SpeedTotals:
+    requests: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    drafted: int = 0
+    accepted: int = 0
+
+    def add(self, result) -> None:
+        self.requests += 1
+        self.tokens += result.num_tokens
+        self.seconds += result.total_time
+        self.drafted += result.drafted
+        self.accepted += result.accepted
+
+    def summary(self) -> dict:
+        return dataclasses.asdict(self) | {
+            "tokens_per_second": self.tokens / self.seconds if self.seconds else None,
+            "acceptance_rate": self.accepted / self.drafted if self.drafted else None,
+        }
+
+
+@register_model("layerskip")
+class LayerSkipLM(HFLM):
+    def __init__(
+        self,
+        pretrained,
+        tokenizer=None,
+        generation_strategy: str = "autoregressive",
+        exit_layer: int = -1,
+        num_speculations: int = -1,
+        seed: int = 42,
+        dtype: str = "auto",
+        device: str = "auto",
+        **kwargs,
+    ):
+        if isinstance(pretrained, str):
+            pretrained, loaded_tokenizer = load(pretrained, dtype=dtype, device=device)
+            tokenizer = tokenizer or loaded_tokenizer
+        config = GenerationConfig(
+            generation_strategy=generation_strategy, exit_layer=int(exit_layer),
+            num_speculations=int(num_speculations), sample=False,
+        )
+        self.generation = config.for_model(pretrained.config)  # checked once, with the checkpoint's defaults
+        self.seed = int(seed)
+        self.speed = SpeedTotals()
+        kwargs.pop("batch_size", None)
+        super().__init__(pretrained=pretrained, tokenizer=tokenizer, batch_size=1, **kwargs)
+
+    @property
+    def scores_with_early_exit(self) -> bool:
+        return not self.generation.speculative and self.generation.exit_layer > 0
+
+    def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
+        if not self.scores_with_early_exit:
+            return super()._model_call(inps, attn_mask, labels)
+        with torch.no_grad():
+            return layers.early_exit(self.model, inps, None, self.generation.exit_layer).logits
+
+    def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **kwargs) -> torch.Tensor:
+        kwargs.pop("attention_mask", None)
+        temperature = float(kwargs.get("temperature") or 0.0)
+        sample = bool(kwargs.get("do_sample")) and temperature > 0
+        config = dataclasses.replace(
+            self.generation,
+            max_steps=max(max_length - context.shape[1], 1),
+            sample=sample,
+            temperature=temperature if sample else 1.0,
+            top_p=float(kwargs.get("top_p") or 1.0),
+            top_k=int(kwargs.get("top_k") or 0),
+            stop_words=list(stop),
+        )
+        generator = Generator(self.model, self.tokenizer, config, seed=self.seed)
+        rows = []
+        for prompt in context.tolist():  # batch size 1; the loop keeps the contract of HFLM
+            result = generator.generate_ids(prompt)
+            self.speed.add(result)
+            rows.append(prompt + result.tokens)
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
+        return torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=context.device)

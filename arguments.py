@@ -9,7 +9,7 @@ from transformers import HfArgumentParser
 from self_speculation.config import GenerationConfig
 from self_speculation.data import DATASETS, DataOptions, Example, load_examples
 from self_speculation.errors import UsageError
-from self_speculation.loading import load
+from self_speculation.loading import DEFAULT_MODEL, load
 from self_speculation.streamers import STREAMERS
 from self_speculation.training import TrainConfig
 
@@ -18,7 +18,11 @@ __all__ = ["DataArguments", "GenerateArguments", "GenerationConfig", "ModelArgum
 
 @dataclass
 class ModelArguments:
-    model: str = field(metadata={"help": "Hugging Face hub id or local directory of the model"})
+    model: str = field(
+        default=str(DEFAULT_MODEL),
+        metadata={"help": "Hugging Face hub id or local directory of the model (default: the embedded model, "
+                          "models/layerskip-stdlib)"},
+    )
     dtype: str = field(
         default="auto",
         metadata={

@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 from arguments import parse, run
 from self_speculation import UsageError
 from self_speculation.analysis import acceptance_by_exit, exit_agreement, humaneval_problems
-from self_speculation.loading import load
+from self_speculation.loading import DEFAULT_MODEL, load
 from self_speculation.results import ensure_output_dir
 
 
 @dataclass
 class ExitsArguments:
-    models: list[str] = field(metadata={"help": "model directories or hub ids"})
+    models: list[str] = field(default_factory=lambda: [str(DEFAULT_MODEL)],
+                              metadata={"help": "model directories or hub ids (default: the embedded model)"})
     labels: list[str] = field(default_factory=list, metadata={"help": "a name per model (default: the paths)"})
     num_samples: int = field(default=20, metadata={"help": "HumanEval problems to use"})
     num_speculations: int = field(default=4, metadata={"help": "draft length for the acceptance measurement"})

@@ -11,6 +11,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from .errors import UsageError
 from .layers import check_forward
 
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "layerskip-stdlib"
+"""The embedded default: a small LayerSkip-trained code model shipped in the repository (see its README)."""
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

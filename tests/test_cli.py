@@ -79,9 +79,18 @@ def test_directory_that_is_not_a_model(capsys, tmp_path):
     assert_one_line_error(code, err, f"--model {tmp_path}", "no config.json")
 
 
-def test_missing_model_flag(capsys):
-    code, _, err = call(generate.main, ["--prompt", "hi"], capsys)
-    assert_one_line_error(code, err, "--model")
+def test_without_model_flag_the_embedded_model_runs_with_its_recommendation(capsys):
+    from arguments import ModelArguments
+    from self_speculation.loading import DEFAULT_MODEL
+
+    assert Path(ModelArguments().model) == DEFAULT_MODEL
+    config = json.loads((DEFAULT_MODEL / "config.json").read_text())
+    assert 1 <= config["layerskip"]["exit_layer"] < config["num_hidden_layers"]
+    assert config["layerskip"]["num_speculations"] >= 1
+    assert (DEFAULT_MODEL / "model.safetensors").stat().st_size <= 30_000_000
+    code, out, _ = call(generate.main, ["--prompt", "def add(a, b):", "--sample", "False", "--max_steps", "16",
+                                        "--generation_strategy", "self_speculative"], capsys)
+    assert code == 0 and "acceptance" in out
 
 
 def test_unreachable_hub_says_to_pass_a_local_path(capsys, monkeypatch):

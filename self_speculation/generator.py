@@ -25,6 +25,7 @@ class GenerationResult:
     steps: int  # strategy steps after the prompt: full-model passes for self_speculative
     total_time: float  # seconds, prompt included
     time_to_first_token: float
+    cache_bytes: int = 0  # what the KV cache held at the end
 
     @property
     def num_tokens(self) -> int:
@@ -120,7 +121,8 @@ class Generator:
         d = Decoding(
             model=self.model,
             config=self.config,
-            cache=layers.new_cache(),
+            # room for the whole generation and one step's drafts, so the cache never reallocates
+            cache=layers.new_cache(len(prompt_ids) + budget + max(self.config.num_speculations, 0) + 1),
             sequence=list(prompt_ids),
             processors=processors(self.config),
             generator=self.random,
@@ -164,6 +166,7 @@ class Generator:
         finally:
             sync_device(self.device)
             result.total_time = time.perf_counter() - start
+            result.cache_bytes = layers.cache_bytes(d.cache)
             if streamer is not None:
                 streamer.end()
         return result

@@ -1,17 +1,28 @@
 """The layer runner: the only module that touches transformers' decoder internals.
 
-Every forward pass of the project (full model, early exit, verification of drafts) is a thin call of
-`run_layers`, which runs `model.model.layers[start:end]` over hidden states with one shared `Cache`.
-The cache is transformers' own `DynamicCache`; its layers may hold different lengths while drafting
-(the first `exit_layer` layers run ahead of the rest), so positions and the causal mask are always taken
-from the cache of the first layer being run.
+Every forward pass of the project (full model, early exit, verification of drafts, training) is a thin call of
+`run_layers`, which runs `model.model.layers[start:end]` over hidden states with one shared cache.
+
+`run_layers` computes each decoder layer from the layer's own weights with a handful of tensor operations
+(RMSNorm, projections, rotary, SDPA, gated MLP) instead of calling the layer module: on a small model a decoded
+token's time is mostly per-operation overhead, and the module path spends about twice as many operations.
+`check_forward` compares the result with `model(...)` when a model is loaded, so a model whose layers compute
+something else is refused rather than run wrongly.
+
+The cache is a transformers `Cache` of `PositionLayer`s: buffers written by position. Its layers may hold
+different lengths while drafting (the first `exit_layer` layers run ahead of the rest), so positions and the
+mask are always taken from the first layer being run; rejected drafts are rolled back by moving a length back,
+and the next token overwrites them.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from weakref import WeakKeyDictionary
 
 import torch
-from transformers import Cache, DynamicCache, PreTrainedModel
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+import torch.nn.functional as F
+from transformers import Cache, PreTrainedModel
+from transformers.cache_utils import CacheLayerMixin
 
 from .errors import UsageError
 
@@ -35,15 +46,150 @@ def num_layers(model: PreTrainedModel) -> int:
     return len(model.model.layers)
 
 
-def new_cache() -> Cache:
+class PositionLayer(CacheLayerMixin):
+    """One layer's keys and values (B, heads, capacity, head_dim), written at `length`. Capacity doubles when
+    full, so a generation reallocates O(log n) times; `crop(-n)` only moves `length` back."""
+
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self, capacity: int = 256):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.keys = key_states.new_empty((*key_states.shape[:2], self.capacity, key_states.shape[3]))
+        self.values = value_states.new_empty((*value_states.shape[:2], self.capacity, value_states.shape[3]))
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[2]
+        if end > self.keys.shape[2]:
+            self.keys, self.values = (self._grown(t, end) for t in (self.keys, self.values))
+        self.keys[:, :, self.length : end] = key_states
+        self.values[:, :, self.length : end] = value_states
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def _grown(self, buffer: torch.Tensor, needed: int) -> torch.Tensor:
+        bigger = buffer.new_empty((*buffer.shape[:2], max(needed, 2 * buffer.shape[2]), buffer.shape[3]))
+        bigger[:, :, : self.length] = buffer[:, :, : self.length]
+        return bigger
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last -tokens_to_remove positions (transformers' convention: a negative count)."""
+        self.length = max(self.length + min(tokens_to_remove, 0), 0)
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+def new_cache(capacity: int = 256) -> Cache:
     """One cache shared by drafting and verification; every layer keeps every position it has seen."""
-    return DynamicCache()
+    return Cache(layer_class_to_replicate=lambda: PositionLayer(capacity))
 
 
-def _mask_function(config):
-    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
-        return create_sliding_window_causal_mask
-    return create_causal_mask
+def cache_bytes(cache: Cache) -> int:
+    return sum(t.nbytes for layer in cache.layers if layer.is_initialized for t in (layer.keys, layer.values))
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """One decoder layer as plain tensors (no copies): what `_layer` computes with."""
+
+    attn_norm: torch.Tensor
+    attn_eps: float
+    projections: tuple[tuple[torch.Tensor, torch.Tensor | None], ...]  # (weight, bias) of q, k, v, o
+    mlp_norm: torch.Tensor
+    mlp_eps: float
+    mlp: tuple[tuple[torch.Tensor, torch.Tensor | None], ...]  # gate, up, down
+    act: Callable[[torch.Tensor], torch.Tensor]
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scale: float
+    window: int | None  # sliding-window attention: a query sees this many positions, itself included
+
+
+def _weights(layer, config) -> LayerWeights:
+    try:
+        attn, mlp = layer.self_attn, layer.mlp
+        linears = lambda *ms: tuple((m.weight, m.bias) for m in ms)  # noqa: E731
+        head_dim = attn.head_dim
+        window = getattr(attn, "sliding_window", getattr(config, "sliding_window", None))
+        if getattr(config, "use_sliding_window", True) is False:
+            window = None
+        act = F.silu if getattr(config, "hidden_act", None) in ("silu", "swish") else mlp.act_fn
+        return LayerWeights(
+            layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
+            linears(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj),
+            layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
+            linears(mlp.gate_proj, mlp.up_proj, mlp.down_proj), act,
+            config.num_attention_heads, config.num_key_value_heads, head_dim, attn.scaling, window,
+        )
+    except AttributeError as e:
+        raise UsageError(f"{type(layer).__name__} is not a Llama-style decoder layer ({e})") from None
+
+
+_WEIGHTS: WeakKeyDictionary = WeakKeyDictionary()  # model -> [LayerWeights]; the tensors are the parameters
+
+
+def layer_weights(model: PreTrainedModel) -> list[LayerWeights]:
+    if model not in _WEIGHTS:
+        _WEIGHTS[model] = [_weights(layer, model.config) for layer in model.model.layers]
+    return _WEIGHTS[model]
+
+
+def _mask(past: int, length: int, window: int | None, device) -> tuple[torch.Tensor | None, int]:
+    """Which cached keys the queries at positions past..past+length-1 see: (mask (length, keys) or None, first key).
+    A single query without a window sees every key, so it needs no mask."""
+    first = 0 if window is None else max(past + 1 - window, 0)
+    if length == 1:
+        return None, first
+    query = torch.arange(past, past + length, device=device)[:, None]
+    key = torch.arange(first, past + length, device=device)[None, :]
+    visible = key <= query
+    if window is not None:
+        visible &= key > query - window
+    return visible, first
+
+
+def _layer(w: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Cache | None,
+           index: int, masks: dict) -> torch.Tensor:
+    """One decoder layer over x (B, T, H), the same maths as transformers' Llama layer."""
+    B, T, _ = x.shape
+    (wq, bq), (wk, bk), (wv, bv), (wo, bo) = w.projections
+    h = F.rms_norm(x, x.shape[-1:], w.attn_norm, w.attn_eps)
+    q = F.linear(h, wq, bq).view(B, T, w.heads, w.head_dim)
+    k = F.linear(h, wk, bk).view(B, T, w.kv_heads, w.head_dim)
+    v = F.linear(h, wv, bv).view(B, T, w.kv_heads, w.head_dim).transpose(1, 2)
+    qk = torch.cat((q, k), dim=2).transpose(1, 2)  # (B, heads + kv_heads, T, head_dim)
+    # rotary: x * cos + rotate_half(x) * sin, with rotate_half(x) = (-x2, x1) done as a swap of halves and a
+    # sign folded into `sin` once per pass
+    swapped = qk.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+    q, k = torch.addcmul(qk * cos, swapped, sin).split((w.heads, w.kv_heads), dim=1)
+    if cache is not None:
+        k, v = cache.update(k, v, index)
+    mask, first = masks[w.window]
+    if first:
+        k, v = k[:, :, first:], v[:, :, first:]
+    attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=w.scale, enable_gqa=w.heads != w.kv_heads)
+    x = x + F.linear(attn.transpose(1, 2).reshape(B, T, -1), wo, bo)
+    (wg, bg), (wu, bu), (wd, bd) = w.mlp
+    h = F.rms_norm(x, x.shape[-1:], w.mlp_norm, w.mlp_eps)
+    return x + F.linear(w.act(F.linear(h, wg, bg)) * F.linear(h, wu, bu), wd, bd)
 
 
 def run_layers(
@@ -51,26 +197,16 @@ def run_layers(
 ) -> torch.Tensor:
     """Run decoder layers [start, end) over `hidden` (B, T, H); each of their caches grows by T positions.
     Without a cache (training) the sequence starts at position 0."""
+    weights = layer_weights(model)[start:end]
     past = cache.get_seq_length(start) if cache is not None else 0
-    positions = torch.arange(past, past + hidden.shape[1], device=hidden.device).unsqueeze(0)  # (1, T)
-    rotary = model.model.rotary_emb(hidden, positions)
-    mask = _mask_function(model.config)(
-        config=model.config,
-        inputs_embeds=hidden,
-        attention_mask=None,
-        past_key_values=cache,
-        position_ids=positions,
-        layer_idx=start,
-    )
-    for layer in model.model.layers[start:end]:
-        hidden = layer(
-            hidden,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=cache is not None,
-            position_embeddings=rotary,
-        )
+    T = hidden.shape[1]
+    positions = torch.arange(past, past + T, device=hidden.device).unsqueeze(0)  # (1, T)
+    cos, sin = model.model.rotary_emb(hidden, positions)  # (1, T, head_dim) each
+    half = sin.shape[-1] // 2
+    cos, sin = cos.unsqueeze(1), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(1)
+    masks = {w.window: _mask(past, T, w.window, hidden.device) for w in weights}
+    for index, w in enumerate(weights, start):
+        hidden = _layer(w, hidden, cos, sin, cache, index, masks)
     return hidden
 
 
@@ -113,7 +249,7 @@ def remainder(model: PreTrainedModel, exit_hiddens: torch.Tensor, cache: Cache, 
 
 
 def rollback(cache: Cache, positions: int) -> None:
-    """Forget the last `positions` entries of every layer (rejected drafts)."""
+    """Forget the last `positions` entries of every layer (rejected drafts); they are overwritten next."""
     if positions:
         cache.crop(-positions)
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from self_speculation import UsageError, layers
 
@@ -23,8 +23,9 @@ def test_full_forward_prefill(model):
 
 @torch.inference_mode()
 @pytest.mark.parametrize("chunks", [(12,), (5, 7), (1, 4, 3, 4), (1,) * 12])
-def test_full_forward_chunked_with_cache(model, chunks):
-    cache, pieces, start = layers.new_cache(), [], 0
+@pytest.mark.parametrize("capacity", [256, 1], ids=["preallocated", "growing"])
+def test_full_forward_chunked_with_cache(model, chunks, capacity):
+    cache, pieces, start = layers.new_cache(capacity), [], 0
     for size in chunks:
         pieces.append(layers.full_forward(model, IDS[:, start : start + size], cache))
         start += size
@@ -56,8 +57,9 @@ def test_remainder_over_exit_hiddens_completes_the_full_model(model, exit_layer)
 
 
 @torch.inference_mode()
-def test_rollback_then_continue_equals_fresh_run(model):
-    cache = layers.new_cache()
+@pytest.mark.parametrize("capacity", [256, 7], ids=["preallocated", "growing-after-rollback"])
+def test_rollback_then_continue_equals_fresh_run(model, capacity):
+    cache = layers.new_cache(capacity)
     layers.full_forward(model, IDS[:, :6], cache)
     layers.full_forward(model, torch.tensor([[90, 91, 92]]), cache)  # to be rejected
     layers.rollback(cache, 3)
@@ -100,8 +102,16 @@ def test_model_without_the_layout_is_named():
         layers.check_layout(GPT2LMHeadModel(config))
 
 
-def test_model_with_the_layout_but_other_maths_is_refused():
-    """Gemma 2 has the same attribute names but caps its final logits: running the layers alone would be wrong."""
-    model = small(Gemma2Config, Gemma2ForCausalLM, head_dim=16, final_logit_softcapping=1.0)
-    with pytest.raises(UsageError, match="does not reproduce"):
-        layers.check_forward(model)
+@pytest.mark.parametrize(
+    "build, reason",
+    [
+        # Gemma 2 has the same attribute names but other norms and capped logits
+        (lambda: small(Gemma2Config, Gemma2ForCausalLM, head_dim=16, final_logit_softcapping=1.0), "not a Llama-style"),
+        # Qwen 3 has every Llama piece plus norms on queries and keys, which a Llama layer does not apply
+        (lambda: small(Qwen3Config, Qwen3ForCausalLM, head_dim=16), "does not reproduce"),
+    ],
+    ids=["gemma2", "qwen3"],
+)
+def test_model_with_the_layout_but_other_maths_is_refused(build, reason):
+    with pytest.raises(UsageError, match=reason):
+        layers.check_forward(build())

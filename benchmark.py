@@ -9,6 +9,7 @@ effective settings, metrics) and benchmark_<time>.jsonl (a record per example an
 """
 
 import dataclasses
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from tqdm import tqdm
 
 from arguments import DataArguments, GenerationConfig, ModelArguments, parse, pop_option, run
 from self_speculation import UsageError
-from self_speculation.benchmarking import RUNNERS, summarize
+from self_speculation.benchmarking import RUNNERS, speculation_report, summarize
 from self_speculation.metrics import quality
 from self_speculation import distributed
 from self_speculation.results import append_jsonl, ensure_output_dir, write_json
@@ -76,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
             if not config.sample:
                 m["outputs_differing_from_hf_generate"] = sum(
                     a.tokens != b.tokens for a, b in zip(samples[name], samples["hf_generate"]))
+    if "self_speculative" in metrics:
+        context = int(statistics.median(len(p) for p in prompts)) + config.max_steps // 2
+        metrics["self_speculative"] |= speculation_report(
+            model, metrics, samples["self_speculative"], runners["self_speculative"].settings, context)
     write_json(stem.with_suffix(".json"), {
         "arguments": {"model": dataclasses.asdict(model_args), "generation": dataclasses.asdict(config),
                       "data": dataclasses.asdict(data_args), "benchmark": dataclasses.asdict(args), "strategies": strategies},
@@ -83,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         "metrics": metrics,
     })
     print(format_table(metrics))
+    if "self_speculative" in metrics:
+        print(format_speculation(metrics["self_speculative"]))
     print(f"results in {stem.with_suffix('.json')}")
     return 0
 
@@ -104,6 +111,20 @@ def format_table(metrics: dict) -> str:
                      f"{cell(acceptance, '.1f')}{'%' if acceptance is not None else ''} | "
                      f"{cell(m['tokens_per_full_model_pass'], '.2f')} | {cell(m.get('speedup_vs_hf_generate'), '.2f')}x | "
                      f"{m.get('outputs_differing_from_hf_generate', '-')} |")
+    return "\n".join(lines)
+
+
+def format_speculation(m: dict) -> str:
+    """The lines under the table: the speculation's own gain against its ideal, and its memory."""
+    lines = [f"self_speculative: ideal speedup over autoregressive {m['ideal_speedup_vs_autoregressive']:.2f}x "
+             "(acceptance and per-layer costs measured here; model in README)"]
+    if "speedup_vs_autoregressive" in m:
+        lines[0] += f", measured {m['speedup_vs_autoregressive']:.2f}x, efficiency {100 * m['efficiency']:.0f}%"
+    if "kv_cache_vs_autoregressive" in m:
+        lines.append(f"self_speculative: KV cache {m['kv_cache_bytes_max'] / 2**20:.2f} MiB, "
+                     f"{m['kv_cache_vs_autoregressive']:.2f}x autoregressive's")
+    if "peak_gpu_memory_vs_autoregressive" in m:
+        lines.append(f"self_speculative: peak GPU memory {m['peak_gpu_memory_vs_autoregressive']:.2f}x autoregressive's")
     return "\n".join(lines)
 
 

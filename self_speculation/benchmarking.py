@@ -4,10 +4,12 @@ import dataclasses
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
+from . import layers
 from .config import GenerationConfig
 from .generator import Generator, sync_device
 
@@ -22,6 +24,8 @@ class Sample:
     drafted: int = 0
     accepted: int = 0
     passes: int = 0  # full-model passes (prompt pass included) for our strategies
+    cache_bytes: int | None = None  # memory the KV cache held at the end (our strategies)
+    peak_gpu_bytes: int | None = None  # peak GPU memory allocated during the run, weights included (CUDA only)
 
     @property
     def tokens_per_second(self) -> float:
@@ -43,8 +47,10 @@ def _ours(name: str, model, tokenizer, config: GenerationConfig, seed: int) -> R
     generator = Generator(model, tokenizer, config, seed=seed)
 
     def run(prompt_ids):
-        r = generator.generate_ids(prompt_ids)
-        return Sample(name, -1, r.tokens, r.total_time, r.time_to_first_token, r.drafted, r.accepted, r.steps + 1)
+        with _peak_gpu_memory(generator.device) as peak:
+            r = generator.generate_ids(prompt_ids)
+        return Sample(name, -1, r.tokens, r.total_time, r.time_to_first_token, r.drafted, r.accepted, r.steps + 1,
+                      r.cache_bytes, peak.get("bytes"))
 
     return Runner(run, dataclasses.asdict(generator.config))
 
@@ -92,18 +98,30 @@ def _hf_run(name: str, model, kwargs: dict, patch: dict | None = None):
         try:
             for key, value in (patch or {}).items():
                 setattr(model.generation_config, key, value)
-            sync_device(device)
-            start = time.perf_counter()
-            with torch.inference_mode():
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
-            sync_device(device)
-            elapsed = time.perf_counter() - start
+            with _peak_gpu_memory(device) as peak:
+                sync_device(device)
+                start = time.perf_counter()
+                with torch.inference_mode():
+                    out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+                sync_device(device)
+                elapsed = time.perf_counter() - start
         finally:
             for key, value in saved.items():
                 setattr(model.generation_config, key, value)
-        return Sample(name, -1, out[0, ids.shape[1] :].tolist(), elapsed)
+        return Sample(name, -1, out[0, ids.shape[1] :].tolist(), elapsed, peak_gpu_bytes=peak.get("bytes"))
 
     return run
+
+
+@contextmanager
+def _peak_gpu_memory(device: torch.device):
+    """Yields a dict that holds, after the block, the peak bytes allocated on a CUDA device during it."""
+    peak = {}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    yield peak
+    if device.type == "cuda":
+        peak["bytes"] = torch.cuda.max_memory_allocated(device)
 
 
 def _hf_generate(model, tokenizer, config, seed) -> Runner:
@@ -135,6 +153,62 @@ RUNNERS: dict[str, Callable] = {
 }
 
 
+@dataclass
+class PassCosts:
+    """Seconds one decoder layer and the final norm + head take over T positions (T -> seconds), measured here."""
+
+    layer: dict[int, float]
+    head: dict[int, float]
+
+    def at(self, table: dict[int, float], positions: float) -> float:
+        """Linear interpolation for a mean number of positions."""
+        low = int(positions)
+        high = min(low + 1, max(table))
+        return table[low] + (positions - low) * (table[high] - table[low])
+
+
+def measure_pass_costs(model, context: int, max_positions: int, repeats: int = 15) -> PassCosts:
+    """Median time of a pass of all layers over T = 1..max_positions new positions after `context` cached ones,
+    divided by the number of layers; and of the head over T positions."""
+    device = model.lm_head.weight.device
+    count = layers.num_layers(model)
+    layer, head = {}, {}
+    with torch.inference_mode():
+        cache = layers.new_cache(context + max_positions)
+        layers.full_forward(model, torch.zeros((1, context), dtype=torch.long, device=device), cache)
+        for positions in range(1, max_positions + 1):
+            hidden = layers.embed(model, torch.zeros((1, positions), dtype=torch.long, device=device))
+            times = []
+            for _ in range(repeats + 2):  # the first two warm up
+                sync_device(device)
+                start = time.perf_counter()
+                out = layers.run_layers(model, hidden, cache, 0, count)
+                sync_device(device)
+                middle = time.perf_counter()
+                layers.head(model, out)
+                sync_device(device)
+                times.append((middle - start, time.perf_counter() - middle))
+                layers.rollback(cache, positions)
+            layer[positions] = statistics.median(t for t, _ in times[2:]) / count
+            head[positions] = statistics.median(t for _, t in times[2:])
+    return PassCosts(layer, head)
+
+
+def ideal_speedup(costs: PassCosts, num_layers: int, exit_layer: int, steps: int, drafted: int, accepted: int) -> float:
+    """The speedup over autoregressive decoding that self-speculation would reach with no overhead beyond its layer
+    and head passes, for the measured acceptance. A step with k drafts runs layers [0, E) over one position k + 1
+    times (k drafts, then the last draft's exit hidden state), layers [E, L) once over k + 1 positions, the head
+    k times over one position and once over k + 1; it yields accepted + 1 tokens. An autoregressive token costs
+    L layers and one head over one position."""
+    if steps == 0:
+        return 1.0
+    k = drafted / steps
+    step = ((k + 1) * exit_layer * costs.layer[1] + (num_layers - exit_layer) * costs.at(costs.layer, k + 1)
+            + k * costs.head[1] + costs.at(costs.head, k + 1))
+    token = num_layers * costs.layer[1] + costs.head[1]
+    return (accepted + steps) * token / (steps * step)
+
+
 def summarize(samples: list[Sample]) -> dict:
     """Speed metrics of one strategy over its samples: medians over samples, totals over all of them."""
     tokens = sum(len(s.tokens) for s in samples)
@@ -152,4 +226,28 @@ def summarize(samples: list[Sample]) -> dict:
         "time_to_first_token_median": statistics.median(first) if first else None,
         "acceptance_rate": sum(s.accepted for s in samples) / drafted if drafted else None,
         "tokens_per_full_model_pass": tokens / passes if passes else None,
+        "kv_cache_bytes_max": max((s.cache_bytes for s in samples if s.cache_bytes is not None), default=None),
+        "peak_gpu_bytes_max": max((s.peak_gpu_bytes for s in samples if s.peak_gpu_bytes is not None), default=None),
     }
+
+
+def speculation_report(model, metrics: dict, samples: list[Sample], settings: dict, context: int) -> dict:
+    """For self_speculative: the ideal speedup for its measured acceptance and this machine's pass costs, the
+    measured speedup over our autoregressive decoding (same layer code, so the ratio is the speculation's own
+    gain), the efficiency (measured / ideal) and the KV cache against autoregressive decoding's."""
+    costs = measure_pass_costs(model, context, settings["num_speculations"] + 1)
+    ideal = ideal_speedup(costs, layers.num_layers(model), settings["exit_layer"],
+                          steps=sum(s.passes - 1 for s in samples), drafted=sum(s.drafted for s in samples),
+                          accepted=sum(s.accepted for s in samples))
+    report = {"ideal_speedup_vs_autoregressive": ideal,
+              "pass_costs_seconds": {"layer": costs.layer, "head": costs.head, "context": context}}
+    plain = metrics.get("autoregressive")
+    if plain:
+        mine = metrics["self_speculative"]
+        speedup = mine["tokens_per_second_median"] / plain["tokens_per_second_median"]
+        report |= {"speedup_vs_autoregressive": speedup, "efficiency": speedup / ideal}
+        if mine["kv_cache_bytes_max"] and plain["kv_cache_bytes_max"]:
+            report["kv_cache_vs_autoregressive"] = mine["kv_cache_bytes_max"] / plain["kv_cache_bytes_max"]
+        if mine["peak_gpu_bytes_max"] and plain["peak_gpu_bytes_max"]:
+            report["peak_gpu_memory_vs_autoregressive"] = mine["peak_gpu_bytes_max"] / plain["peak_gpu_bytes_max"]
+    return report

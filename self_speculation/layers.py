@@ -152,18 +152,20 @@ def layer_weights(model: PreTrainedModel) -> list[LayerWeights]:
     return _WEIGHTS[model]
 
 
-def _mask(past: int, length: int, window: int | None, device) -> tuple[torch.Tensor | None, int]:
-    """Which cached keys the queries at positions past..past+length-1 see: (mask (length, keys) or None, first key).
-    A single query without a window sees every key, so it needs no mask."""
+def _mask(past: int, length: int, window: int | None, hidden: torch.Tensor) -> tuple[torch.Tensor | None, int]:
+    """Which cached keys the queries at positions past..past+length-1 see: (additive mask (length, keys) or None,
+    first key). A single query without a window sees every key, so it needs no mask; an additive mask is
+    cheaper for SDPA on the CPU than a boolean one."""
     first = 0 if window is None else max(past + 1 - window, 0)
     if length == 1:
         return None, first
-    query = torch.arange(past, past + length, device=device)[:, None]
-    key = torch.arange(first, past + length, device=device)[None, :]
-    visible = key <= query
+    query = torch.arange(past, past + length, device=hidden.device)[:, None]
+    key = torch.arange(first, past + length, device=hidden.device)[None, :]
+    unseen = key > query
     if window is not None:
-        visible &= key > query - window
-    return visible, first
+        unseen |= key <= query - window
+    mask = torch.zeros(unseen.shape, dtype=hidden.dtype, device=hidden.device)
+    return mask.masked_fill_(unseen, float("-inf")), first
 
 
 def _layer(w: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Cache | None,
@@ -204,7 +206,7 @@ def run_layers(
     cos, sin = model.model.rotary_emb(hidden, positions)  # (1, T, head_dim) each
     half = sin.shape[-1] // 2
     cos, sin = cos.unsqueeze(1), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(1)
-    masks = {w.window: _mask(past, T, w.window, hidden.device) for w in weights}
+    masks = {w.window: _mask(past, T, w.window, hidden) for w in weights}
     for index, w in enumerate(weights, start):
         hidden = _layer(w, hidden, cos, sin, cache, index, masks)
     return hidden

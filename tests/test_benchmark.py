@@ -6,6 +6,8 @@ import pytest
 
 import benchmark
 from arguments import pop_option, run
+from self_speculation.benchmarking import PassCosts, ideal_speedup, measure_pass_costs
+from self_speculation.loading import load
 
 STRATEGIES = "autoregressive,early_exit,self_speculative,hf_generate,hf_assistant_early_exit"
 
@@ -41,6 +43,34 @@ def test_benchmark_runs_every_strategy_and_writes_valid_json(checkpoint, prompts
     records = [json.loads(line) for line in result_path.with_suffix(".jsonl").read_text().splitlines()]
     assert len(records) == 3 * 5 and {r["prompt_id"] for r in records} == {0, 1, 2}
     assert "| self_speculative |" in out
+    # the speculation's own gain is reported against its ideal, and its cache against autoregressive decoding's
+    spec = metrics["self_speculative"]
+    assert spec["ideal_speedup_vs_autoregressive"] > 0 and spec["efficiency"] > 0
+    assert spec["speedup_vs_autoregressive"] == pytest.approx(
+        spec["tokens_per_second_median"] / metrics["autoregressive"]["tokens_per_second_median"])
+    assert 1.0 <= spec["kv_cache_vs_autoregressive"] <= 1.1
+    assert "ideal speedup over autoregressive" in out and "efficiency" in out
+
+
+def test_ideal_speedup_by_hand():
+    """L = 4 layers, exit at E = 1, unit layer cost over one position and 1.5 over three, head cost 0.5 over one
+    position and 1 over three: a step of two drafts costs 3 * 1 + 3 * 1.5 + 2 * 0.5 + 1 = 9.5 and yields
+    accepted + 1 = 3 tokens; an autoregressive token costs 4 + 0.5."""
+    costs = PassCosts(layer={1: 1.0, 2: 1.25, 3: 1.5}, head={1: 0.5, 2: 0.75, 3: 1.0})
+    assert ideal_speedup(costs, num_layers=4, exit_layer=1, steps=10, drafted=20, accepted=20) == pytest.approx(
+        3 * 4.5 / 9.5)
+    # one draft per step on average, half of them accepted: 2 * 1 + 3 * 1.25 + 0.5 + 0.75 = 7 for 1.5 tokens
+    assert ideal_speedup(costs, num_layers=4, exit_layer=1, steps=10, drafted=10, accepted=5) == pytest.approx(
+        1.5 * 4.5 / 7)
+    # a mean of 1.5 drafts interpolates the costs over 2.5 positions
+    assert costs.at(costs.layer, 2.5) == pytest.approx(1.375)
+
+
+def test_pass_costs_are_measured_for_each_number_of_positions(checkpoint):
+    model, _ = load(str(checkpoint))
+    costs = measure_pass_costs(model, context=8, max_positions=3, repeats=3)
+    assert set(costs.layer) == set(costs.head) == {1, 2, 3}
+    assert all(t > 0 for t in [*costs.layer.values(), *costs.head.values()])
 
 
 def test_unknown_strategy(capsys):

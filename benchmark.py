@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from arguments import DataArguments, GenerationConfig, ModelArguments, parse, pop_option, run
 from self_speculation import UsageError
-from self_speculation.benchmarking import RUNNERS, speculation_report, summarize
+from self_speculation.benchmarking import RUNNERS, profile, speculation_report, summarize
 from self_speculation.metrics import quality
 from self_speculation import distributed
 from self_speculation.results import append_jsonl, ensure_output_dir, write_json
@@ -27,6 +27,9 @@ from self_speculation.results import append_jsonl, ensure_output_dir, write_json
 @dataclass
 class BenchmarkArguments:
     warmup: int = field(default=1, metadata={"help": "untimed runs of each strategy before measuring"})
+    profile: bool = field(default=False, metadata={
+        "help": "after the timed runs, profile each strategy on the first example (torch.profiler) and print "
+                "operators per token and the costliest operators"})
 
     def __post_init__(self):
         if self.warmup < 0:
@@ -81,15 +84,18 @@ def main(argv: list[str] | None = None) -> int:
         context = int(statistics.median(len(p) for p in prompts)) + config.max_steps // 2
         metrics["self_speculative"] |= speculation_report(
             model, metrics, samples["self_speculative"], runners["self_speculative"].settings, context)
+    profiles = {name: profile(runner, prompts[0]) for name, runner in runners.items()} if args.profile else {}
     write_json(stem.with_suffix(".json"), {
         "arguments": {"model": dataclasses.asdict(model_args), "generation": dataclasses.asdict(config),
                       "data": dataclasses.asdict(data_args), "benchmark": dataclasses.asdict(args), "strategies": strategies},
         "settings": {name: r.settings for name, r in runners.items()},
         "metrics": metrics,
-    })
+    } | ({"profile": profiles} if profiles else {}))
     print(format_table(metrics))
     if "self_speculative" in metrics:
         print(format_speculation(metrics["self_speculative"]))
+    for name, p in profiles.items():
+        print(format_profile(name, p))
     print(f"results in {stem.with_suffix('.json')}")
     return 0
 
@@ -126,6 +132,12 @@ def format_speculation(m: dict) -> str:
     if "peak_gpu_memory_vs_autoregressive" in m:
         lines.append(f"self_speculative: peak GPU memory {m['peak_gpu_memory_vs_autoregressive']:.2f}x autoregressive's")
     return "\n".join(lines)
+
+
+def format_profile(name: str, p: dict) -> str:
+    top = ", ".join(f"{t['operator'].removeprefix('aten::')} {100 * t['share']:.0f}%" for t in p["top"][:5])
+    return (f"profile {name}: {p['operators_per_token']:.0f} operators/token, "
+            f"{p['operator_time_per_token_us']:.0f} us/token in operators; {top}")
 
 
 if __name__ == "__main__":

@@ -251,3 +251,26 @@ def speculation_report(model, metrics: dict, samples: list[Sample], settings: di
         if mine["peak_gpu_bytes_max"] and plain["peak_gpu_bytes_max"]:
             report["peak_gpu_memory_vs_autoregressive"] = mine["peak_gpu_bytes_max"] / plain["peak_gpu_bytes_max"]
     return report
+
+
+def profile(runner: Runner, prompt_ids: list[int], rows: int = 8) -> dict:
+    """One generation under torch.profiler: the operators Python dispatches per generated token (top-level aten
+    calls; the prompt pass included) and the operators taking most self time. The profiler's own overhead
+    inflates the times; the counts and shares are what compare."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with torch_profile(activities=activities) as prof:
+        tokens = max(len(runner.run(prompt_ids).tokens), 1)
+    dispatched = [e for e in prof.events() if e.name.startswith("aten::")
+                  and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))]
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]
+    return {
+        "operators_per_token": len(dispatched) / tokens,
+        "operator_time_per_token_us": total / tokens,
+        "top": [{"operator": e.key, "share": e.self_cpu_time_total / total, "us_per_token": e.self_cpu_time_total / tokens}
+                for e in top],
+    }

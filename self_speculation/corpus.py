@@ -29,11 +29,10 @@ def stdlib_files(root: Path | None = None) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-def corpus_name(path: Path) -> str:
-    """A file's name in the corpus: relative to the standard library for its files (the same on every machine),
-    else the path as given."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    return path.relative_to(stdlib).as_posix() if path.is_relative_to(stdlib) else path.as_posix()
+def stdlib_name(path: Path) -> str:
+    """A standard-library file's name in the corpus: its path relative to the standard library, the same on every
+    machine."""
+    return path.relative_to(sysconfig.get_paths()["stdlib"]).as_posix()
 
 
 def file_list_hash(names: Iterable[str]) -> str:
@@ -41,30 +40,36 @@ def file_list_hash(names: Iterable[str]) -> str:
     return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
 
 
-def expand_sources(sources: Iterable[str]) -> list[Path]:
-    """`stdlib`, file paths, directories (every file below) and glob patterns, in a stable order."""
-    files: list[Path] = []
+def expand_sources(sources: Iterable[str]) -> list[tuple[str, Path]]:
+    """(name, path) of every file of `stdlib`, file paths, directories (every file below) and glob patterns, in a
+    stable order. A file is named relative to the standard library, or to the parent of the directory given, or by
+    its file name: never by where the data lies, so the held-out split and the fingerprint are the same on every
+    machine."""
+    files: list[tuple[str, Path]] = []
     for source in sources:
         if source == "stdlib":
-            files += stdlib_files()
+            files += [(stdlib_name(p), p) for p in stdlib_files()]
             continue
         matches = sorted(Path(m) for m in glob.glob(source, recursive=True))
         if not matches:
             raise UsageError(f"--data {source}: no such file, directory or matching files")
         for match in matches:
-            files += sorted(p for p in match.rglob("*") if p.is_file()) if match.is_dir() else [match]
+            if match.is_dir():
+                below = sorted(p for p in match.rglob("*") if p.is_file())
+                files += [(p.relative_to(match.parent).as_posix(), p) for p in below]
+            else:
+                files.append((match.name, match))
     return files
 
 
-def read_documents(files: Iterable[Path], text_field: str = "text") -> Iterator[tuple[str, str]]:
-    """(name, text) of every document: one per plain-text file (named by `corpus_name`), one per line of a .jsonl
+def read_documents(files: Iterable[tuple[str, Path]], text_field: str = "text") -> Iterator[tuple[str, str]]:
+    """(name, text) of every document: one per plain-text file (named as the file), one per line of a .jsonl
     file (named `file:line`)."""
-    for path in files:
+    for name, path in files:
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             continue  # binary or foreign-encoded files are not text to learn from
-        name = corpus_name(path)
         if path.suffix != ".jsonl":
             if text.strip():
                 yield name, text

@@ -125,7 +125,7 @@ def prepare_data(config: TrainConfig, out: Path) -> tuple[Dataset, object]:
         "files": len(files),
         "documents": len(documents),
         "heldout_documents": len(heldout_texts),
-        "file_list_sha256_16": corpus.file_list_hash(corpus.corpus_name(p) for p in files),
+        "file_list_sha256_16": corpus.file_list_hash(name for name, _ in files),
         "train_tokens": train.numel(),
         "heldout_tokens": heldout.numel(),
     }

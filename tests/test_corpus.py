@@ -7,7 +7,6 @@ import pytest
 
 from self_speculation import UsageError
 from self_speculation.corpus import (
-    corpus_name,
     expand_sources,
     file_list_hash,
     is_held_out,
@@ -26,9 +25,10 @@ def test_stdlib_corpus_has_no_tests_and_a_stable_fingerprint():
     assert len(files) > 300 and "os.py" in names and "json/decoder.py" in names
     assert not any("/test/" in f"/{n}" or n.split("/")[-1].startswith("test_") for n in names)
     assert not any("site-packages" in n for n in names)
-    names = [corpus_name(p) for p in files]
-    assert names[0] == files[0].relative_to(STDLIB).as_posix()
-    assert file_list_hash(names) == file_list_hash(corpus_name(p) for p in stdlib_files())
+    named = expand_sources(["stdlib"])
+    assert [path for _, path in named] == files and named[0][0] == files[0].relative_to(STDLIB).as_posix()
+    names = [name for name, _ in named]
+    assert file_list_hash(names) == file_list_hash(name for name, _ in expand_sources(["stdlib"]))
     assert file_list_hash(names[1:]) != file_list_hash(names)
 
 
@@ -38,15 +38,28 @@ def test_sources_files_directories_globs_and_jsonl(tmp_path):
     (tmp_path / "sub" / "b.txt").write_text("hello\n")
     (tmp_path / "c.jsonl").write_text('{"text": "one"}\n\n{"text": "two"}\n')
     files = expand_sources([str(tmp_path / "*.py"), str(tmp_path / "sub"), str(tmp_path / "c.jsonl")])
-    assert [p.name for p in files] == ["a.py", "b.txt", "c.jsonl"]
+    assert [p.name for _, p in files] == ["a.py", "b.txt", "c.jsonl"]
     documents = list(read_documents(files))
-    assert [text for _, text in documents] == ["print(1)\n", "hello\n", "one", "two"]
-    assert documents[2][0].endswith("c.jsonl:1") and documents[3][0].endswith("c.jsonl:3")
+    assert documents == [("a.py", "print(1)\n"), ("sub/b.txt", "hello\n"), ("c.jsonl:1", "one"), ("c.jsonl:3", "two")]
     with pytest.raises(UsageError, match="no such file"):
         expand_sources([str(tmp_path / "missing*.py")])
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"body": "x"}\n')
     with pytest.raises(UsageError, match="bad.jsonl line 2"):
-        list(read_documents([tmp_path / "bad.jsonl"]))
+        list(read_documents([("bad.jsonl", tmp_path / "bad.jsonl")]))
+
+
+def test_names_and_so_the_split_do_not_depend_on_where_the_data_lies(tmp_path):
+    """Two copies of the same data in different directories give the same documents with the same names (a run
+    in another temporary directory once held out a different part of the data)."""
+    copies = []
+    for place in ("here", "elsewhere/deeper"):
+        data = tmp_path / place / "data"
+        (data / "sub").mkdir(parents=True)
+        (data / "sub" / "a.py").write_text("x = 1\n")
+        (data / "c.jsonl").write_text('{"text": "one"}\n')
+        copies.append(list(read_documents(expand_sources([str(data), str(data / "c.jsonl")]))))
+    assert copies[0] == copies[1]
+    assert [name for name, _ in copies[0]] == ["data/c.jsonl:1", "data/sub/a.py", "c.jsonl:1"]
 
 
 def test_tokenizer_round_trips_code():

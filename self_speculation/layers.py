@@ -105,16 +105,26 @@ def cache_bytes(cache: Cache) -> int:
     return sum(t.nbytes for layer in cache.layers if layer.is_initialized for t in (layer.keys, layer.values))
 
 
+Linear = tuple[torch.Tensor, torch.Tensor | None]  # (weight, bias)
+
+
 @dataclass(frozen=True)
 class LayerWeights:
-    """One decoder layer as plain tensors (no copies): what `_layer` computes with."""
+    """One decoder layer as plain tensors: what `_layer` computes with. The q, k, v projections and the gate and
+    up projections are each one matrix (`qkv`, `gate_up`) when the weights are frozen; the modules' parameters are
+    then views of those matrices, so nothing is copied. Trainable weights are joined on every call instead, so
+    that gradients reach the parameters."""
 
     attn_norm: torch.Tensor
     attn_eps: float
-    projections: tuple[tuple[torch.Tensor, torch.Tensor | None], ...]  # (weight, bias) of q, k, v, o
+    qkv_parts: tuple[Linear, Linear, Linear]
+    qkv: Linear | None
+    o: Linear
     mlp_norm: torch.Tensor
     mlp_eps: float
-    mlp: tuple[tuple[torch.Tensor, torch.Tensor | None], ...]  # gate, up, down
+    gate_up_parts: tuple[Linear, Linear]
+    gate_up: Linear | None
+    down: Linear
     act: Callable[[torch.Tensor], torch.Tensor]
     heads: int
     kv_heads: int
@@ -123,21 +133,45 @@ class LayerWeights:
     window: int | None  # sliding-window attention: a query sees this many positions, itself included
 
 
+def _joined(parts) -> Linear:
+    """One linear map computing the outputs of `parts` side by side."""
+    weight = torch.cat([w for w, _ in parts])
+    if all(b is None for _, b in parts):
+        return weight, None
+    return weight, torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in parts])
+
+
+@torch.no_grad()
+def _fused(modules) -> Linear:
+    """Join frozen linear modules into one matrix and make their parameters views of it (no second copy)."""
+    weight, bias = _joined([(m.weight, m.bias) for m in modules])
+    row = 0
+    for m in modules:
+        rows = slice(row, row + m.weight.shape[0])
+        m.weight = torch.nn.Parameter(weight[rows], requires_grad=False)
+        if m.bias is not None:
+            m.bias = torch.nn.Parameter(bias[rows], requires_grad=False)
+        row = rows.stop
+    return weight, bias
+
+
 def _weights(layer, config) -> LayerWeights:
     try:
         attn, mlp = layer.self_attn, layer.mlp
-        linears = lambda *ms: tuple((m.weight, m.bias) for m in ms)  # noqa: E731
-        head_dim = attn.head_dim
+        qkv, gate_up = (attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)
+        frozen = not any(p.requires_grad for p in layer.parameters())
+        fused_qkv, fused_gate_up = (_fused(qkv), _fused(gate_up)) if frozen else (None, None)
+        linear = lambda m: (m.weight, m.bias)  # noqa: E731
         window = getattr(attn, "sliding_window", getattr(config, "sliding_window", None))
         if getattr(config, "use_sliding_window", True) is False:
             window = None
         act = F.silu if getattr(config, "hidden_act", None) in ("silu", "swish") else mlp.act_fn
         return LayerWeights(
             layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
-            linears(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj),
+            tuple(map(linear, qkv)), fused_qkv, linear(attn.o_proj),
             layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
-            linears(mlp.gate_proj, mlp.up_proj, mlp.down_proj), act,
-            config.num_attention_heads, config.num_key_value_heads, head_dim, attn.scaling, window,
+            tuple(map(linear, gate_up)), fused_gate_up, linear(mlp.down_proj), act,
+            config.num_attention_heads, config.num_key_value_heads, attn.head_dim, attn.scaling, window,
         )
     except AttributeError as e:
         raise UsageError(f"{type(layer).__name__} is not a Llama-style decoder layer ({e})") from None
@@ -147,6 +181,8 @@ _WEIGHTS: WeakKeyDictionary = WeakKeyDictionary()  # model -> [LayerWeights]; th
 
 
 def layer_weights(model: PreTrainedModel) -> list[LayerWeights]:
+    """The layers' weights, read once per model. Freeze the weights first (`requires_grad_(False)`, as `load`
+    does) to get the joined projections."""
     if model not in _WEIGHTS:
         _WEIGHTS[model] = [_weights(layer, model.config) for layer in model.model.layers]
     return _WEIGHTS[model]
@@ -172,26 +208,24 @@ def _layer(w: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
            index: int, masks: dict) -> torch.Tensor:
     """One decoder layer over x (B, T, H), the same maths as transformers' Llama layer."""
     B, T, _ = x.shape
-    (wq, bq), (wk, bk), (wv, bv), (wo, bo) = w.projections
     h = F.rms_norm(x, x.shape[-1:], w.attn_norm, w.attn_eps)
-    q = F.linear(h, wq, bq).view(B, T, w.heads, w.head_dim)
-    k = F.linear(h, wk, bk).view(B, T, w.kv_heads, w.head_dim)
-    v = F.linear(h, wv, bv).view(B, T, w.kv_heads, w.head_dim).transpose(1, 2)
-    qk = torch.cat((q, k), dim=2).transpose(1, 2)  # (B, heads + kv_heads, T, head_dim)
+    qkv = F.linear(h, *(w.qkv or _joined(w.qkv_parts))).view(B, T, w.heads + 2 * w.kv_heads, w.head_dim)
+    qk, v = qkv.split((w.heads + w.kv_heads, w.kv_heads), dim=2)
     # rotary: x * cos + rotate_half(x) * sin, with rotate_half(x) = (-x2, x1) done as a swap of halves and a
     # sign folded into `sin` once per pass
     swapped = qk.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
-    q, k = torch.addcmul(qk * cos, swapped, sin).split((w.heads, w.kv_heads), dim=1)
+    q, k = torch.addcmul(qk * cos, swapped, sin).transpose(1, 2).split((w.heads, w.kv_heads), dim=1)
+    v = v.transpose(1, 2)  # (B, heads, T, head_dim) from here on
     if cache is not None:
         k, v = cache.update(k, v, index)
     mask, first = masks[w.window]
     if first:
         k, v = k[:, :, first:], v[:, :, first:]
     attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=w.scale, enable_gqa=w.heads != w.kv_heads)
-    x = x + F.linear(attn.transpose(1, 2).reshape(B, T, -1), wo, bo)
-    (wg, bg), (wu, bu), (wd, bd) = w.mlp
+    x = x + F.linear(attn.transpose(1, 2).reshape(B, T, -1), *w.o)
     h = F.rms_norm(x, x.shape[-1:], w.mlp_norm, w.mlp_eps)
-    return x + F.linear(w.act(F.linear(h, wg, bg)) * F.linear(h, wu, bu), wd, bd)
+    gate, up = F.linear(h, *(w.gate_up or _joined(w.gate_up_parts))).chunk(2, dim=-1)
+    return x + F.linear(w.act(gate) * up, *w.down)
 
 
 def run_layers(
@@ -205,7 +239,7 @@ def run_layers(
     positions = torch.arange(past, past + T, device=hidden.device).unsqueeze(0)  # (1, T)
     cos, sin = model.model.rotary_emb(hidden, positions)  # (1, T, head_dim) each
     half = sin.shape[-1] // 2
-    cos, sin = cos.unsqueeze(1), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(1)
+    cos, sin = cos.unsqueeze(2), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(2)  # (1, T, 1, D)
     masks = {w.window: _mask(past, T, w.window, hidden) for w in weights}
     for index, w in enumerate(weights, start):
         hidden = _layer(w, hidden, cos, sin, cache, index, masks)

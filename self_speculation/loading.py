@@ -101,6 +101,6 @@ def load(
         raise UsageError(f"--model {model}: cannot load it: {first_line}") from error
     if not device_map:
         loaded.to(target)
-    loaded.eval()
+    loaded.eval().requires_grad_(False)  # inference only; frozen weights let the layer runner join projections
     check_forward(loaded)
     return loaded, tokenizer

@@ -31,7 +31,7 @@ def tiny_llama(
         **({"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": None} | overrides),
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config).eval().requires_grad_(False)
     with torch.no_grad():
         for i, layer in enumerate(model.model.layers):
             scale = layer_scale ** (i / max(num_layers - 1, 1))

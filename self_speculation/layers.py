@@ -69,10 +69,10 @@ class PositionLayer(CacheLayerMixin):
         end = self.length + key_states.shape[2]
         if end > self.keys.shape[2]:
             self.keys, self.values = (self._grown(t, end) for t in (self.keys, self.values))
-        self.keys[:, :, self.length : end] = key_states
-        self.values[:, :, self.length : end] = value_states
+        self.keys.narrow(2, self.length, end - self.length).copy_(key_states)
+        self.values.narrow(2, self.length, end - self.length).copy_(value_states)
         self.length = end
-        return self.keys[:, :, :end], self.values[:, :, :end]
+        return self.keys.narrow(2, 0, end), self.values.narrow(2, 0, end)
 
     def _grown(self, buffer: torch.Tensor, needed: int) -> torch.Tensor:
         bigger = buffer.new_empty((*buffer.shape[:2], max(needed, 2 * buffer.shape[2]), buffer.shape[3]))
@@ -208,13 +208,13 @@ def _layer(w: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
            index: int, masks: dict) -> torch.Tensor:
     """One decoder layer over x (B, T, H), the same maths as transformers' Llama layer."""
     B, T, _ = x.shape
-    h = F.rms_norm(x, x.shape[-1:], w.attn_norm, w.attn_eps)
+    h = torch.rms_norm(x, x.shape[-1:], w.attn_norm, w.attn_eps)
     qkv = F.linear(h, *(w.qkv or _joined(w.qkv_parts))).view(B, T, w.heads + 2 * w.kv_heads, w.head_dim)
-    qk, v = qkv.split((w.heads + w.kv_heads, w.kv_heads), dim=2)
+    qk, v = torch.split_with_sizes(qkv, (w.heads + w.kv_heads, w.kv_heads), dim=2)  # not Tensor.split: slower
     # rotary: x * cos + rotate_half(x) * sin, with rotate_half(x) = (-x2, x1) done as a swap of halves and a
     # sign folded into `sin` once per pass
     swapped = qk.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
-    q, k = torch.addcmul(qk * cos, swapped, sin).transpose(1, 2).split((w.heads, w.kv_heads), dim=1)
+    q, k = torch.split_with_sizes(torch.addcmul(qk * cos, swapped, sin).transpose(1, 2), (w.heads, w.kv_heads), dim=1)
     v = v.transpose(1, 2)  # (B, heads, T, head_dim) from here on
     if cache is not None:
         k, v = cache.update(k, v, index)
@@ -223,7 +223,7 @@ def _layer(w: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         k, v = k[:, :, first:], v[:, :, first:]
     attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=w.scale, enable_gqa=w.heads != w.kv_heads)
     x = x + F.linear(attn.transpose(1, 2).reshape(B, T, -1), *w.o)
-    h = F.rms_norm(x, x.shape[-1:], w.mlp_norm, w.mlp_eps)
+    h = torch.rms_norm(x, x.shape[-1:], w.mlp_norm, w.mlp_eps)
     gate, up = F.linear(h, *(w.gate_up or _joined(w.gate_up_parts))).chunk(2, dim=-1)
     return x + F.linear(w.act(gate) * up, *w.down)
 

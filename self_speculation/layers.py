@@ -240,7 +240,7 @@ def run_layers(
     cos, sin = model.model.rotary_emb(hidden, positions)  # (1, T, head_dim) each
     half = sin.shape[-1] // 2
     cos, sin = cos.unsqueeze(2), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(2)  # (1, T, 1, D)
-    masks = {w.window: _mask(past, T, w.window, hidden) for w in weights}
+    masks = {window: _mask(past, T, window, hidden) for window in {w.window for w in weights}}
     for index, w in enumerate(weights, start):
         hidden = _layer(w, hidden, cos, sin, cache, index, masks)
     return hidden

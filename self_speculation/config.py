@@ -29,11 +29,6 @@ class GenerationConfig:
         default=-1,
         metadata={"help": "tokens drafted per verification (>= 1) for self_speculative; -1: the model's recommendation"},
     )
-    draft_confidence_threshold: float = field(
-        default=0.0,
-        metadata={"help": "self_speculative: stop drafting early once a drafted token's early-exit probability is "
-                          "below this, in [0, 1) (0: always draft num_speculations tokens)"},
-    )
     sample: bool = field(default=True, metadata={"help": "sample (True) or greedy decoding (False)"})
     temperature: float = field(default=0.6, metadata={"help": "sampling temperature (> 0)"})
     top_k: int = field(default=0, metadata={"help": "keep the k most likely tokens when sampling (0: all)"})
@@ -53,8 +48,6 @@ class GenerationConfig:
             raise UsageError(f"--exit_layer must be >= 1, or -1 for the full model (got {self.exit_layer})")
         if self.num_speculations != -1 and self.num_speculations < 1:
             raise UsageError(f"--num_speculations must be >= 1 (got {self.num_speculations})")
-        if not 0 <= self.draft_confidence_threshold < 1:
-            raise UsageError(f"--draft_confidence_threshold must be in [0, 1) (got {self.draft_confidence_threshold})")
         if self.sample:
             if not self.temperature > 0:
                 raise UsageError(f"--temperature must be > 0 when sampling (got {self.temperature})")

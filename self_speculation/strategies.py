@@ -92,7 +92,7 @@ class SelfSpeculative:
             draft_scores.append(scores)
             if d.on_draft is not None:
                 d.on_draft(token)
-            if token in d.stop_ids or self.unsure(d, scores, token):
+            if token in d.stop_ids:
                 break
         # The last draft (or, with no drafts, the newest token) has not been through layers [0, E) yet.
         exit_hiddens.append(layers.exit_hidden(d.model, d.ids(token), d.cache, exit_layer))
@@ -100,13 +100,6 @@ class SelfSpeculative:
         accepted, final = self.verify(d, drafts, draft_scores, logits)
         layers.rollback(d.cache, len(drafts) - accepted)
         return StepResult(drafts[:accepted] + [final], drafted=len(drafts), accepted=accepted)
-
-    @staticmethod
-    def unsure(d: Decoding, scores: torch.Tensor, token: int) -> bool:
-        """Adaptive drafting (as in Draft & Verify): a draft the early exit itself doubts is likely rejected, so
-        drafting stops after it and verification comes sooner."""
-        threshold = d.config.draft_confidence_threshold
-        return threshold > 0 and probabilities(scores)[token].item() < threshold
 
     @staticmethod
     def verify(

@@ -106,16 +106,3 @@ def test_no_repeat_ngram_sees_the_whole_history(model, size):
         assert grams[start] not in grams[:start], f"repeated {grams[start]} at {end}"
     for exit_layer, k in ((2, 3), (5, 6)):
         assert generate(model, speculative(config, exit_layer, k), prompt).tokens == expected
-
-
-@pytest.mark.parametrize("threshold", [0.05, 0.3, 0.9])
-@pytest.mark.parametrize("exit_layer", [2, 4])
-def test_adaptive_drafting_keeps_the_output_and_drafts_less(model, exit_layer, threshold, autoregressive_outputs):
-    name = "gqa_tied" if model.config.tie_word_embeddings else "mha_untied"
-    fixed = generate(model, speculative(GREEDY, exit_layer, 6), PROMPTS[0])
-    adaptive = generate(model, dataclasses.replace(speculative(GREEDY, exit_layer, 6),
-                                                   draft_confidence_threshold=threshold), PROMPTS[0])
-    assert adaptive.tokens == fixed.tokens == autoregressive_outputs[name, 0]
-    assert adaptive.drafted <= fixed.drafted
-    if threshold == 0.9:
-        assert adaptive.drafted < fixed.drafted

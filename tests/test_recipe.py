@@ -62,7 +62,7 @@ def test_early_exit_weights():
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_llama(num_layers=4, vocab_size=32, eos_token_id=None)
+    return tiny_llama(num_layers=4, vocab_size=32, eos_token_id=None).requires_grad_(True)  # trained here
 
 
 def test_without_dropout_the_loss_is_the_models_own(model):

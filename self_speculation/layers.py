@@ -159,6 +159,9 @@ def _weights(layer, config) -> LayerWeights:
     try:
         attn, mlp = layer.self_attn, layer.mlp
         qkv, gate_up = (attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)
+        if any(p.device.type == "meta" for p in layer.parameters()):
+            raise UsageError("the model's weights are offloaded (not all in memory); this toolkit runs the layers "
+                             "from their weights, so use a --device_map that fits the model on the devices")
         frozen = not any(p.requires_grad for p in layer.parameters())
         fused_qkv, fused_gate_up = (_fused(qkv), _fused(gate_up)) if frozen else (None, None)
         linear = lambda m: (m.weight, m.bias)  # noqa: E731
@@ -242,6 +245,9 @@ def run_layers(
     cos, sin = cos.unsqueeze(2), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(2)  # (1, T, 1, D)
     masks = {window: _mask(past, T, window, hidden) for window in {w.window for w in weights}}
     for index, w in enumerate(weights, start):
+        if w.attn_norm.device != hidden.device:  # a model spread over devices (--device_map)
+            hidden, cos, sin = (t.to(w.attn_norm.device) for t in (hidden, cos, sin))
+            masks = {k: (m if m is None else m.to(hidden.device), first) for k, (m, first) in masks.items()}
         hidden = _layer(w, hidden, cos, sin, cache, index, masks)
     return hidden
 

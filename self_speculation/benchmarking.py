@@ -155,57 +155,69 @@ RUNNERS: dict[str, Callable] = {
 
 @dataclass
 class PassCosts:
-    """Seconds one decoder layer and the final norm + head take over T positions (T -> seconds), measured here."""
+    """Seconds, measured here, of the passes decoding makes: layers [0, E) over one position (`draft`), layers
+    [E, L) over T positions (`verify`, T -> seconds), all layers over one position (`full`), and the final norm and
+    head over T positions (`head`)."""
 
-    layer: dict[int, float]
+    draft: float
+    verify: dict[int, float]
+    full: float
     head: dict[int, float]
 
-    def at(self, table: dict[int, float], positions: float) -> float:
+    @staticmethod
+    def at(table: dict[int, float], positions: float) -> float:
         """Linear interpolation for a mean number of positions."""
         low = int(positions)
         high = min(low + 1, max(table))
         return table[low] + (positions - low) * (table[high] - table[low])
 
 
-def measure_pass_costs(model, context: int, max_positions: int, repeats: int = 15) -> PassCosts:
-    """Median time of a pass of all layers over T = 1..max_positions new positions after `context` cached ones,
-    divided by the number of layers; and of the head over T positions."""
+def measure_pass_costs(model, context: int, exit_layer: int, max_positions: int, compiled: bool = False,
+                       repeats: int = 15) -> PassCosts:
+    """Median times of the passes of `PassCosts` after `context` cached positions, run as decoding runs them
+    (through torch.compile for the compiled shapes when `compiled`)."""
     device = model.lm_head.weight.device
     count = layers.num_layers(model)
-    layer, head = {}, {}
+    passes = {(0, exit_layer, 1), (exit_layer, count, max_positions), (0, count, 1)} if compiled else ()
     with torch.inference_mode():
-        cache = layers.new_cache(context + max_positions)
+        cache = layers.new_cache(context + max_positions, passes)
         layers.full_forward(model, torch.zeros((1, context), dtype=torch.long, device=device), cache)
-        for positions in range(1, max_positions + 1):
+
+        def median_time(start: int, end: int, positions: int, with_head: bool = False) -> tuple[float, float]:
             hidden = layers.embed(model, torch.zeros((1, positions), dtype=torch.long, device=device))
             times = []
             for _ in range(repeats + 2):  # the first two warm up
                 sync_device(device)
-                start = time.perf_counter()
-                out = layers.run_layers(model, hidden, cache, 0, count)
+                begin = time.perf_counter()
+                out = layers.run_layers(model, hidden, cache, start, end)
                 sync_device(device)
                 middle = time.perf_counter()
-                layers.head(model, out)
-                sync_device(device)
-                times.append((middle - start, time.perf_counter() - middle))
-                layers.rollback(cache, positions)
-            layer[positions] = statistics.median(t for t, _ in times[2:]) / count
-            head[positions] = statistics.median(t for _, t in times[2:])
-    return PassCosts(layer, head)
+                if with_head:
+                    layers.head(model, out)
+                    sync_device(device)
+                times.append((middle - begin, time.perf_counter() - middle))
+                for layer in cache.layers[start:end]:
+                    layer.crop(-positions)
+            return tuple(statistics.median(t[i] for t in times[2:]) for i in (0, 1))
+
+        verify, head = {}, {}
+        for positions in range(1, max_positions + 1):
+            verify[positions], head[positions] = median_time(exit_layer, count, positions, with_head=True)
+        draft, full = median_time(0, exit_layer, 1)[0], median_time(0, count, 1)[0]
+    return PassCosts(draft, verify, full, head)
 
 
-def ideal_speedup(costs: PassCosts, num_layers: int, exit_layer: int, steps: int, drafted: int, accepted: int) -> float:
+def ideal_speedup(costs: PassCosts, steps: int, drafted: int, accepted: int) -> float:
     """The speedup over autoregressive decoding that self-speculation would reach with no overhead beyond its layer
     and head passes, for the measured acceptance. A step with k drafts runs layers [0, E) over one position k + 1
     times (k drafts, then the last draft's exit hidden state), layers [E, L) once over k + 1 positions, the head
     k times over one position and once over k + 1; it yields accepted + 1 tokens. An autoregressive token costs
-    L layers and one head over one position."""
+    a pass of all layers and the head over one position."""
     if steps == 0:
         return 1.0
     k = drafted / steps
-    step = ((k + 1) * exit_layer * costs.layer[1] + (num_layers - exit_layer) * costs.at(costs.layer, k + 1)
-            + k * costs.head[1] + costs.at(costs.head, k + 1))
-    token = num_layers * costs.layer[1] + costs.head[1]
+    step = (k + 1) * costs.draft + costs.at(costs.verify, k + 1) + k * costs.head[1] + costs.at(costs.head, k + 1)
+    token = costs.full + costs.head[1]
     return (accepted + steps) * token / (steps * step)
 
 
@@ -235,12 +247,11 @@ def speculation_report(model, metrics: dict, samples: list[Sample], settings: di
     """For self_speculative: the ideal speedup for its measured acceptance and this machine's pass costs, the
     measured speedup over our autoregressive decoding (same layer code, so the ratio is the speculation's own
     gain), the efficiency (measured / ideal) and the KV cache against autoregressive decoding's."""
-    costs = measure_pass_costs(model, context, settings["num_speculations"] + 1)
-    ideal = ideal_speedup(costs, layers.num_layers(model), settings["exit_layer"],
-                          steps=sum(s.passes - 1 for s in samples), drafted=sum(s.drafted for s in samples),
+    costs = measure_pass_costs(model, context, settings["exit_layer"], settings["num_speculations"] + 1,
+                               compiled=settings.get("compile", False))
+    ideal = ideal_speedup(costs, steps=sum(s.passes - 1 for s in samples), drafted=sum(s.drafted for s in samples),
                           accepted=sum(s.accepted for s in samples))
-    report = {"ideal_speedup_vs_autoregressive": ideal,
-              "pass_costs_seconds": {"layer": costs.layer, "head": costs.head, "context": context}}
+    report = {"ideal_speedup_vs_autoregressive": ideal, "pass_costs_seconds": dataclasses.asdict(costs) | {"context": context}}
     plain = metrics.get("autoregressive")
     if plain:
         mine = metrics["self_speculative"]

@@ -122,7 +122,10 @@ class Generator:
             model=self.model,
             config=self.config,
             # room for the whole generation and one step's drafts, so the cache never reallocates
-            cache=layers.new_cache(len(prompt_ids) + budget + max(self.config.num_speculations, 0) + 1),
+            cache=layers.new_cache(
+                len(prompt_ids) + budget + max(self.config.num_speculations, 0) + 1,
+                self.strategy.passes(self.config, layers.num_layers(self.model)) if self.config.compile else (),
+            ),
             sequence=list(prompt_ids),
             processors=processors(self.config),
             generator=self.random,

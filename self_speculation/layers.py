@@ -15,7 +15,8 @@ mask are always taken from the first layer being run; rejected drafts are rolled
 and the next token overwrites them.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from functools import partial
 from dataclasses import dataclass
 from weakref import WeakKeyDictionary
 
@@ -59,8 +60,10 @@ class PositionLayer(CacheLayerMixin):
         self.length = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.keys = key_states.new_empty((*key_states.shape[:2], self.capacity, key_states.shape[3]))
-        self.values = value_states.new_empty((*value_states.shape[:2], self.capacity, value_states.shape[3]))
+        # zeros, not garbage: a compiled pass attends over the whole buffer with unwritten slots masked, and a
+        # masked NaN would still poison the weighted sum
+        self.keys = key_states.new_zeros((*key_states.shape[:2], self.capacity, key_states.shape[3]))
+        self.values = value_states.new_zeros((*value_states.shape[:2], self.capacity, value_states.shape[3]))
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -75,7 +78,7 @@ class PositionLayer(CacheLayerMixin):
         return self.keys.narrow(2, 0, end), self.values.narrow(2, 0, end)
 
     def _grown(self, buffer: torch.Tensor, needed: int) -> torch.Tensor:
-        bigger = buffer.new_empty((*buffer.shape[:2], max(needed, 2 * buffer.shape[2]), buffer.shape[3]))
+        bigger = buffer.new_zeros((*buffer.shape[:2], max(needed, 2 * buffer.shape[2]), buffer.shape[3]))
         bigger[:, :, : self.length] = buffer[:, :, : self.length]
         return bigger
 
@@ -96,9 +99,18 @@ class PositionLayer(CacheLayerMixin):
         self.length = 0
 
 
-def new_cache(capacity: int = 256) -> Cache:
-    """One cache shared by drafting and verification; every layer keeps every position it has seen."""
-    return Cache(layer_class_to_replicate=lambda: PositionLayer(capacity))
+class PositionCache(Cache):
+    """One cache shared by drafting and verification; every layer keeps every position it has seen.
+    `compiled` names the passes, (start layer, end layer, new tokens), that `run_layers` runs through
+    `torch.compile` instead of op by op."""
+
+    def __init__(self, capacity: int = 256, compiled: Iterable[tuple[int, int, int]] = ()):
+        super().__init__(layer_class_to_replicate=lambda: PositionLayer(capacity))
+        self.compiled = frozenset(compiled)
+
+
+def new_cache(capacity: int = 256, compiled: Iterable[tuple[int, int, int]] = ()) -> PositionCache:
+    return PositionCache(capacity, compiled)
 
 
 def cache_bytes(cache: Cache) -> int:
@@ -236,13 +248,15 @@ def run_layers(
 ) -> torch.Tensor:
     """Run decoder layers [start, end) over `hidden` (B, T, H); each of their caches grows by T positions.
     Without a cache (training) the sequence starts at position 0."""
+    T = hidden.shape[1]
+    if cache is not None and (start, end, T) in getattr(cache, "compiled", ()):
+        out = _run_compiled(model, hidden, cache, start, end)
+        if out is not None:
+            return out
     weights = layer_weights(model)[start:end]
     past = cache.get_seq_length(start) if cache is not None else 0
-    T = hidden.shape[1]
-    positions = torch.arange(past, past + T, device=hidden.device).unsqueeze(0)  # (1, T)
-    cos, sin = model.model.rotary_emb(hidden, positions)  # (1, T, head_dim) each
-    half = sin.shape[-1] // 2
-    cos, sin = cos.unsqueeze(2), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(2)  # (1, T, 1, D)
+    positions = torch.arange(past, past + T, device=hidden.device)
+    cos, sin = _rotary(model, hidden, positions)
     masks = {window: _mask(past, T, window, hidden) for window in {w.window for w in weights}}
     for index, w in enumerate(weights, start):
         if w.attn_norm.device != hidden.device:  # a model spread over devices (--device_map)
@@ -250,6 +264,87 @@ def run_layers(
             masks = {k: (m if m is None else m.to(hidden.device), first) for k, (m, first) in masks.items()}
         hidden = _layer(w, hidden, cos, sin, cache, index, masks)
     return hidden
+
+
+def _rotary(model: PreTrainedModel, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (1, T, 1, head_dim) for `positions` (T,), with the sign of rotate_half folded into sin."""
+    cos, sin = model.model.rotary_emb(hidden, positions.unsqueeze(0))  # (1, T, head_dim) each
+    half = sin.shape[-1] // 2
+    return cos.unsqueeze(2), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(2)
+
+
+# Compiled passes. A pass compiled for (start, end, T) attends over its layers' whole buffers with what is not
+# written yet masked, and writes at tensor positions, so one compilation serves every step and, the buffer length
+# being marked dynamic, every cache capacity.
+
+class _BufferWrites:
+    """What `_layer` needs of a cache inside a compiled pass: write keys and values at `positions`, return the
+    whole buffers."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], positions: torch.Tensor, start: int):
+        self.keys, self.values, self.positions, self.start = keys, values, positions, start
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, index: int):
+        keys, values = self.keys[index - self.start], self.values[index - self.start]
+        keys.index_copy_(2, self.positions, key_states)
+        values.index_copy_(2, self.positions, value_states)
+        return keys, values
+
+
+def _pass_over_buffers(model, weights, start, hidden, positions, keys, values):
+    cos, sin = _rotary(model, hidden, positions)
+    key = torch.arange(keys[0].shape[2], device=hidden.device)[None, :]
+    query = positions[:, None]
+    masks = {}
+    for window in {w.window for w in weights}:
+        seen = key <= query
+        if window is not None:
+            seen &= key > query - window
+        masks[window] = (seen, 0)
+    writes = _BufferWrites(keys, values, positions, start)
+    for index, w in enumerate(weights, start):
+        hidden = _layer(w, hidden, cos, sin, writes, index, masks)
+    return hidden
+
+
+_COMPILED: WeakKeyDictionary = WeakKeyDictionary()  # model -> {(start, end, T): compiled pass}
+
+
+def compiled_pass(model: PreTrainedModel, start: int, end: int, tokens: int) -> Callable:
+    """The torch.compile'd pass of layers [start, end) over `tokens` new tokens, compiled on its first call."""
+    passes = _COMPILED.setdefault(model, {})
+    key = (start, end, tokens)
+    if key not in passes:
+        # Every pass is its own compilation of one function: without these, dynamo would take the layer range,
+        # head counts and token count that differ between passes for dynamic values, and stop compiling after 8.
+        torch._dynamo.config.automatic_dynamic_shapes = False
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        device = model.lm_head.weight.device
+        options = {"cpp_wrapper": True} if device.type == "cpu" else None  # Python wrapper overhead dominates on CPU
+        passes[key] = torch.compile(
+            partial(_pass_over_buffers, model, tuple(layer_weights(model)[start:end]), start),
+            fullgraph=True, options=options,
+        )
+    return passes[key]
+
+
+def _run_compiled(model: PreTrainedModel, hidden: torch.Tensor, cache: Cache, start: int, end: int):
+    """Run a compiled pass, or return None where one cannot run (layers not allocated yet, buffers full)."""
+    T = hidden.shape[1]
+    run = cache.layers[start:end]
+    if len(run) < end - start or not all(layer.is_initialized for layer in run):
+        return None
+    past = run[0].length
+    if past + T > run[0].keys.shape[2]:
+        return None
+    keys, values = [layer.keys for layer in run], [layer.values for layer in run]
+    if not hasattr(run[0].keys, "_dynamo_dynamic_indices"):
+        for buffer in keys + values:
+            torch._dynamo.mark_dynamic(buffer, 2)  # the capacity: one compilation for every cache size
+    out = compiled_pass(model, start, end, T)(hidden, torch.arange(past, past + T, device=hidden.device), keys, values)
+    for layer in run:
+        layer.length = past + T
+    return out
 
 
 def embed(model: PreTrainedModel, token_ids: torch.Tensor) -> torch.Tensor:

@@ -60,6 +60,11 @@ class StepResult:
 class Autoregressive:
     """One token per step from the full model, or from the first `exit_layer` layers (plain early exit)."""
 
+    @staticmethod
+    def passes(config: GenerationConfig, num_layers: int) -> set[tuple[int, int, int]]:
+        """The passes a step makes, (start layer, end layer, tokens): what `--compile` compiles."""
+        return {(0, config.exit_layer if config.exit_layer > 0 else num_layers, 1)}
+
     def logits(self, d: Decoding, token_ids: torch.Tensor) -> torch.Tensor:
         if d.config.exit_layer > 0:
             return layers.early_exit(d.model, token_ids, d.cache, d.config.exit_layer, last_only=True).logits[0, -1]
@@ -75,6 +80,12 @@ class Autoregressive:
 class SelfSpeculative:
     """Draft with layers [0, E), verify every draft in one pass of layers [E, L) over their cached exit-layer
     hidden states, keep the longest agreeing prefix plus one token of the full model."""
+
+    @staticmethod
+    def passes(config: GenerationConfig, num_layers: int) -> set[tuple[int, int, int]]:
+        """Drafting one token at a time, verifying a full draft (a shorter one, at a stop token or at the end of
+        the budget, runs uncompiled)."""
+        return {(0, config.exit_layer, 1), (config.exit_layer, num_layers, config.num_speculations + 1)}
 
     def prefill(self, d: Decoding, prompt: torch.Tensor) -> torch.Tensor:
         return layers.full_forward(d.model, prompt, d.cache, last_only=True)[0, -1]

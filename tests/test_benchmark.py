@@ -53,24 +53,23 @@ def test_benchmark_runs_every_strategy_and_writes_valid_json(checkpoint, prompts
 
 
 def test_ideal_speedup_by_hand():
-    """L = 4 layers, exit at E = 1, unit layer cost over one position and 1.5 over three, head cost 0.5 over one
+    """L = 4 layers of unit cost over one position and 1.5 over three, exit at E = 1; head cost 0.5 over one
     position and 1 over three: a step of two drafts costs 3 * 1 + 3 * 1.5 + 2 * 0.5 + 1 = 9.5 and yields
     accepted + 1 = 3 tokens; an autoregressive token costs 4 + 0.5."""
-    costs = PassCosts(layer={1: 1.0, 2: 1.25, 3: 1.5}, head={1: 0.5, 2: 0.75, 3: 1.0})
-    assert ideal_speedup(costs, num_layers=4, exit_layer=1, steps=10, drafted=20, accepted=20) == pytest.approx(
-        3 * 4.5 / 9.5)
-    # one draft per step on average, half of them accepted: 2 * 1 + 3 * 1.25 + 0.5 + 0.75 = 7 for 1.5 tokens
-    assert ideal_speedup(costs, num_layers=4, exit_layer=1, steps=10, drafted=10, accepted=5) == pytest.approx(
-        1.5 * 4.5 / 7)
+    costs = PassCosts(draft=1.0, verify={1: 3.0, 2: 3.75, 3: 4.5}, full=4.0, head={1: 0.5, 2: 0.75, 3: 1.0})
+    assert ideal_speedup(costs, steps=10, drafted=20, accepted=20) == pytest.approx(3 * 4.5 / 9.5)
+    # one draft per step on average, half of them accepted: 2 * 1 + 3.75 + 0.5 + 0.75 = 7 for 1.5 tokens
+    assert ideal_speedup(costs, steps=10, drafted=10, accepted=5) == pytest.approx(1.5 * 4.5 / 7)
     # a mean of 1.5 drafts interpolates the costs over 2.5 positions
-    assert costs.at(costs.layer, 2.5) == pytest.approx(1.375)
+    assert costs.at(costs.verify, 2.5) == pytest.approx(4.125)
 
 
-def test_pass_costs_are_measured_for_each_number_of_positions(checkpoint):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_pass_costs_are_measured_for_each_pass(checkpoint, compiled):
     model, _ = load(str(checkpoint))
-    costs = measure_pass_costs(model, context=8, max_positions=3, repeats=3)
-    assert set(costs.layer) == set(costs.head) == {1, 2, 3}
-    assert all(t > 0 for t in [*costs.layer.values(), *costs.head.values()])
+    costs = measure_pass_costs(model, context=8, exit_layer=2, max_positions=3, compiled=compiled, repeats=3)
+    assert set(costs.verify) == set(costs.head) == {1, 2, 3}
+    assert all(t > 0 for t in [costs.draft, costs.full, *costs.verify.values(), *costs.head.values()])
 
 
 def test_unknown_strategy(capsys):

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from self_speculation import GenerationConfig, Generator
+from self_speculation import GenerationConfig, Generator, layers
 
 PROMPTS = [[0, 5, 17, 33, 2, 9], [0, 71, 71, 4], [0] + list(range(40, 70))]
 MAX_STEPS = 48
@@ -106,3 +106,18 @@ def test_no_repeat_ngram_sees_the_whole_history(model, size):
         assert grams[start] not in grams[:start], f"repeated {grams[start]} at {end}"
     for exit_layer, k in ((2, 3), (5, 6)):
         assert generate(model, speculative(config, exit_layer, k), prompt).tokens == expected
+
+
+@pytest.mark.parametrize("name", ["gqa_tied", "mha_untied"])
+def test_compiled_passes_give_the_same_tokens(request, name, autoregressive_outputs):
+    """--compile runs the decoding passes through torch.compile over whole fixed-size buffers with a mask; the
+    tokens must not change (a few compilations: slow-ish)."""
+    model = request.getfixturevalue(name)
+    compiled = dataclasses.replace(GREEDY, compile=True)
+    for i, prompt in enumerate(PROMPTS[:2]):
+        assert generate(model, compiled, prompt).tokens == autoregressive_outputs[name, i], f"prompt {i}"
+        for exit_layer, num_speculations in ((2, 1), (4, 3)):
+            result = generate(model, speculative(compiled, exit_layer, num_speculations), prompt)
+            assert result.tokens == autoregressive_outputs[name, i], f"prompt {i}, E {exit_layer}"
+    passes = layers._COMPILED[model]
+    assert {(0, 6, 1), (0, 2, 1), (2, 6, 2), (0, 4, 1), (4, 6, 4)} <= set(passes)

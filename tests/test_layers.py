@@ -85,12 +85,15 @@ def small(config_class, model_class, **extra):
     ],
     ids=["qwen2", "mistral-sliding-window"],
 )
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @torch.inference_mode()
-def test_other_llama_layout_models(build):
+def test_other_llama_layout_models(build, compiled):
+    """Biases (Qwen2) and a sliding window shorter than the sequence (Mistral), also through a compiled
+    one-token pass, which masks the window over the whole buffer."""
     model = build()
     layers.check_forward(model)
     ids = torch.randint(0, 96, (1, 20), generator=torch.Generator().manual_seed(0))
-    cache = layers.new_cache()
+    cache = layers.new_cache(32, {(0, 3, 1)} if compiled else ())
     pieces = [layers.full_forward(model, ids[:, :12], cache)]
     pieces += [layers.full_forward(model, ids[:, i : i + 1], cache) for i in range(12, 20)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), reference_logits(model, ids), atol=ATOL, rtol=RTOL)

@@ -123,7 +123,7 @@ def format_table(metrics: dict) -> str:
 def format_speculation(m: dict) -> str:
     """The lines under the table: the speculation's own gain against its ideal, and its memory."""
     lines = [f"self_speculative: ideal speedup over autoregressive {m['ideal_speedup_vs_autoregressive']:.2f}x "
-             "(acceptance and per-layer costs measured here; model in README)"]
+             "(acceptance and pass costs measured here; model in README)"]
     if "speedup_vs_autoregressive" in m:
         lines[0] += f", measured {m['speedup_vs_autoregressive']:.2f}x, efficiency {100 * m['efficiency']:.0f}%"
     if "kv_cache_vs_autoregressive" in m:

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from transformers import CompileConfig
 
 from . import layers
 from .config import GenerationConfig
@@ -125,8 +126,16 @@ def _peak_gpu_memory(device: torch.device):
 
 
 def _hf_generate(model, tokenizer, config, seed) -> Runner:
+    """model.generate greedy or sampling; with --compile, Hugging Face's own compiled decoding (a static cache and
+    its forward compiled by generate), so that compiled runs of ours meet a compiled baseline."""
     kwargs = _hf_kwargs(model, tokenizer, config)
-    return Runner(_hf_run("hf_generate", model, kwargs), {k: v for k, v in kwargs.items() if k != "tokenizer"})
+    settings = {k: v for k, v in kwargs.items() if k != "tokenizer"}
+    if config.compile:
+        compile_config = CompileConfig()
+        compile_config._compile_all_devices = True  # generate compiles only on accelerators unless told so
+        kwargs |= {"cache_implementation": "static", "compile_config": compile_config}
+        settings |= {"cache_implementation": "static", "compile_config": compile_config.to_dict()}
+    return Runner(_hf_run("hf_generate", model, kwargs), settings)
 
 
 def _hf_assistant_early_exit(model, tokenizer, config, seed) -> Runner:

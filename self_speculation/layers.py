@@ -307,25 +307,35 @@ def _pass_over_buffers(model, weights, start, hidden, positions, keys, values):
     return hidden
 
 
-_COMPILED: WeakKeyDictionary = WeakKeyDictionary()  # model -> {(start, end, T): compiled pass}
+class _CompiledPass:
+    """One pass of `_pass_over_buffers` through torch.compile. All passes share that function's code, so its first
+    call (which compiles) keeps every value static but the marked capacity: otherwise dynamo would take what
+    differs between passes (layer range, token count, another model's head counts) for dynamic values."""
+
+    def __init__(self, model: PreTrainedModel, start: int, end: int):
+        options = {"cpp_wrapper": True} if model.lm_head.weight.device.type == "cpu" else None  # less Python per call
+        self.run = torch.compile(partial(_pass_over_buffers, model, tuple(layer_weights(model)[start:end]), start),
+                                 fullgraph=True, options=options)
+        self.compiled = False
+
+    def __call__(self, *args) -> torch.Tensor:
+        if self.compiled:
+            return self.run(*args)
+        with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=64):
+            out = self.run(*args)
+        self.compiled = True
+        return out
 
 
-def compiled_pass(model: PreTrainedModel, start: int, end: int, tokens: int) -> Callable:
+_COMPILED: WeakKeyDictionary = WeakKeyDictionary()  # model -> {(start, end, T): _CompiledPass}
+
+
+def compiled_pass(model: PreTrainedModel, start: int, end: int, tokens: int) -> _CompiledPass:
     """The torch.compile'd pass of layers [start, end) over `tokens` new tokens, compiled on its first call."""
     passes = _COMPILED.setdefault(model, {})
-    key = (start, end, tokens)
-    if key not in passes:
-        # Every pass is its own compilation of one function: without these, dynamo would take the layer range,
-        # head counts and token count that differ between passes for dynamic values, and stop compiling after 8.
-        torch._dynamo.config.automatic_dynamic_shapes = False
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        device = model.lm_head.weight.device
-        options = {"cpp_wrapper": True} if device.type == "cpu" else None  # Python wrapper overhead dominates on CPU
-        passes[key] = torch.compile(
-            partial(_pass_over_buffers, model, tuple(layer_weights(model)[start:end]), start),
-            fullgraph=True, options=options,
-        )
-    return passes[key]
+    if (start, end, tokens) not in passes:
+        passes[start, end, tokens] = _CompiledPass(model, start, end)
+    return passes[start, end, tokens]
 
 
 def _run_compiled(model: PreTrainedModel, hidden: torch.Tensor, cache: Cache, start: int, end: int):

@@ -82,3 +82,14 @@ def test_pop_option():
     assert pop_option(argv, "--generation_strategy", "z") == "x,y" and argv == ["--a", "1", "--b=2"]
     assert pop_option(argv, "--b", "z") == "2" and argv == ["--a", "1"]
     assert pop_option(argv, "--c", "z") == "z"
+
+
+def test_with_compile_the_hf_baseline_is_hugging_faces_compiled_decoding(checkpoint):
+    from self_speculation.benchmarking import RUNNERS
+    from self_speculation.config import GenerationConfig
+
+    model, tokenizer = load(str(checkpoint))
+    for compile_, expected in ((False, None), (True, "static")):
+        runner = RUNNERS["hf_generate"](model, tokenizer, GenerationConfig(sample=False, compile=compile_), 0)
+        assert runner.settings.get("cache_implementation") == expected
+    assert runner.settings["compile_config"]["backend"] == "inductor"

@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0  # under torchrun only the first process talks to the terminal
     model, tokenizer = model_args.load()
     generator = Generator(model, tokenizer, config, seed=model_args.seed)
+    if config.compile:
+        print("--compile: the first generation compiles the decoding passes (about half a minute each); its time "
+              "includes that", file=sys.stderr)
     if args.prompt is not None:
         generate_once(generator, args.prompt, args.streamer)
     else:

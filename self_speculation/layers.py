@@ -210,13 +210,19 @@ def _mask(past: int, length: int, window: int | None, hidden: torch.Tensor) -> t
     first = 0 if window is None else max(past + 1 - window, 0)
     if length == 1:
         return None, first
-    query = torch.arange(past, past + length, device=hidden.device)[:, None]
-    key = torch.arange(first, past + length, device=hidden.device)[None, :]
-    unseen = key > query
-    if window is not None:
-        unseen |= key <= query - window
+    queries = torch.arange(past, past + length, device=hidden.device)
+    unseen = _unseen(queries, torch.arange(first, past + length, device=hidden.device), window)
     mask = torch.zeros(unseen.shape, dtype=hidden.dtype, device=hidden.device)
     return mask.masked_fill_(unseen, float("-inf")), first
+
+
+def _unseen(queries: torch.Tensor, keys: torch.Tensor, window: int | None) -> torch.Tensor:
+    """(queries, keys) True where the query at that position may not see the key at that position: causal, and
+    within the sliding window if there is one."""
+    unseen = keys[None, :] > queries[:, None]
+    if window is not None:
+        unseen |= keys[None, :] <= queries[:, None] - window
+    return unseen
 
 
 def _layer(w: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Cache | None,
@@ -293,14 +299,8 @@ class _BufferWrites:
 
 def _pass_over_buffers(model, weights, start, hidden, positions, keys, values):
     cos, sin = _rotary(model, hidden, positions)
-    key = torch.arange(keys[0].shape[2], device=hidden.device)[None, :]
-    query = positions[:, None]
-    masks = {}
-    for window in {w.window for w in weights}:
-        seen = key <= query
-        if window is not None:
-            seen &= key > query - window
-        masks[window] = (seen, 0)
+    slots = torch.arange(keys[0].shape[2], device=hidden.device)
+    masks = {window: (~_unseen(positions, slots, window), 0) for window in {w.window for w in weights}}
     writes = _BufferWrites(keys, values, positions, start)
     for index, w in enumerate(weights, start):
         hidden = _layer(w, hidden, cos, sin, writes, index, masks)

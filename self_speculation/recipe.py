@@ -5,9 +5,16 @@
   the exponential ramp exp(t · ln2 / T) − 1 from 0 to 1 (training from scratch).
 - Early-exit loss: the output of every enabled layer goes through the model's own final norm and LM head; the
   per-layer cross-entropies are mixed with normalised weights ẽ(l) = e_scale · Σ_{i≤l} i for l < L − 1 and
-  ẽ(L − 1) = L − 1 + e_scale · Σ_{i≤L−2} i for the last layer, which is always enabled.
+  ẽ(L − 1) = L − 1 + e_scale · Σ_{i≤L−2} i for the last layer, which is always enabled. These weights grow with
+  depth, so a shallow exit gets a small share of the loss; the `uniform` weighting (this project's option) gives
+  every enabled exit e_scale and the last layer 1 instead, for a model whose drafts come from a shallow exit.
 - Curriculum (which layers are enabled at step t): rotational (every R-th layer, shifted by one each step) or
   gradual (from the last layer down to the first, one more every T / L steps); none gives the last layer only.
+- Self-distillation (this project's option, not in the paper): an exit's loss becomes
+  (1 − α) · CE(exit, next token) + α · τ² · KL(p_last,τ ‖ p_exit,τ), where p_·,τ = softmax(logits / τ) and the last
+  layer's distribution is detached (a teacher, not a target that moves toward the exit). Greedy acceptance is the
+  exit's argmax agreeing with the last layer's, so this is the loss that aims at it; τ² keeps the gradient's
+  scale independent of τ (Hinton et al., 2015). The last layer keeps its plain cross-entropy.
 """
 
 import math
@@ -20,16 +27,14 @@ from transformers import PreTrainedModel
 from . import layers
 
 CURRICULA = ("rotational", "gradual", "none")
+EXIT_WEIGHTINGS = ("depth", "uniform")
 RAMPS = ("constant", "exponential")
 
 
-@dataclass
-class RecipeConfig:
-    p_max: float = 0.1  # layer dropout rate of the last layer once the ramp is complete
-    ramp: str = "exponential"  # S(t): constant or exponential
-    curriculum: str = "rotational"
-    rotation: int = 2  # R of the rotational curriculum
-    e_scale: float = 1.0
+@dataclass(frozen=True)
+class Distillation:
+    weight: float  # α: the KL term's share of an exit's loss, in [0, 1]
+    temperature: float = 1.0  # τ
 
 
 def ramp_scale(ramp: str, step: int, total_steps: int) -> float:
@@ -60,13 +65,17 @@ def early_exit_layers(curriculum: str, num_layers: int, step: int, total_steps: 
     return enabled
 
 
-def early_exit_weights(enabled: torch.Tensor, e_scale: float) -> torch.Tensor:
-    """Normalised loss weights (L,); zero where a layer is not enabled, and for the first layer, whose
-    Σ_{i<=0} i is 0 (its output is one layer away from the embeddings)."""
+def early_exit_weights(enabled: torch.Tensor, e_scale: float, weighting: str = "depth") -> torch.Tensor:
+    """Normalised loss weights (L,); zero where a layer is not enabled. By depth (the paper's), the first layer's
+    weight is zero too: its Σ_{i<=0} i is 0 (its output is one layer away from the embeddings)."""
     num_layers = enabled.numel()
     depth = torch.arange(num_layers, dtype=torch.float64)
-    weights = e_scale * depth * (depth + 1) / 2  # e_scale · Σ_{i<=l} i
-    weights[-1] = (num_layers - 1) + e_scale * (num_layers - 2) * (num_layers - 1) / 2
+    if weighting == "uniform":
+        weights = torch.full((num_layers,), e_scale, dtype=torch.float64)
+        weights[-1] = 1.0
+    else:
+        weights = e_scale * depth * (depth + 1) / 2  # e_scale · Σ_{i<=l} i
+        weights[-1] = (num_layers - 1) + e_scale * (num_layers - 2) * (num_layers - 1) / 2
     weights = weights * enabled
     return (weights / weights.sum()).float()
 
@@ -76,6 +85,7 @@ class RecipeOutput:
     loss: torch.Tensor  # the weighted early-exit loss to back-propagate
     layer_losses: torch.Tensor  # (L,) cross-entropy at each layer's exit; NaN where not computed
     kept: torch.Tensor  # (L, B) bool: which samples ran each layer
+    agreement: torch.Tensor  # (L,) share of positions where the exit's argmax is the last layer's; NaN where not computed
 
 
 def recipe_forward(
@@ -84,28 +94,48 @@ def recipe_forward(
     rates: torch.Tensor,
     weights: torch.Tensor,
     generator: torch.Generator | None = None,
+    distillation: Distillation | None = None,
 ) -> RecipeOutput:
     """Next-token loss of `input_ids` (B, T) with per-sample layer dropout at `rates` (L,) and the early-exit loss
-    at the layers where `weights` (L,) is non-zero. With `weights` None (evaluation) every layer's loss is
-    reported and `loss` is the last layer's."""
+    at the layers where `weights` (L,) is non-zero, each exit's loss mixed with the KL from the last layer when
+    `distillation` is given. With `weights` None (evaluation) every layer's loss is reported and `loss` is the
+    last layer's."""
     num_layers = layers.num_layers(model)
     batch = input_ids.shape[0]
     targets = input_ids[:, 1:].reshape(-1)
     hidden = layers.embed(model, input_ids)  # (B, T, H)
     kept = torch.rand(num_layers, batch, generator=generator, device=rates.device) >= rates[:, None]
     kept = kept.to(hidden.device)
-    layer_losses = torch.full((num_layers,), float("nan"), device=hidden.device)
-    loss = hidden.new_zeros((), dtype=torch.float32)
+    exits: dict[int, torch.Tensor] = {}  # layer -> logits (B * (T-1), V)
     for i in range(num_layers):
         if kept[i].any():
             out = layers.run_layers(model, hidden, None, i, i + 1)
             hidden = out if kept[i].all() else torch.where(kept[i][:, None, None], out, hidden)
-        if weights is None or weights[i] > 0:
-            logits = layers.head(model, hidden[:, :-1])  # (B, T-1, V)
-            layer_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets)
-            layer_losses[i] = layer_loss.detach()
-            if weights is not None:
-                loss = loss + weights[i] * layer_loss
+        if weights is None or weights[i] > 0 or i == num_layers - 1:  # the last layer: the teacher, always
+            exits[i] = layers.head(model, hidden[:, :-1]).flatten(0, 1)
+    last = exits[num_layers - 1]
+    layer_losses = torch.full((num_layers,), float("nan"), device=last.device)
+    agreement = torch.full((num_layers,), float("nan"), device=last.device)
+    loss = last.new_zeros(())
+    with torch.no_grad():
+        final_choice = last.argmax(dim=-1)
+        if distillation is not None:
+            teacher = F.softmax(last / distillation.temperature, dim=-1)  # (N, V), shared by every exit
+            teacher_entropy = -(teacher * torch.log(teacher.clamp_min(1e-30))).sum(-1).mean()
+    for i, logits in exits.items():
+        log_probs = F.log_softmax(logits, dim=-1)  # (N, V)
+        layer_loss = F.nll_loss(log_probs, targets)
+        layer_losses[i] = layer_loss.detach()
+        agreement[i] = (logits.detach().argmax(dim=-1) == final_choice).float().mean()
+        if weights is None:
+            continue
+        if distillation is not None and i < num_layers - 1:
+            tau = distillation.temperature
+            student = log_probs if tau == 1 else F.log_softmax(logits / tau, dim=-1)
+            # KL(teacher ‖ student) = cross-entropy to the teacher − the teacher's entropy (a constant)
+            kl = -(teacher * student).sum(-1).mean() - teacher_entropy
+            layer_loss = (1 - distillation.weight) * layer_loss + distillation.weight * tau ** 2 * kl
+        loss = loss + weights[i] * layer_loss
     if weights is None:
         loss = layer_losses[-1]
-    return RecipeOutput(loss, layer_losses, kept)
+    return RecipeOutput(loss, layer_losses, kept, agreement)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from models import tiny_llama
 from self_speculation.recipe import (
+    Distillation,
     dropout_rates,
     early_exit_layers,
     early_exit_weights,
@@ -107,3 +108,55 @@ def test_a_dropped_layer_is_skipped_for_that_sample_only(model):
     assert not skipped.kept[3].any()
     torch.testing.assert_close(skipped.layer_losses[3], full.layer_losses[2])
     assert not torch.isclose(full.layer_losses[3], full.layer_losses[2])
+
+
+def test_uniform_exit_weights():
+    weights = early_exit_weights(torch.tensor([True, False, True, True]), e_scale=0.5, weighting="uniform")
+    torch.testing.assert_close(weights, torch.tensor([0.5, 0, 0.5, 1]) / 2)
+
+
+def test_agreement_is_the_share_of_positions_where_the_exit_picks_the_last_layers_token(model):
+    ids = torch.randint(0, 32, (2, 7), generator=torch.Generator().manual_seed(5))
+    out = recipe_forward(model, ids, torch.zeros(4), None)
+    with torch.no_grad():
+        states = model(input_ids=ids, output_hidden_states=True)
+        final = states.logits[:, :-1].argmax(-1)
+        for i in range(3):
+            exit_choice = model.lm_head(model.model.norm(states.hidden_states[i + 1]))[:, :-1].argmax(-1)
+            torch.testing.assert_close(out.agreement[i], (exit_choice == final).float().mean())
+    assert out.agreement[3] == 1
+
+
+def test_distillation_mixes_each_exits_cross_entropy_with_the_kl_from_the_last_layer(model):
+    """Against a direct computation from transformers' own hidden states."""
+    ids = torch.randint(0, 32, (3, 8), generator=torch.Generator().manual_seed(6))
+    weights = torch.tensor([0.0, 0.3, 0.2, 0.5])
+    alpha, tau = 0.4, 2.0
+    out = recipe_forward(model, ids, torch.zeros(4), weights, distillation=Distillation(alpha, tau))
+    with torch.no_grad():
+        states = model(input_ids=ids, output_hidden_states=True)
+        targets = ids[:, 1:].reshape(-1)
+        last = states.logits[:, :-1].reshape(-1, 32)
+        teacher = F.softmax(last / tau, dim=-1)
+        expected = 0.5 * F.cross_entropy(last, targets)
+        for i in (1, 2):
+            logits = model.lm_head(model.model.norm(states.hidden_states[i + 1]))[:, :-1].reshape(-1, 32)
+            kl = (teacher * (teacher.log() - F.log_softmax(logits / tau, dim=-1))).sum(-1).mean()
+            expected += weights[i] * ((1 - alpha) * F.cross_entropy(logits, targets) + alpha * tau**2 * kl)
+    torch.testing.assert_close(out.loss.detach(), expected, atol=1e-5, rtol=1e-5)
+    plain = recipe_forward(model, ids, torch.zeros(4), weights)
+    assert not torch.isclose(plain.loss, out.loss)
+    torch.testing.assert_close(recipe_forward(model, ids, torch.zeros(4), weights, distillation=Distillation(0.0)).loss,
+                               plain.loss)
+
+
+def test_the_teacher_gets_no_gradient(model):
+    """With the loss at exit 2 only and the KL alone, nothing after layer 2 may move: the last layer's distribution
+    is a fixed target, not pulled toward the exit."""
+    ids = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(7))
+    out = recipe_forward(model, ids, torch.zeros(4), torch.tensor([0.0, 1.0, 0.0, 0.0]), distillation=Distillation(1.0))
+    out.loss.backward()
+    grads = [layer.mlp.down_proj.weight.grad for layer in model.model.layers]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads[:2])
+    assert all(g is None or not g.any() for g in grads[2:])
+    model.zero_grad(set_to_none=True)

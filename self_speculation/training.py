@@ -16,7 +16,9 @@ from . import corpus, layers
 from .errors import UsageError
 from .recipe import (
     CURRICULA,
+    EXIT_WEIGHTINGS,
     RAMPS,
+    Distillation,
     dropout_rates,
     early_exit_layers,
     early_exit_weights,
@@ -30,8 +32,9 @@ class TrainConfig:
     output_dir: str = field(metadata={"help": "directory for checkpoints, the final model, the CSV and the plot"})
     data: list[str] = field(
         default_factory=lambda: ["stdlib"],
-        metadata={"help": "training text: 'stdlib' (the Python standard library without its tests), files, "
-                          "directories, globs or .jsonl files (a 'text' field per line)"},
+        metadata={"help": "training text: 'stdlib' (the Python standard library without its tests), "
+                          "'site-packages' (the installed packages' Python source without tests or HumanEval), "
+                          "files, directories, globs or .jsonl files (a 'text' field per line)"},
     )
     init_from: str | None = field(default=None, metadata={"help": "continue from this model directory (else train from scratch)"})
     vocab_size: int = field(default=2048, metadata={"help": "BPE vocabulary when training from scratch"})
@@ -58,6 +61,16 @@ class TrainConfig:
     )
     rotation: int = field(default=4, metadata={"help": "R of the rotational curriculum"})
     e_scale: float = field(default=1.0, metadata={"help": "early-exit loss scale"})
+    exit_weighting: str = field(
+        default="depth", metadata={"help": "early-exit loss weights: depth (the paper's, growing with depth) or uniform "
+                                           "(e_scale for every enabled exit, 1 for the last layer)",
+                                   "choices": EXIT_WEIGHTINGS}
+    )
+    distill_weight: float = field(
+        default=0.0, metadata={"help": "self-distillation: share of each early exit's loss that is the KL divergence "
+                                       "from the last layer's distribution (0: plain cross-entropy, 1: KL only)"}
+    )
+    distill_temperature: float = field(default=1.0, metadata={"help": "temperature of both distributions in the KL"})
     heldout_fraction: float = field(default=0.05, metadata={"help": "share of files held out for evaluation"})
     eval_every: int = field(default=100, metadata={"help": "steps between held-out evaluations"})
     eval_batches: int = field(default=8, metadata={"help": "held-out micro-batches per evaluation"})
@@ -80,6 +93,13 @@ class TrainConfig:
             raise UsageError("--num_heads must divide --hidden_size and be a multiple of --num_kv_heads")
         if self.lr <= 0 or self.e_scale < 0:
             raise UsageError("--lr must be > 0 and --e_scale >= 0")
+        if not 0 <= self.distill_weight <= 1:
+            raise UsageError(f"--distill_weight must be in [0, 1] (got {self.distill_weight})")
+        if not 0 < self.distill_temperature < math.inf:
+            raise UsageError(f"--distill_temperature must be > 0 (got {self.distill_temperature})")
+
+    def distillation(self) -> Distillation | None:
+        return Distillation(self.distill_weight, self.distill_temperature) if self.distill_weight > 0 else None
 
 
 def learning_rate_factor(step: int, config: TrainConfig) -> float:
@@ -97,16 +117,40 @@ class Dataset:
     info: dict  # corpus description for the model card
 
 
-def prepare_data(config: TrainConfig, out: Path) -> tuple[Dataset, object]:
-    """Tokenizer and packed splits; cached in the output directory so a resumed run reuses them exactly."""
-    cached = out / "data.pt"
-    tokenizer_dir = out / "tokenizer"
-    if cached.exists() and tokenizer_dir.exists():
-        return Dataset(**torch.load(cached)), AutoTokenizer.from_pretrained(tokenizer_dir)
+def data_key(config: TrainConfig, documents: list[tuple[str, str]]) -> dict:
+    """What the packed data and the tokenizer are built from; a cache made from anything else is not reused."""
+    return {
+        "data": list(config.data),
+        "content_sha256_16": corpus.content_hash(documents),
+        "tokenizer": config.init_from or f"bpe-{config.vocab_size}",
+        "seq_len": config.seq_len,
+        "heldout_fraction": config.heldout_fraction,
+    }
+
+
+def prepare_data(config: TrainConfig, out: Path, resuming: bool = False) -> tuple[Dataset, object]:
+    """Tokenizer and packed splits, cached in the output directory under the key of what they were built from, so
+    a resumed run reuses them exactly and a run with other data or settings never does. Resuming from a
+    checkpoint whose data has changed since (files edited, packages upgraded) is refused."""
+    cached, tokenizer_dir = out / "data.pt", out / "tokenizer"
     files = corpus.expand_sources(config.data)
-    documents = list(corpus.read_documents(files))
-    heldout_texts = [text for name, text in documents if corpus.is_held_out(name, config.heldout_fraction)]
-    train_texts = [text for name, text in documents if not corpus.is_held_out(name, config.heldout_fraction)]
+    read = list(corpus.read_documents(files))
+    documents = list(corpus.unique_documents(read))
+    key = data_key(config, documents)
+    if cached.exists() and tokenizer_dir.exists():
+        saved = torch.load(cached)
+        if saved.get("key") == key:
+            return Dataset(saved["train"], saved["heldout"], saved["info"]), AutoTokenizer.from_pretrained(tokenizer_dir)
+        if resuming:
+            changed = [k for k in key if saved.get("key", {}).get(k) != key[k]]
+            raise UsageError(f"--resume: the training data in {out} was built from other data or settings "
+                             f"({', '.join(changed)} changed since); the run cannot continue exactly")
+    from .analysis import humaneval_problems
+
+    leaking = corpus.leaking_documents(documents, [p["canonical_solution"] for p in humaneval_problems()])
+    kept = [(name, text) for name, text in documents if name not in leaking]
+    heldout_texts = [text for name, text in kept if corpus.is_held_out(name, config.heldout_fraction)]
+    train_texts = [text for name, text in kept if not corpus.is_held_out(name, config.heldout_fraction)]
     if config.init_from:
         tokenizer = AutoTokenizer.from_pretrained(config.init_from)
     else:
@@ -114,8 +158,8 @@ def prepare_data(config: TrainConfig, out: Path) -> tuple[Dataset, object]:
     tokenizer.save_pretrained(tokenizer_dir)
 
     def packed(texts):
-        sequences = corpus.pack((tokenizer(t).input_ids for t in texts), config.seq_len, tokenizer.eos_token_id)
-        return torch.tensor(sequences, dtype=torch.int32).reshape(-1, config.seq_len)
+        batches = (tokenizer(texts[i : i + 256]).input_ids for i in range(0, len(texts), 256))  # parallel, bounded
+        return corpus.pack_tensor((ids for batch in batches for ids in batch), config.seq_len, tokenizer.eos_token_id)
 
     train, heldout = packed(train_texts), packed(heldout_texts)
     if len(train) < config.batch_size or len(heldout) < 1:
@@ -123,15 +167,17 @@ def prepare_data(config: TrainConfig, out: Path) -> tuple[Dataset, object]:
     info = {
         "sources": config.data,
         "files": len(files),
-        "documents": len(documents),
+        "documents": len(kept),
+        "duplicates_dropped": len(read) - len(documents),
+        "humaneval_leaks_dropped": sorted(leaking),
         "heldout_documents": len(heldout_texts),
         "file_list_sha256_16": corpus.file_list_hash(name for name, _ in files),
+        "content_sha256_16": key["content_sha256_16"],
         "train_tokens": train.numel(),
         "heldout_tokens": heldout.numel(),
     }
-    dataset = Dataset(train, heldout, info)
-    torch.save(asdict(dataset), cached)
-    return dataset, tokenizer
+    torch.save({"key": key, "train": train, "heldout": heldout, "info": info}, cached)
+    return Dataset(train, heldout, info), tokenizer
 
 
 def build_model(config: TrainConfig, tokenizer) -> LlamaForCausalLM:
@@ -170,17 +216,19 @@ def batch_indices(step: int, micro: int, config: TrainConfig, num_sequences: int
 
 
 @torch.no_grad()
-def evaluate(model, heldout: torch.Tensor, config: TrainConfig) -> list[float]:
-    """Held-out loss at every layer's exit (no dropout)."""
+def evaluate(model, heldout: torch.Tensor, config: TrainConfig) -> tuple[list[float], list[float]]:
+    """Held-out loss at every layer's exit, and every exit's top-1 agreement with the last layer (no dropout)."""
     model.eval()
     num_layers = layers.num_layers(model)
-    totals = torch.zeros(num_layers)
+    losses, agreement = torch.zeros(num_layers), torch.zeros(num_layers)
     count = min(config.eval_batches, math.ceil(len(heldout) / config.batch_size))
     for i in range(count):
         ids = heldout[i * config.batch_size : (i + 1) * config.batch_size].long()
-        totals += recipe_forward(model, ids, torch.zeros(num_layers), None).layer_losses.float().cpu()
+        out = recipe_forward(model, ids, torch.zeros(num_layers), None)
+        losses += out.layer_losses.float().cpu()
+        agreement += out.agreement.float().cpu()
     model.train()
-    return (totals / count).tolist()
+    return (losses / count).tolist(), (agreement / count).tolist()
 
 
 def train(config: TrainConfig) -> Path:
@@ -190,7 +238,7 @@ def train(config: TrainConfig) -> Path:
         raise UsageError(f"--output_dir {out} holds a checkpoint; pass --resume to continue it or choose another directory")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    dataset, tokenizer = prepare_data(config, out)
+    dataset, tokenizer = prepare_data(config, out, resuming=config.resume and checkpoint_path.exists())
     model = build_model(config, tokenizer)
     num_layers = layers.num_layers(model)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -214,9 +262,12 @@ def train(config: TrainConfig) -> Path:
     (out / "train_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.dtype == "bfloat16")
     curve = CsvLog(out / "training_curve.csv", ["step", "tokens", "lr", "loss", "last_layer_loss", "tokens_per_second", "elapsed"])
-    heldout_log = CsvLog(out / "heldout_losses.csv", ["step", "tokens"] + [f"layer_{i + 1}" for i in range(num_layers)])
-    curve.truncate_after(step)  # rows written after the checkpoint are computed again
-    heldout_log.truncate_after(step)
+    layer_columns = ["step", "tokens"] + [f"layer_{i + 1}" for i in range(num_layers)]
+    heldout_log = CsvLog(out / "heldout_losses.csv", layer_columns)
+    agreement_log = CsvLog(out / "heldout_agreement.csv", layer_columns)
+    for log in (curve, heldout_log, agreement_log):
+        log.truncate_after(step)  # rows written after the checkpoint are computed again
+    distillation = config.distillation()
     tokens_per_step = config.batch_size * config.grad_accum * config.seq_len
     model.train()
     progress = tqdm(total=config.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
@@ -224,12 +275,12 @@ def train(config: TrainConfig) -> Path:
         started = time.perf_counter()
         rates = dropout_rates(num_layers, config.p_max, ramp_scale(config.dropout_ramp, step, config.max_steps))
         enabled = early_exit_layers(config.curriculum, num_layers, step, config.max_steps, config.rotation)
-        weights = early_exit_weights(enabled, config.e_scale)
+        weights = early_exit_weights(enabled, config.e_scale, config.exit_weighting)
         loss_sum, last_sum = 0.0, 0.0
         for micro in range(config.grad_accum):
             ids = dataset.train[batch_indices(step, micro, config, len(dataset.train))].long()
             with autocast:
-                result = recipe_forward(model, ids, rates, weights, dropout_random)
+                result = recipe_forward(model, ids, rates, weights, dropout_random, distillation)
             (result.loss / config.grad_accum).backward()
             loss_sum += result.loss.item() / config.grad_accum
             last_sum += result.layer_losses[-1].item() / config.grad_accum
@@ -246,7 +297,9 @@ def train(config: TrainConfig) -> Path:
         progress.update(1)
         progress.set_postfix(loss=f"{loss_sum:.3f}", last=f"{last_sum:.3f}", tok_s=f"{tokens_per_step / seconds:.0f}")
         if step % config.eval_every == 0 or step == config.max_steps:
-            heldout_log.write([step, step * tokens_per_step] + evaluate(model, dataset.heldout, config))
+            losses, agreement = evaluate(model, dataset.heldout, config)
+            heldout_log.write([step, step * tokens_per_step] + losses)
+            agreement_log.write([step, step * tokens_per_step] + agreement)
         if step % config.save_every == 0 or step == config.max_steps:
             save_checkpoint(checkpoint_path, model, optimizer, scheduler, dropout_random, step, elapsed, config)
     progress.close()
@@ -308,7 +361,7 @@ def save_model(model, tokenizer, directory: Path, corpus_info: dict, config: Tra
 
 
 def plot(out: Path) -> None:
-    """training_curve.png: training loss and held-out loss per exit layer."""
+    """training_curve.png: training loss, and held-out loss and agreement with the last layer per exit layer."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -316,16 +369,19 @@ def plot(out: Path) -> None:
     import pandas as pd
 
     curve = pd.read_csv(out / "training_curve.csv")
-    heldout = pd.read_csv(out / "heldout_losses.csv")
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    heldout = pd.read_csv(out / "heldout_losses.csv").iloc[-1]
+    agreement = pd.read_csv(out / "heldout_agreement.csv").iloc[-1]
+    figure, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 4.5))
     left.plot(curve["tokens"], curve["last_layer_loss"], label="last layer (train)", alpha=0.7)
     left.plot(curve["tokens"], curve["loss"], label="weighted early-exit loss (train)", alpha=0.7)
-    left.set(xlabel="tokens", ylabel="cross-entropy", title="training", yscale="log")
+    left.set(xlabel="tokens", ylabel="loss", title="training", yscale="log")
     left.legend()
-    final = heldout.iloc[-1]
-    layer_columns = [c for c in heldout.columns if c.startswith("layer_")]
-    right.plot(range(1, len(layer_columns) + 1), [final[c] for c in layer_columns], marker="o")
-    right.set(xlabel="exit layer", ylabel="held-out cross-entropy", title=f"held-out loss per exit (step {int(final['step'])})")
+    layer_columns = [c for c in heldout.index if c.startswith("layer_")]
+    exits = range(1, len(layer_columns) + 1)
+    middle.plot(exits, [heldout[c] for c in layer_columns], marker="o")
+    middle.set(xlabel="exit layer", ylabel="held-out cross-entropy", title=f"held-out loss per exit (step {int(heldout['step'])})")
+    right.plot(exits, [100 * agreement[c] for c in layer_columns], marker="o")
+    right.set(xlabel="exit layer", ylabel="% of positions", title="held-out top-1 agreement with the last layer")
     figure.tight_layout()
     figure.savefig(out / "training_curve.png", dpi=120)
     plt.close(figure)

@@ -97,3 +97,48 @@ def test_bad_training_flags(capsys, tmp_path):
     assert "--p_max" in capsys.readouterr().err
     assert run(train.main, ["--output_dir", str(tmp_path), "--data", str(tmp_path / "none*.py")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_cached_data_is_rebuilt_when_the_data_or_settings_change(tmp_path, corpus_file):
+    """A run stopped before its first checkpoint leaves data.pt behind; a run with other flags in the same
+    directory must not train on it."""
+    config = training.TrainConfig(output_dir=str(tmp_path), data=[str(corpus_file)], heldout_fraction=0.3,
+                                  seq_len=64, batch_size=4, vocab_size=300)
+    training.prepare_data(config, tmp_path)
+    assert torch.load(tmp_path / "data.pt")["train"].shape[1] == 64
+    other = tmp_path / "other.jsonl"
+    other.write_text(corpus_file.read_text().replace("def ", "async def "))
+    argv = ["--output_dir", str(tmp_path), "--data", str(other), "--heldout_fraction", "0.3", "--max_steps", "1"]
+    assert run(train.main, argv + TINY[:10] + ["--seq_len", "32"] + TINY[12:]) == 0
+    saved = torch.load(tmp_path / "data.pt")
+    assert saved["train"].shape[1] == 32 and saved["key"]["data"] == [str(other)]
+    assert saved["key"]["content_sha256_16"] != training.data_key(config, [])["content_sha256_16"]
+
+
+def test_resume_refuses_data_that_changed_since_the_checkpoint(tmp_path, corpus_file, capsys):
+    data = tmp_path / "code.jsonl"
+    data.write_text(corpus_file.read_text())
+    argv = ["--output_dir", str(tmp_path / "run"), "--data", str(data), "--heldout_fraction", "0.3",
+            "--max_steps", "4"] + TINY
+    assert run(train.main, argv) == 0
+    data.write_text(corpus_file.read_text().replace("return", "return  "))
+    assert run(train.main, argv + ["--resume"]) == 2
+    assert "content_sha256_16 changed" in capsys.readouterr().err
+
+
+def test_self_distillation_trains_and_logs_agreement(tmp_path, corpus_file):
+    out = train_run(tmp_path, corpus_file, "--max_steps", "8", "--distill_weight", "0.5", "--distill_temperature", "2",
+                    "--exit_weighting", "uniform")
+    agreement = rows(out / "heldout_agreement.csv")
+    assert [int(r["step"]) for r in agreement] == [4, 8]
+    assert all(0 <= float(r[f"layer_{i}"]) <= 1 for r in agreement for i in range(1, 4))
+    assert all(float(r["layer_4"]) == 1 for r in agreement)
+    recipe = json.loads((out / "model" / "training.json").read_text())["recipe"]
+    assert recipe["distill_weight"] == 0.5 and recipe["exit_weighting"] == "uniform"
+
+
+@pytest.mark.parametrize("flag, value", [("--distill_weight", "1.5"), ("--distill_temperature", "0"),
+                                         ("--exit_weighting", "shallow")])
+def test_bad_distillation_flags(capsys, tmp_path, flag, value):
+    assert run(train.main, ["--output_dir", str(tmp_path), flag, value]) == 2
+    assert flag in capsys.readouterr().err

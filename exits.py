@@ -1,18 +1,36 @@
 """Per-exit-layer report for one or more models: top-1 agreement of every early exit with the last layer on
-HumanEval solutions (teacher-forced), and greedy self-speculative acceptance on HumanEval prompts.
+HumanEval solutions (teacher-forced), greedy self-speculative acceptance at every exit on HumanEval prompts, and the
+speed every (exit layer, draft length) is predicted to reach on this machine, with the best one; and the last
+layer's cross-entropy on all 164 canonical solutions (the quality the exits must not be bought with).
 
-    python exits.py --models runs/layerskip/model runs/baseline/model --labels layerskip baseline
+    python exits.py                                                  # the embedded model
+    python exits.py --models runs/a/model runs/b/model --labels a b --pass_costs logs/pass_costs.json
+
+Acceptance and predictions come from one greedy generation per prompt, replayed for every (E, d) (exact for
+greedy decoding; see self_speculation/analysis.py), and from pass costs measured here, or read from a
+pass_costs.json written by an earlier run on a quiet machine (costs depend on the shape, not the weights).
 """
 
 import csv
+import dataclasses
+import json
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from arguments import parse, run
-from self_speculation import UsageError
-from self_speculation.analysis import acceptance_by_exit, exit_agreement, humaneval_problems
+from self_speculation import UsageError, layers
+from self_speculation.analysis import (
+    exit_agreement,
+    greedy_traces,
+    humaneval_problems,
+    measure_costs,
+    predict,
+    solution_loss,
+)
+from self_speculation.benchmarking import PassCosts
 from self_speculation.loading import DEFAULT_MODEL, load
-from self_speculation.results import ensure_output_dir
+from self_speculation.results import ensure_output_dir, write_json
 
 
 @dataclass
@@ -21,16 +39,37 @@ class ExitsArguments:
                               metadata={"help": "model directories or hub ids (default: the embedded model)"})
     labels: list[str] = field(default_factory=list, metadata={"help": "a name per model (default: the paths)"})
     num_samples: int = field(default=20, metadata={"help": "HumanEval problems to use"})
-    num_speculations: int = field(default=4, metadata={"help": "draft length for the acceptance measurement"})
+    num_speculations: int = field(default=4, metadata={"help": "draft length of the per-exit acceptance column"})
+    max_speculations: int = field(default=8, metadata={"help": "predict draft lengths 1 to this"})
     max_steps: int = field(default=128, metadata={"help": "tokens generated per prompt"})
-    exit_layers: list[int] = field(default_factory=list, metadata={"help": "exit layers to measure acceptance at (default: all)"})
-    output_dir: str = field(default="./logs", metadata={"help": "where exits.csv goes"})
+    exit_layers: list[int] = field(default_factory=list, metadata={"help": "exit layers to predict (default: all)"})
+    pass_costs: str | None = field(
+        default=None, metadata={"help": "read pass costs from this pass_costs.json instead of measuring them"})
+    output_dir: str = field(default="./logs", metadata={"help": "where exits.csv, predictions.csv and "
+                                                                "pass_costs.json go"})
 
     def __post_init__(self):
         if self.labels and len(self.labels) != len(self.models):
             raise UsageError("--labels needs one name per --models entry")
         if not 1 <= self.num_samples <= 164:
             raise UsageError(f"--num_samples must be in [1, 164] (got {self.num_samples})")
+        for name in ("num_speculations", "max_speculations", "max_steps"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name} must be >= 1 (got {getattr(self, name)})")
+        if self.pass_costs and not Path(self.pass_costs).is_file():
+            raise UsageError(f"--pass_costs {self.pass_costs}: no such file")
+
+
+def read_costs(path: str, num_layers: int, exit_layers: list[int]) -> dict[int, PassCosts]:
+    saved = json.loads(Path(path).read_text())
+    if saved.get("num_layers") != num_layers or any(str(e) not in saved["costs"] for e in exit_layers):
+        raise UsageError(f"--pass_costs {path} was measured for another model shape or other exit layers")
+    costs = {}
+    for e in exit_layers:
+        c = saved["costs"][str(e)]
+        costs[e] = PassCosts(c["draft"], {int(k): v for k, v in c["verify"].items()}, c["full"],
+                             {int(k): v for k, v in c["head"].items()})
+    return costs
 
 
 def main(argv=None) -> int:
@@ -38,31 +77,54 @@ def main(argv=None) -> int:
     out = ensure_output_dir(args.output_dir)
     problems = humaneval_problems()[: args.num_samples]
     labels = args.labels or args.models
-    columns, table = {}, {}
+    speculations = list(range(1, args.max_speculations + 1))
+    table, grid, best, quality = {}, [], {}, {}
     for label, name in zip(labels, args.models):
-        model, tokenizer = load(name)
-        sequences = [tokenizer(p["prompt"] + p["canonical_solution"]).input_ids for p in problems]
-        agreement = exit_agreement(model, sequences)
-        exit_layers = args.exit_layers or list(range(1, len(agreement)))
-        acceptance = acceptance_by_exit(model, tokenizer, [p["prompt"] for p in problems], exit_layers,
-                                        args.num_speculations, args.max_steps)
-        for layer in range(1, len(agreement)):
-            table.setdefault(layer, {})[f"{label} agreement"] = agreement[layer - 1]
-            if layer in acceptance:
-                table[layer][f"{label} acceptance"] = acceptance[layer]
-        columns.update({f"{label} agreement": None, f"{label} acceptance": None})
-    header = ["exit_layer"] + list(columns)
+        model, tokenizer = load(name, dtype="float32")
+        quality[label] = solution_loss(model, tokenizer, humaneval_problems())
+        count = layers.num_layers(model)
+        exit_layers = args.exit_layers or list(range(1, count))
+        if any(not 1 <= e < count for e in exit_layers):
+            raise UsageError(f"--exit_layers must be in [1, {count - 1}] for {name}")
+        agreement = exit_agreement(model, [tokenizer(p["prompt"] + p["canonical_solution"]).input_ids for p in problems])
+        traces = greedy_traces(model, tokenizer, [p["prompt"] for p in problems], args.max_steps)
+        if args.pass_costs:
+            costs = read_costs(args.pass_costs, count, exit_layers)
+        else:
+            costs = measure_costs(model, traces, exit_layers, args.max_speculations)
+            write_json(out / "pass_costs.json", {"model": name, "num_layers": count,
+                                                 "costs": {e: dataclasses.asdict(c) for e, c in costs.items()}})
+        predictions = predict(traces, costs, sorted(set(speculations) | {args.num_speculations}))
+        grid += [{"model": label} | dataclasses.asdict(p) for p in predictions]
+        best[label] = max(predictions, key=lambda p: p.speedup)
+        for layer in range(1, count):
+            row = table.setdefault(layer, {})
+            row[f"{label} agreement"] = f"{100 * agreement[layer - 1]:.1f}%"
+            at = [p for p in predictions if p.exit_layer == layer]
+            if at:
+                fixed = next(p for p in at if p.num_speculations == args.num_speculations)
+                fastest = max(at, key=lambda p: p.speedup)
+                row[f"{label} acceptance (d={args.num_speculations})"] = f"{100 * fixed.acceptance:.1f}%"
+                row[f"{label} best d: predicted speedup"] = f"{fastest.num_speculations}: {fastest.speedup:.2f}x"
+    columns = list(dict.fromkeys(c for row in table.values() for c in row))
     with (out / "exits.csv").open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(header)
-        for layer, values in sorted(table.items()):
-            writer.writerow([layer] + [f"{values[c]:.4f}" if c in values else "" for c in columns])
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for layer, values in sorted(table.items()):
-        cells = [f"{100 * values[c]:.1f}%" if c in values else "" for c in columns]
-        print(f"| {layer} | " + " | ".join(cells) + " |")
-    print(f"written to {out / 'exits.csv'}")
+        writer.writerow(["exit_layer"] + columns)
+        writer.writerows([layer] + [row.get(c, "") for c in columns] for layer, row in sorted(table.items()))
+    with (out / "predictions.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(grid[0]))
+        writer.writeheader()
+        writer.writerows(grid)
+    print("| exit layer | " + " | ".join(columns) + " |")
+    print("|" + "---|" * (len(columns) + 1))
+    for layer, row in sorted(table.items()):
+        print(f"| {layer} | " + " | ".join(row.get(c, "") for c in columns) + " |")
+    for label, p in best.items():
+        print(f"{label}: predicted best exit_layer {p.exit_layer}, num_speculations {p.num_speculations}: "
+              f"{p.speedup:.2f}x autoregressive ({p.tokens_per_second:.0f} tokens/s), acceptance "
+              f"{100 * p.acceptance:.1f}%, {p.tokens_per_step:.2f} tokens per full-model pass; last-layer "
+              f"cross-entropy on the 164 HumanEval solutions {quality[label]:.3f} nats/token")
+    print(f"written to {out / 'exits.csv'}, {out / 'predictions.csv'}")
     return 0
 
 

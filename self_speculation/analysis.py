@@ -1,11 +1,20 @@
 """Per-exit-layer quality of a model: top-1 agreement of each early exit with the last layer (teacher-forced),
-and the acceptance rate of greedy self-speculative decoding at each exit layer."""
+the acceptance rate of greedy self-speculative decoding at each exit layer, and the speed it predicts for every
+(exit layer, draft length) on this machine.
 
-import dataclasses
+Greedy self-speculative decoding emits the autoregressive greedy sequence whatever E and d are, and a draft is
+the exit's argmax given a prefix that is, while the drafts agree, that sequence. So one greedy generation and one
+teacher-forced pass over it at every exit decide, for every (E, d), how many drafts each step accepts:
+`simulate` replays the steps without running them, and the pass costs measured here turn the counts into a
+predicted speedup (the same ideal model benchmark.py reports)."""
+
+import statistics
+from dataclasses import dataclass
 
 import torch
 
 from . import layers
+from .benchmarking import PassCosts, PassTimer, ideal_speedup
 from .config import GenerationConfig
 from .generator import Generator
 
@@ -37,18 +46,120 @@ def exit_agreement(model, sequences: list[list[int]]) -> list[float]:
     return (agree / total).tolist()
 
 
-def acceptance_by_exit(
-    model, tokenizer, prompts: list[str], exit_layers: list[int], num_speculations: int, max_steps: int
-) -> dict[int, float]:
-    """Greedy self-speculative acceptance rate (accepted / drafted over all prompts) at each exit layer."""
-    rates = {}
-    for exit_layer in exit_layers:
-        config = GenerationConfig(
-            generation_strategy="self_speculative", sample=False, max_steps=max_steps,
-            exit_layer=exit_layer, num_speculations=num_speculations,
-        )
-        generator = Generator(model, tokenizer, config)
-        results = [generator.generate(prompt) for prompt in prompts]
-        drafted = sum(r.drafted for r in results)
-        rates[exit_layer] = sum(r.accepted for r in results) / drafted if drafted else float("nan")
-    return rates
+@torch.inference_mode()
+def solution_loss(model, tokenizer, problems: list[dict]) -> float:
+    """The full model's cross-entropy (nats per token) on each problem's canonical solution given its prompt,
+    computed by transformers' own forward in the model's dtype: the quality a model must keep while its exits learn
+    to agree with it."""
+    total, count = 0.0, 0
+    device = model.lm_head.weight.device
+    for problem in problems:
+        prompt = tokenizer(problem["prompt"]).input_ids
+        solution = tokenizer(problem["canonical_solution"], add_special_tokens=False).input_ids
+        logits = model(input_ids=torch.tensor([prompt + solution], device=device)).logits[0, len(prompt) - 1 : -1]
+        total += torch.nn.functional.cross_entropy(logits.float(), torch.tensor(solution, device=device),
+                                                   reduction="sum").item()
+        count += len(solution)
+    return total / count
+
+
+@dataclass
+class GreedyTrace:
+    """A greedy generation of the full model and what every exit would draft along it."""
+
+    prompt_tokens: int
+    tokens: list[int]  # the generated tokens, the first one from the prompt's pass
+    exit_choices: torch.Tensor  # (L - 1, n): exit E's argmax for tokens[j], given the prompt and tokens[:j]
+    budget: int  # the generation's token budget
+    stop_ids: frozenset[int]
+
+
+@torch.inference_mode()
+def greedy_traces(model, tokenizer, prompts: list[str], max_steps: int) -> list[GreedyTrace]:
+    generator = Generator(model, tokenizer, GenerationConfig(generation_strategy="autoregressive", sample=False,
+                                                             max_steps=max_steps))
+    traces = []
+    device = model.lm_head.weight.device
+    for prompt in prompts:
+        prompt_ids = tokenizer(prompt).input_ids
+        result = generator.generate_ids(prompt_ids)
+        ids = torch.tensor([prompt_ids + result.tokens[:-1]], device=device)  # (1, T): every token's context
+        hidden = layers.embed(model, ids)
+        choices = []
+        for i in range(layers.num_layers(model) - 1):
+            hidden = layers.run_layers(model, hidden, None, i, i + 1)
+            choices.append(layers.head(model, hidden[:, len(prompt_ids) - 1 :]).argmax(dim=-1)[0])  # (n,)
+        budget = min(max_steps, (generator.context_length or max_steps + len(prompt_ids)) - len(prompt_ids))
+        traces.append(GreedyTrace(len(prompt_ids), result.tokens, torch.stack(choices).cpu(), budget,
+                                  frozenset(generator.stop.token_ids)))
+    return traces
+
+
+@dataclass
+class Replay:
+    steps: int  # full-model passes after the prompt
+    drafted: int
+    accepted: int
+
+
+def simulate(trace: GreedyTrace, exit_layer: int, num_speculations: int) -> Replay:
+    """The steps greedy self-speculative decoding takes along `trace`, as `strategies.SelfSpeculative` takes them:
+    up to d drafts (fewer near the end of the budget), drafting stops after a stop token, the agreeing prefix is
+    accepted and the full model adds one token. Drafts after the first wrong one follow a prefix the trace does
+    not hold; they are counted as drafted and assumed not to be stop tokens."""
+    choices, tokens, n = trace.exit_choices[exit_layer - 1].tolist(), trace.tokens, len(trace.tokens)
+    done, steps, drafted, accepted = 1, 0, 0, 0  # `done` tokens are out; tokens[done - 1] is the newest
+    while done < n:
+        limit = min(num_speculations, trace.budget - done - 1)
+        run, stopped = 0, False
+        while run < limit and done + run < n and choices[done + run] == tokens[done + run]:
+            run += 1
+            if tokens[done + run - 1] in trace.stop_ids:
+                stopped = True
+                break
+        if stopped or run == limit:
+            drafted += run
+        elif done + run < n and choices[done + run] in trace.stop_ids:
+            drafted += run + 1  # the first wrong draft is a stop token: drafting ends there
+        else:
+            drafted += limit
+        accepted += run
+        steps += 1
+        done += run + 1
+    return Replay(steps, drafted, accepted)
+
+
+@dataclass
+class Prediction:
+    exit_layer: int
+    num_speculations: int
+    acceptance: float  # accepted / drafted
+    tokens_per_step: float
+    speedup: float  # predicted tokens/s over autoregressive decoding's, from the measured pass costs
+    tokens_per_second: float
+
+
+def measure_costs(model, traces: list[GreedyTrace], exit_layers: list[int], max_speculations: int,
+                  repeats: int = 30) -> dict[int, PassCosts]:
+    """Pass costs for every exit layer, at the middle of the traces' typical context; one full pass, timed once,
+    is every exit layer's baseline. Measure them on a quiet machine: another process's load changes pass times by
+    more than the differences between neighbouring exit layers."""
+    context = int(statistics.median(t.prompt_tokens for t in traces)) + max(t.budget for t in traces) // 2
+    timer = PassTimer(model, context, max_speculations + 1, repeats=repeats)
+    full = timer.median_time(0, layers.num_layers(model), 1)[0]
+    return {e: timer.costs(e, max_speculations + 1, full) for e in exit_layers}
+
+
+def predict(traces: list[GreedyTrace], costs: dict[int, PassCosts], speculations: list[int]) -> list[Prediction]:
+    """The predicted speed of every (exit layer in `costs`, draft length in `speculations`)."""
+    predictions = []
+    for exit_layer, cost in sorted(costs.items()):
+        autoregressive = 1 / (cost.full + cost.head[1])  # tokens/s
+        for d in speculations:
+            replays = [simulate(t, exit_layer, d) for t in traces]
+            steps, drafted, accepted = (sum(getattr(r, f) for r in replays) for f in ("steps", "drafted", "accepted"))
+            speedup = ideal_speedup(cost, steps, drafted, accepted)
+            predictions.append(Prediction(exit_layer, d, accepted / drafted if drafted else float("nan"),
+                                          (accepted + steps) / steps if steps else 1.0, speedup,
+                                          speedup * autoregressive))
+    return predictions

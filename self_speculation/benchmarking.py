@@ -181,39 +181,53 @@ class PassCosts:
         return table[low] + (positions - low) * (table[high] - table[low])
 
 
+class PassTimer:
+    """Times passes of layers over a cache holding `context` positions, as decoding runs them (through
+    torch.compile for the `compiled` shapes); every pass is rolled back after it, so the context stays put."""
+
+    def __init__(self, model, context: int, max_positions: int, compiled=(), repeats: int = 15):
+        self.model, self.repeats = model, repeats
+        self.device = model.lm_head.weight.device
+        self.cache = layers.new_cache(context + max_positions, compiled)
+        with torch.inference_mode():
+            layers.full_forward(model, torch.zeros((1, context), dtype=torch.long, device=self.device), self.cache)
+
+    @torch.inference_mode()
+    def median_time(self, start: int, end: int, positions: int, with_head: bool = False) -> tuple[float, float]:
+        """Median seconds of the layers [start, end) over `positions` new positions, and of the head after them."""
+        hidden = layers.embed(self.model, torch.zeros((1, positions), dtype=torch.long, device=self.device))
+        times = []
+        for _ in range(self.repeats + 2):  # the first two warm up
+            sync_device(self.device)
+            begin = time.perf_counter()
+            out = layers.run_layers(self.model, hidden, self.cache, start, end)
+            sync_device(self.device)
+            middle = time.perf_counter()
+            if with_head:
+                layers.head(self.model, out)
+                sync_device(self.device)
+            times.append((middle - begin, time.perf_counter() - middle))
+            for layer in self.cache.layers[start:end]:
+                layer.crop(-positions)
+        return tuple(statistics.median(t[i] for t in times[2:]) for i in (0, 1))
+
+    def costs(self, exit_layer: int, max_positions: int, full: float | None = None) -> PassCosts:
+        """The passes of self-speculation at `exit_layer`; `full` reuses a full pass timed before."""
+        count = layers.num_layers(self.model)
+        verify, head = {}, {}
+        for positions in range(1, max_positions + 1):
+            verify[positions], head[positions] = self.median_time(exit_layer, count, positions, with_head=True)
+        draft = self.median_time(0, exit_layer, 1)[0]
+        return PassCosts(draft, verify, self.median_time(0, count, 1)[0] if full is None else full, head)
+
+
 def measure_pass_costs(model, context: int, exit_layer: int, max_positions: int, compiled: bool = False,
                        repeats: int = 15) -> PassCosts:
     """Median times of the passes of `PassCosts` after `context` cached positions, run as decoding runs them
     (through torch.compile for the compiled shapes when `compiled`)."""
-    device = model.lm_head.weight.device
     count = layers.num_layers(model)
     passes = {(0, exit_layer, 1), (exit_layer, count, max_positions), (0, count, 1)} if compiled else ()
-    with torch.inference_mode():
-        cache = layers.new_cache(context + max_positions, passes)
-        layers.full_forward(model, torch.zeros((1, context), dtype=torch.long, device=device), cache)
-
-        def median_time(start: int, end: int, positions: int, with_head: bool = False) -> tuple[float, float]:
-            hidden = layers.embed(model, torch.zeros((1, positions), dtype=torch.long, device=device))
-            times = []
-            for _ in range(repeats + 2):  # the first two warm up
-                sync_device(device)
-                begin = time.perf_counter()
-                out = layers.run_layers(model, hidden, cache, start, end)
-                sync_device(device)
-                middle = time.perf_counter()
-                if with_head:
-                    layers.head(model, out)
-                    sync_device(device)
-                times.append((middle - begin, time.perf_counter() - middle))
-                for layer in cache.layers[start:end]:
-                    layer.crop(-positions)
-            return tuple(statistics.median(t[i] for t in times[2:]) for i in (0, 1))
-
-        verify, head = {}, {}
-        for positions in range(1, max_positions + 1):
-            verify[positions], head[positions] = median_time(exit_layer, count, positions, with_head=True)
-        draft, full = median_time(0, exit_layer, 1)[0], median_time(0, count, 1)[0]
-    return PassCosts(draft, verify, full, head)
+    return PassTimer(model, context, max_positions, passes, repeats).costs(exit_layer, max_positions)
 
 
 def ideal_speedup(costs: PassCosts, steps: int, drafted: int, accepted: int) -> float:

@@ -26,9 +26,8 @@ def tiny_llama(
         num_attention_heads=4,
         num_key_value_heads=2 if gqa else 4,
         tie_word_embeddings=tied,
-        max_position_embeddings=256,
         initializer_range=init_std,
-        **({"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": None} | overrides),
+        **({"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": None, "max_position_embeddings": 256} | overrides),
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval().requires_grad_(False)

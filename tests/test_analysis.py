@@ -1,10 +1,14 @@
 """Per-exit analysis: agreement of early exits with the last layer, acceptance by exit layer."""
 
+import pytest
 import torch
 
 from models import byte_tokenizer, tiny_llama
 from self_speculation import layers
-from self_speculation.analysis import acceptance_by_exit, exit_agreement
+from self_speculation.analysis import exit_agreement, greedy_traces, predict, simulate, solution_loss
+from self_speculation.benchmarking import PassCosts, ideal_speedup
+from self_speculation.config import GenerationConfig
+from self_speculation.generator import Generator
 
 
 def test_exit_agreement_matches_a_direct_computation():
@@ -24,7 +28,56 @@ def test_exit_agreement_matches_a_direct_computation():
             assert abs(agreement[exit_layer - 1] - same / total) < 1e-6
 
 
-def test_acceptance_grows_towards_the_last_layer():
+def test_solution_loss_is_the_cross_entropy_of_the_solution_tokens_only():
     model = tiny_llama(vocab_size=258, eos_token_id=None)
-    rates = acceptance_by_exit(model, byte_tokenizer(), ["def f(x):", "import os"], [1, 5], 3, 24)
-    assert 0 <= rates[1] < rates[5] <= 1
+    tokenizer = byte_tokenizer()
+    problems = [{"prompt": "def f(x):\n", "canonical_solution": "    return x\n"}, {"prompt": "a", "canonical_solution": "bc"}]
+    expected, count = 0.0, 0
+    with torch.no_grad():
+        for p in problems:
+            prompt, solution = tokenizer(p["prompt"]).input_ids, tokenizer(p["canonical_solution"], add_special_tokens=False).input_ids
+            log_probs = model(input_ids=torch.tensor([prompt + solution])).logits[0].log_softmax(-1)
+            for j, token in enumerate(solution):
+                expected -= log_probs[len(prompt) - 1 + j, token].item()
+            count += len(solution)
+    assert solution_loss(model, tokenizer, problems) == pytest.approx(expected / count, rel=1e-5)
+
+
+@pytest.mark.parametrize("eos", [None, 1])
+def test_replayed_steps_are_the_steps_self_speculative_decoding_takes(eos):
+    """The replay along one greedy generation gives every (E, d) the steps, drafts and acceptances that running
+    self-speculative decoding gives; with a stop token in the vocabulary, drafts after a wrong one may differ."""
+    model = tiny_llama(vocab_size=258, eos_token_id=eos)
+    tokenizer = byte_tokenizer()
+    prompts = ["def f(x):", "import os", "class A:"]
+    traces = greedy_traces(model, tokenizer, prompts, max_steps=40)
+    assert all(t.exit_choices.shape == (5, len(t.tokens)) for t in traces)
+    compared = 0
+    for exit_layer in (1, 3, 5):
+        for d in (1, 2, 5):
+            generator = Generator(model, tokenizer, GenerationConfig(generation_strategy="self_speculative", sample=False,
+                                                                     max_steps=40, exit_layer=exit_layer,
+                                                                     num_speculations=d))
+            for prompt, trace in zip(prompts, traces):
+                real = generator.generate(prompt)
+                assert real.tokens == trace.tokens
+                replay = simulate(trace, exit_layer, d)
+                assert (replay.steps, replay.accepted) == (real.steps, real.accepted)
+                if eos is None:
+                    assert replay.drafted == real.drafted
+                compared += real.accepted > 0 and real.accepted < real.drafted
+    assert compared > 5  # drafts were both accepted and rejected
+
+
+def test_prediction_from_replays_and_pass_costs():
+    model = tiny_llama(vocab_size=258, eos_token_id=None)
+    traces = greedy_traces(model, byte_tokenizer(), ["def f(x):"], max_steps=30)
+    costs = PassCosts(draft=1.0, verify={1: 3.0, 2: 3.5, 3: 4.0}, full=4.0, head={1: 0.5, 2: 0.5, 3: 0.5})
+    predictions = predict(traces, {2: costs}, [1, 2])
+    assert [(p.exit_layer, p.num_speculations) for p in predictions] == [(2, 1), (2, 2)]
+    for p in predictions:
+        replay = simulate(traces[0], 2, p.num_speculations)
+        assert p.speedup == pytest.approx(ideal_speedup(costs, replay.steps, replay.drafted, replay.accepted))
+        assert p.tokens_per_second == pytest.approx(p.speedup / 4.5)
+        assert p.acceptance == pytest.approx(replay.accepted / replay.drafted)
+

@@ -43,6 +43,10 @@ class ExitsArguments:
     max_speculations: int = field(default=8, metadata={"help": "predict draft lengths 1 to this"})
     max_steps: int = field(default=128, metadata={"help": "tokens generated per prompt"})
     exit_layers: list[int] = field(default_factory=list, metadata={"help": "exit layers to predict (default: all)"})
+    recommend: bool = field(
+        default=False, metadata={"help": "write the predicted best (exit_layer, num_speculations) into the model's "
+                                         "config.json (`layerskip`), which every script then uses by default; one "
+                                         "local model directory only"})
     pass_costs: str | None = field(
         default=None, metadata={"help": "read pass costs from this pass_costs.json instead of measuring them"})
     output_dir: str = field(default="./logs", metadata={"help": "where exits.csv, predictions.csv and "
@@ -56,6 +60,8 @@ class ExitsArguments:
         for name in ("num_speculations", "max_speculations", "max_steps"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name} must be >= 1 (got {getattr(self, name)})")
+        if self.recommend and (len(self.models) != 1 or not (Path(self.models[0]) / "config.json").is_file()):
+            raise UsageError("--recommend needs exactly one local model directory in --models")
         if self.pass_costs and not Path(self.pass_costs).is_file():
             raise UsageError(f"--pass_costs {self.pass_costs}: no such file")
 
@@ -125,6 +131,13 @@ def main(argv=None) -> int:
               f"{100 * p.acceptance:.1f}%, {p.tokens_per_step:.2f} tokens per full-model pass; last-layer "
               f"cross-entropy on the 164 HumanEval solutions {quality[label]:.3f} nats/token")
     print(f"written to {out / 'exits.csv'}, {out / 'predictions.csv'}")
+    if args.recommend:
+        (p,) = best.values()
+        config_path = Path(args.models[0]) / "config.json"
+        config = json.loads(config_path.read_text())
+        config["layerskip"] = {"exit_layer": p.exit_layer, "num_speculations": p.num_speculations}
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        print(f"recommended exit_layer {p.exit_layer}, num_speculations {p.num_speculations} written to {config_path}")
     return 0
 
 

@@ -39,6 +39,11 @@ def test_report_predictions_and_reused_costs(checkpoint, tmp_path, capsys):
     assert list(csv.DictReader((tmp_path / "b" / "predictions.csv").open())) == grid
     assert not (tmp_path / "b" / "pass_costs.json").exists()
 
+    assert run(exits.main, again + ["--recommend", "True"]) == 0
+    capsys.readouterr()
+    recommended = json.loads((checkpoint / "config.json").read_text())["layerskip"]
+    assert recommended == {"exit_layer": int(best["exit_layer"]), "num_speculations": int(best["num_speculations"])}
+
 
 def test_bad_input(checkpoint, tmp_path, capsys):
     costs = tmp_path / "pass_costs.json"
@@ -46,6 +51,8 @@ def test_bad_input(checkpoint, tmp_path, capsys):
     for argv, fragment in [
         (["--pass_costs", str(tmp_path / "missing.json")], "--pass_costs"),
         (["--max_speculations", "0"], "--max_speculations"),
+        (["--models", "facebook/layerskip-llama3.2-1B", "--recommend", "True"], "--recommend"),
+        (["--models", str(checkpoint), str(checkpoint), "--recommend", "True"], "--recommend"),
         (["--models", str(checkpoint), "--exit_layers", "6"], "--exit_layers"),
         (["--models", str(checkpoint), "--num_samples", "1", "--max_steps", "4", "--pass_costs", str(costs)],
          "another model shape"),

@@ -346,6 +346,13 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, dropout_random, ste
     tmp.replace(path)
 
 
+def model_shape(model_config) -> dict:
+    """The shape actually trained (the shape flags only apply from scratch; --init_from keeps the checkpoint's)."""
+    names = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+             "vocab_size")
+    return {name: getattr(model_config, name) for name in names}
+
+
 def save_model(model, tokenizer, directory: Path, corpus_info: dict, config: TrainConfig, step: int, elapsed: float):
     """Hugging Face format in bfloat16, with the tokenizer, a generation config and the training facts."""
     model = model.to(torch.bfloat16)
@@ -354,7 +361,7 @@ def save_model(model, tokenizer, directory: Path, corpus_info: dict, config: Tra
     )
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    facts = {"corpus": corpus_info, "recipe": asdict(config), "steps": step,
+    facts = {"corpus": corpus_info, "recipe": asdict(config), "model_shape": model_shape(model.config), "steps": step,
              "tokens": step * config.batch_size * config.grad_accum * config.seq_len, "wall_time_seconds": elapsed}
     (directory / "training.json").write_text(json.dumps(facts, indent=2) + "\n")
     model.to(torch.float32)

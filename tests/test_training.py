@@ -137,6 +137,14 @@ def test_self_distillation_trains_and_logs_agreement(tmp_path, corpus_file):
     assert recipe["distill_weight"] == 0.5 and recipe["exit_weighting"] == "uniform"
 
 
+def test_continued_training_records_the_checkpoints_shape_not_the_from_scratch_flags(tmp_path, corpus_file):
+    first = train_run(tmp_path / "first", corpus_file, "--max_steps", "2")
+    second = train_run(tmp_path / "second", corpus_file, "--max_steps", "2", "--init_from", first / "model",
+                       "--num_layers", "7")
+    facts = json.loads((second / "model" / "training.json").read_text())
+    assert facts["model_shape"]["num_hidden_layers"] == 4 and facts["model_shape"]["hidden_size"] == 32
+
+
 @pytest.mark.parametrize("flag, value", [("--distill_weight", "1.5"), ("--distill_temperature", "0"),
                                          ("--exit_weighting", "shallow")])
 def test_bad_distillation_flags(capsys, tmp_path, flag, value):

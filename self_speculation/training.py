@@ -236,9 +236,11 @@ def train(config: TrainConfig) -> Path:
     checkpoint_path = out / "checkpoint.pt"
     if checkpoint_path.exists() and not config.resume:
         raise UsageError(f"--output_dir {out} holds a checkpoint; pass --resume to continue it or choose another directory")
+    if config.resume and not checkpoint_path.exists():
+        raise UsageError(f"--resume: there is no checkpoint in {out} to continue; run without --resume to start")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    dataset, tokenizer = prepare_data(config, out, resuming=config.resume and checkpoint_path.exists())
+    dataset, tokenizer = prepare_data(config, out, resuming=config.resume)
     model = build_model(config, tokenizer)
     num_layers = layers.num_layers(model)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -250,7 +252,7 @@ def train(config: TrainConfig) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(s, config))
     dropout_random = torch.Generator().manual_seed(config.seed + 1_000_003)
     step, elapsed = 0, 0.0
-    if config.resume and checkpoint_path.exists():
+    if config.resume:
         state = torch.load(checkpoint_path, weights_only=False)
         if state["config"] | {"resume": config.resume} != asdict(config):
             raise UsageError(f"--resume: the flags differ from those the checkpoint in {out} was trained with")

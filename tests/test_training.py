@@ -92,6 +92,14 @@ def test_resume_refuses_other_flags(tmp_path, corpus_file, capsys):
     assert "flags differ" in capsys.readouterr().err
 
 
+def test_resume_without_a_checkpoint_is_refused(capsys, tmp_path, corpus_file):
+    argv = ["--output_dir", str(tmp_path), "--data", str(corpus_file), "--heldout_fraction", "0.3", "--max_steps", "2",
+            "--resume"] + TINY
+    assert run(train.main, argv) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "data.pt").exists()  # refused before any work
+
+
 def test_bad_training_flags(capsys, tmp_path):
     assert run(train.main, ["--output_dir", str(tmp_path), "--p_max", "1.5"]) == 2
     assert "--p_max" in capsys.readouterr().err

@@ -70,12 +70,7 @@ def read_costs(path: str, num_layers: int, exit_layers: list[int]) -> dict[int, 
     saved = json.loads(Path(path).read_text())
     if saved.get("num_layers") != num_layers or any(str(e) not in saved["costs"] for e in exit_layers):
         raise UsageError(f"--pass_costs {path} was measured for another model shape or other exit layers")
-    costs = {}
-    for e in exit_layers:
-        c = saved["costs"][str(e)]
-        costs[e] = PassCosts(c["draft"], {int(k): v for k, v in c["verify"].items()}, c["full"],
-                             {int(k): v for k, v in c["head"].items()})
-    return costs
+    return {e: PassCosts.from_dict(saved["costs"][str(e)]) for e in exit_layers}
 
 
 def main(argv=None) -> int:

@@ -173,6 +173,12 @@ class PassCosts:
     full: float
     head: dict[int, float]
 
+    @classmethod
+    def from_dict(cls, saved: dict) -> "PassCosts":
+        """The inverse of `dataclasses.asdict` after a JSON round trip (whose keys are strings)."""
+        return cls(saved["draft"], {int(k): v for k, v in saved["verify"].items()}, saved["full"],
+                   {int(k): v for k, v in saved["head"].items()})
+
     @staticmethod
     def at(table: dict[int, float], positions: float) -> float:
         """Linear interpolation for a mean number of positions."""

@@ -59,11 +59,6 @@ NAMED_SOURCES = {
 }
 
 
-def stdlib_name(path: Path) -> str:
-    """A standard-library file's name in the corpus: its path relative to the standard library."""
-    return path.relative_to(sysconfig.get_paths()["stdlib"]).as_posix()
-
-
 def file_list_hash(names: Iterable[str]) -> str:
     """A short fingerprint of which files make up a corpus (their corpus names, in order)."""
     return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]

@@ -11,7 +11,8 @@ from self_speculation import Generator
 from self_speculation.distributed import rank
 from self_speculation.streamers import STREAMERS
 
-INSTRUCTIONS = "Enter a prompt, then ctrl-d (ctrl-d on an empty prompt quits; ctrl-c stops a generation):"
+INSTRUCTIONS = ("Enter a prompt, then ctrl-d (ctrl-d on an empty prompt quits; ctrl-c clears the prompt, or stops a "
+                "generation):")
 
 
 def generate_once(generator: Generator, prompt: str, streamer_name: str) -> None:
@@ -27,15 +28,16 @@ def interactive(generator: Generator, streamer_name: str) -> None:
         print(INSTRUCTIONS, flush=True)
         try:
             prompt = sys.stdin.read()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # as in a shell: the typed text is dropped and a new prompt begins
             print()
-            return
+            continue
         if not prompt:
             return
         if not prompt.strip():
             print("error: the prompt is empty", file=sys.stderr)
             continue
-        print("-" * 40)
+        # ctrl-d after text ends the prompt without a newline, leaving the cursor on its line
+        print(("" if prompt.endswith("\n") else "\n") + "-" * 40)
         try:
             generate_once(generator, prompt, streamer_name)
         except KeyboardInterrupt:

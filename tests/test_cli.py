@@ -134,13 +134,24 @@ def test_interactive_loop_survives_an_interrupted_generation(checkpoint, capsys,
         return real_generate(self, prompt, streamer)
 
     monkeypatch.setattr(generate.Generator, "generate", interrupt_first)
-    reads = iter(["first prompt\n", "second prompt\n", ""])  # the empty read is ctrl-d on an empty prompt
-    monkeypatch.setattr(sys, "stdin", type("Stdin", (), {"read": lambda self: next(reads)})())
+    # ctrl-c while typing, two prompts (the second ended by ctrl-d mid-line), then ctrl-d on an empty prompt
+    reads = iter([KeyboardInterrupt, "first prompt\n", "second prompt", ""])
+
+    def read(self):
+        value = next(reads)
+        if value is KeyboardInterrupt:
+            raise KeyboardInterrupt
+        return value
+
+    monkeypatch.setattr(sys, "stdin", type("Stdin", (), {"read": read})())
     code, out, _ = call(generate.main, ["--model", checkpoint, "--max_steps", "5", "--sample", "False"], capsys)
     assert code == 0
-    assert calls == ["first prompt\n", "second prompt\n"]
+    assert calls == ["first prompt\n", "second prompt"]
     assert "[generation interrupted]" in out and out.count("| 5 tokens |") == 1
-    assert out.count(generate.INSTRUCTIONS) == 3
+    assert out.count(generate.INSTRUCTIONS) == 4
+    # the separator begins its own line when the prompt did not end with one
+    assert out.count(generate.INSTRUCTIONS + "\n" + "-" * 40) == 1
+    assert out.count(generate.INSTRUCTIONS + "\n\n" + "-" * 40) == 1
 
 
 def write_prompts(path: Path, lines: list[str]) -> Path:

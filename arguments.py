@@ -1,5 +1,6 @@
 """Command-line arguments of every script, defined once as dataclasses (help text, choices, validation)."""
 
+import difflib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -8,7 +9,7 @@ from transformers import HfArgumentParser
 
 from self_speculation.config import GenerationConfig
 from self_speculation.data import DATASETS, DataOptions, Example, load_examples
-from self_speculation.errors import UsageError
+from self_speculation.errors import UsageError, check_seed
 from self_speculation.loading import DEFAULT_MODEL, load
 from self_speculation.streamers import STREAMERS
 from self_speculation.training import TrainConfig
@@ -20,8 +21,7 @@ __all__ = ["DataArguments", "GenerateArguments", "GenerationConfig", "ModelArgum
 class ModelArguments:
     model: str = field(
         default=str(DEFAULT_MODEL),
-        metadata={"help": "Hugging Face hub id or local directory of the model (default: the embedded model, "
-                          "models/layerskip-stdlib)"},
+        metadata={"help": "Hugging Face hub id or local directory of the model; the default is the embedded model"},
     )
     dtype: str = field(
         default="auto",
@@ -37,6 +37,9 @@ class ModelArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "run model code shipped with the checkpoint"})
     seed: int = field(default=42, metadata={"help": "random seed for sampling"})
     output_dir: str = field(default="./logs", metadata={"help": "directory for result files"})
+
+    def __post_init__(self):
+        check_seed(self.seed)
 
     def load(self):
         """The model (eval mode, on its device) and its tokenizer."""
@@ -84,13 +87,32 @@ class DataArguments:
 
 
 class _Parser(HfArgumentParser):
+    def __init__(self, types: tuple[type, ...]):
+        super().__init__(types, allow_abbrev=False)  # a prefix of a flag is a typo, not that flag
+
     def error(self, message: str):
         raise UsageError(message)
 
+    def unknown(self, argument: str) -> str:
+        """The message for an argument no dataclass declares, with the closest real flag."""
+        if not argument.startswith("-"):
+            return f"unexpected argument {argument} (every value follows its flag, as in --prompt TEXT)"
+        flag = argument.split("=", 1)[0]
+        closest = difflib.get_close_matches(flag, [f for f in self._option_string_actions if f.startswith("--")], n=1)
+        return f"unknown flag {flag}" + (f" (did you mean {closest[0]}?)" if closest else "; see --help")
 
-def parse(types: tuple[type, ...], argv: list[str] | None = None) -> tuple:
-    """Parse argv (default: sys.argv[1:]) into one instance of each dataclass; bad input raises UsageError."""
-    return _Parser(types).parse_args_into_dataclasses(args=argv)
+
+def parse(types: tuple[type, ...], argv: list[str] | None = None, help: dict[str, str] | None = None) -> tuple:
+    """Parse argv (default: sys.argv[1:]) into one instance of each dataclass; bad input raises UsageError.
+    `help` replaces the help text of flags a script reads differently (and drops their listed choices)."""
+    parser = _Parser(types)
+    for flag, text in (help or {}).items():
+        action = parser._option_string_actions[flag]
+        action.help, action.choices, action.metavar = text, None, "NAMES"
+    _, unknown = parser.parse_known_args(args=argv)
+    if unknown:
+        raise UsageError(parser.unknown(unknown[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
 
 
 def pop_option(argv: list[str], flag: str, default: str) -> str:

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from arguments import DataArguments, GenerationConfig, ModelArguments, parse, pop_option, run
 from self_speculation import UsageError
 from self_speculation.benchmarking import RUNNERS, profile, speculation_report, summarize
+from self_speculation.generator import check_prompt_lengths
 from self_speculation.metrics import quality
 from self_speculation import distributed
 from self_speculation.results import append_jsonl, ensure_output_dir, write_json
@@ -42,13 +43,16 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in strategies if s not in RUNNERS]
     if unknown:
         raise UsageError(f"--generation_strategy: unknown {', '.join(unknown)} (choose from {', '.join(RUNNERS)})")
-    model_args, config, data_args, args = parse((ModelArguments, GenerationConfig, DataArguments, BenchmarkArguments), argv)
+    model_args, config, data_args, args = parse(
+        (ModelArguments, GenerationConfig, DataArguments, BenchmarkArguments), argv,
+        help={"--generation_strategy": f"strategies to compare, comma-separated, from: {', '.join(RUNNERS)}"})
     out = ensure_output_dir(model_args.output_dir)
     examples = data_args.load(model_args.seed)
     distributed.setup()
     model, tokenizer = model_args.load()
     runners = {name: RUNNERS[name](model, tokenizer, config, model_args.seed) for name in strategies}
     prompts = [tokenizer(e.prompt).input_ids for e in examples]
+    check_prompt_lengths(model, prompts)
     for _ in range(args.warmup):
         for runner in runners.values():
             runner.run(prompts[0])

@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     speculations = list(range(1, args.max_speculations + 1))
     table, grid, best, quality = {}, [], {}, {}
     for label, name in zip(labels, args.models):
-        model, tokenizer = load(name, dtype="float32")
+        model, tokenizer = load(name, dtype="float32", flag="--models")
         quality[label] = solution_loss(model, tokenizer, humaneval_problems())
         count = layers.num_layers(model)
         exit_layers = args.exit_layers or list(range(1, count))

@@ -1,6 +1,7 @@
 """The generation configuration: one object, also parsed from the command line by arguments.py."""
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from .errors import UsageError
@@ -54,8 +55,8 @@ class GenerationConfig:
         if self.num_speculations != -1 and self.num_speculations < 1:
             raise UsageError(f"--num_speculations must be >= 1 (got {self.num_speculations})")
         if self.sample:
-            if not self.temperature > 0:
-                raise UsageError(f"--temperature must be > 0 when sampling (got {self.temperature})")
+            if not 0 < self.temperature < math.inf:  # inf samples uniform noise; nan compares false
+                raise UsageError(f"--temperature must be a finite number > 0 when sampling (got {self.temperature})")
             if not 0 < self.top_p <= 1:
                 raise UsageError(f"--top_p must be in (0, 1] when sampling (got {self.top_p})")
             if self.top_k < 0:

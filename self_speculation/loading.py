@@ -25,9 +25,14 @@ def resolve_device(device: str) -> torch.device:
     try:
         resolved = torch.device(device)
     except RuntimeError as error:
-        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N (got {device!r})") from error
+        raise UsageError(f"--device must be auto, cpu, cuda, cuda:N or mps (got {device!r})") from error
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: CUDA is not available on this machine")
+    if resolved.type != "cpu":
+        try:  # the one check that covers every backend and index (mps, xpu, cuda:7 on a one-GPU machine)
+            torch.empty(0, device=resolved)
+        except (RuntimeError, AssertionError) as error:
+            raise UsageError(f"--device {device}: not available on this machine ({str(error).splitlines()[0]})") from None
     return resolved
 
 
@@ -59,20 +64,33 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
+def model_source(name: str, flag: str = "--model") -> str:
+    """A local model directory, checked, or a hub id; errors name the flag that gave it."""
+    path = Path(name).expanduser()
+    if not path.exists() and _looks_like_path(name):
+        raise UsageError(f"{flag} {name}: the directory does not exist")
+    if path.exists() and not (path / "config.json").is_file():
+        raise UsageError(f"{flag} {name}: no config.json there; expected a Hugging Face model directory")
+    return str(path) if path.exists() else name
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt")
+
+
 def load(
     model: str,
     dtype: str = "auto",
     device: str = "auto",
     device_map: str | None = None,
     trust_remote_code: bool = False,
+    flag: str = "--model",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Model in eval mode on its device, and its tokenizer. Raises UsageError for anything the user can fix."""
-    path = Path(model).expanduser()
-    if not path.exists() and _looks_like_path(model):
-        raise UsageError(f"--model: the directory {model} does not exist")
-    if path.exists() and not (path / "config.json").is_file():
-        raise UsageError(f"--model {model}: no config.json there; expected a Hugging Face model directory")
-    source = str(path) if path.exists() else model
+    """Model in eval mode on its device, and its tokenizer. Raises UsageError for anything the user can fix,
+    naming `flag`."""
+    source = model_source(model, flag)
+    local = Path(source).is_dir()
+    if local and not any((Path(source) / name).exists() for name in TOKENIZER_FILES):
+        raise UsageError(f"{flag} {model}: no tokenizer there (expected one of {', '.join(TOKENIZER_FILES)})")
     target = resolve_device(device)
     kwargs = {"dtype": resolve_dtype(dtype, target), "trust_remote_code": trust_remote_code}
     if device_map:
@@ -86,19 +104,19 @@ def load(
         try:
             loaded, tokenizer = from_pretrained(local_files_only=True)
         except OSError:
-            if path.exists():
+            if local:
                 raise
             if not hub_reachable():
                 raise UsageError(
-                    f"--model {model}: not in the local cache and the Hugging Face hub is unreachable; "
-                    "download it where the hub is reachable and pass its local directory with --model"
+                    f"{flag} {model}: not in the local cache and the Hugging Face hub is unreachable; "
+                    f"download it where the hub is reachable and pass its local directory with {flag}"
                 ) from None
             loaded, tokenizer = from_pretrained()
     except (OSError, ValueError) as error:
         if isinstance(error, UsageError):
             raise
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UsageError(f"--model {model}: cannot load it: {first_line}") from error
+        reason = " ".join(str(error).split()) or type(error).__name__  # the whole reason, on one line
+        raise UsageError(f"{flag} {model}: cannot load it: {reason}") from error
     if not device_map:
         loaded.to(target)
     loaded.eval().requires_grad_(False)  # inference only; frozen weights let the layer runner join projections

@@ -13,7 +13,9 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from . import corpus, layers
-from .errors import UsageError
+from .errors import UsageError, check_seed
+from .loading import model_source
+from .results import ensure_output_dir
 from .recipe import (
     CURRICULA,
     EXIT_WEIGHTINGS,
@@ -79,6 +81,7 @@ class TrainConfig:
     resume: bool = field(default=False, metadata={"help": "continue from the checkpoint in --output_dir"})
 
     def __post_init__(self):
+        check_seed(self.seed)
         positive = ("vocab_size", "num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads",
                     "seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches", "save_every",
                     "rotation")
@@ -238,7 +241,9 @@ def train(config: TrainConfig) -> Path:
         raise UsageError(f"--output_dir {out} holds a checkpoint; pass --resume to continue it or choose another directory")
     if config.resume and not checkpoint_path.exists():
         raise UsageError(f"--resume: there is no checkpoint in {out} to continue; run without --resume to start")
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_output_dir(config.output_dir)
+    if config.init_from:
+        model_source(config.init_from, "--init_from")  # before the minutes spent reading and tokenizing the data
     torch.manual_seed(config.seed)
     dataset, tokenizer = prepare_data(config, out, resuming=config.resume)
     model = build_model(config, tokenizer)

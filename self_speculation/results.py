@@ -1,5 +1,6 @@
 """Reading prompt files and writing results: one JSON document per run, JSONL records as they complete."""
 
+import gzip
 import json
 import os
 import tempfile
@@ -32,6 +33,22 @@ def append_jsonl(path: Path, record: dict) -> None:
     with path.open("a") as f:
         f.write(json.dumps(record, default=str) + "\n")
         f.flush()
+
+
+def read_text(path) -> str:
+    """A data file's text (gzip-compressed when it ends in .gz); one that is not UTF-8 raises UsageError naming the
+    file and the line of the first undecodable byte."""
+    data = Path(path).read_bytes()
+    if str(path).endswith(".gz"):
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as error:
+            raise UsageError(f"{path}: not a gzip file ({error})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise UsageError(f"{path} line {line}: not UTF-8 text (byte 0x{data[error.start]:02x})") from None
 
 
 def jsonl_records(path, text: str, field: str) -> Iterator[tuple[int, dict]]:

@@ -14,6 +14,7 @@ import time
 from arguments import DataArguments, GenerationConfig, ModelArguments, parse, run
 from self_speculation import Generator
 from self_speculation import distributed
+from self_speculation.generator import check_prompt_lengths
 from self_speculation.results import append_jsonl, ensure_output_dir, write_json
 
 
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [example.prompt for example in args.load(model_args.seed)]
     distributed.setup()
     model, tokenizer = model_args.load()
+    check_prompt_lengths(model, [tokenizer(prompt).input_ids for prompt in prompts])
     generators = {
         "autoregressive": Generator(model, tokenizer, baseline, seed=model_args.seed),
         "self_speculative": Generator(model, tokenizer, speculative, seed=model_args.seed),

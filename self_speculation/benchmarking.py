@@ -276,8 +276,8 @@ def speculation_report(model, metrics: dict, samples: list[Sample], settings: di
     """For self_speculative: the ideal speedup for its measured acceptance and this machine's pass costs, the
     measured speedup over our autoregressive decoding (same layer code, so the ratio is the speculation's own
     gain), the efficiency (measured / ideal) and the KV cache against autoregressive decoding's."""
-    costs = measure_pass_costs(model, context, settings["exit_layer"], settings["num_speculations"] + 1,
-                               compiled=settings.get("compile", False))
+    drafts = min(settings["num_speculations"], settings["max_steps"] - 1)  # a step never drafts past the budget
+    costs = measure_pass_costs(model, context, settings["exit_layer"], drafts + 1, compiled=settings.get("compile", False))
     ideal = ideal_speedup(costs, steps=sum(s.passes - 1 for s in samples), drafted=sum(s.drafted for s in samples),
                           accepted=sum(s.accepted for s in samples))
     report = {"ideal_speedup_vs_autoregressive": ideal, "pass_costs_seconds": dataclasses.asdict(costs) | {"context": context}}

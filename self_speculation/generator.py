@@ -59,6 +59,25 @@ def sync_device(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def context_length(model: PreTrainedModel) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def _too_long(length: int, context: int | None) -> str | None:
+    """Why a prompt of `length` tokens cannot be continued, or None: it must leave room for one new token."""
+    if context is not None and length >= context:
+        return f"the prompt is {length} tokens long; the model's context is {context} tokens"
+    return None
+
+
+def check_prompt_lengths(model: PreTrainedModel, prompts: list[list[int]]) -> None:
+    """Before the first generation of a dataset: every prompt fits the model's context, or the first that does not
+    is named by its 1-based position among the examples."""
+    for number, prompt in enumerate(prompts, start=1):
+        if (reason := _too_long(len(prompt), context_length(model))) is not None:
+            raise UsageError(f"example {number} of {len(prompts)}: {reason}")
+
+
 def _token_ids(value) -> set[int]:
     if value is None:
         return set()
@@ -83,7 +102,7 @@ class Generator:
         self.strategy = STRATEGIES[config.generation_strategy]()
         self.device = model.lm_head.weight.device
         self.random = torch.Generator(device=self.device).manual_seed(seed)
-        self.context_length = getattr(model.config, "max_position_embeddings", None)
+        self.context_length = context_length(model)
         eos = _token_ids(model.generation_config.eos_token_id if model.generation_config else None)
         if tokenizer is not None:
             eos |= _token_ids(tokenizer.eos_token_id)
@@ -107,12 +126,9 @@ class Generator:
         if not prompt_ids:
             raise UsageError("the prompt is empty")
         budget = self.config.max_steps
+        if (reason := _too_long(len(prompt_ids), self.context_length)) is not None:
+            raise UsageError(reason)
         if self.context_length is not None:
-            if len(prompt_ids) >= self.context_length:
-                raise UsageError(
-                    f"the prompt is {len(prompt_ids)} tokens long; the model's context is "
-                    f"{self.context_length} tokens"
-                )
             budget = min(budget, self.context_length - len(prompt_ids))
         with torch.inference_mode():
             return self._decode(list(prompt_ids), budget, streamer)
@@ -121,9 +137,10 @@ class Generator:
         d = Decoding(
             model=self.model,
             config=self.config,
-            # room for the whole generation and one step's drafts, so the cache never reallocates
+            # room for the whole generation and one step's drafts (never more than the budget), so the cache never
+            # reallocates
             cache=layers.new_cache(
-                len(prompt_ids) + budget + max(self.config.num_speculations, 0) + 1,
+                len(prompt_ids) + budget + min(max(self.config.num_speculations, 0), budget) + 1,
                 self.strategy.passes(self.config, layers.num_layers(self.model)) if self.config.compile else (),
             ),
             sequence=list(prompt_ids),

@@ -10,6 +10,7 @@ tokens/s and acceptance (PNG and PDF). The baseline (Hugging Face generate) is m
 
 import csv
 import dataclasses
+import io
 import json
 import sys
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from arguments import DataArguments, GenerationConfig, ModelArguments, parse, ru
 from self_speculation import UsageError
 from self_speculation.benchmarking import RUNNERS, summarize
 from self_speculation import distributed
+from self_speculation.generator import check_prompt_lengths
 from self_speculation.plotting import sweep_plot
 from self_speculation.results import ensure_output_dir, write_json
 
@@ -43,35 +45,38 @@ class SweepArguments:
             raise UsageError("--exit_layer_first and --num_speculations_first must be >= 1")
         if self.exit_layer_step < 1 or self.num_speculations_step < 1:
             raise UsageError("--exit_layer_step and --num_speculations_step must be >= 1")
-        if self.exit_layer_last < self.exit_layer_first or self.num_speculations_last < self.num_speculations_first:
-            raise UsageError("each --*_last must be >= its --*_first")
+        for name in ("exit_layer", "num_speculations"):
+            first, last = getattr(self, f"{name}_first"), getattr(self, f"{name}_last")
+            if last < first:
+                raise UsageError(f"--{name}_last ({last}) must be >= --{name}_first ({first})")
 
 
 def main(argv: list[str] | None = None) -> int:
     model_args, config, data_args, args = parse((ModelArguments, GenerationConfig, DataArguments, SweepArguments), argv)
     out = ensure_output_dir(model_args.output_dir)
-    examples = data_args.load(model_args.seed)
-    settings = {"model": dataclasses.asdict(model_args), "generation": dataclasses.asdict(config),
-                "data": dataclasses.asdict(data_args), "sweep": dataclasses.asdict(args)}
     settings_path, csv_path = out / "sweep_config.json", out / "sweep.csv"
-    if settings_path.exists() and json.loads(settings_path.read_text()) != json.loads(json.dumps(settings)):
+    # the directory's name is not a setting: a sweep moved elsewhere resumes there
+    settings = {"model": dataclasses.asdict(model_args) | {"output_dir": None}, "generation": dataclasses.asdict(config),
+                "data": dataclasses.asdict(data_args), "sweep": dataclasses.asdict(args)}
+    if settings_path.exists() and not same_settings(json.loads(settings_path.read_text()), settings):
         raise UsageError(f"--output_dir {out} holds a sweep with other flags; use another directory to start anew")
+    examples = data_args.load(model_args.seed)
     distributed.setup()
-    if distributed.rank() == 0:
-        write_json(settings_path, settings)
     model, tokenizer = model_args.load()
     last_exit = min(args.exit_layer_last, model.config.num_hidden_layers - 1)
     if args.exit_layer_first > last_exit:
         raise UsageError(f"--exit_layer_first must be <= {last_exit} for this model")
+    prompts = [tokenizer(e.prompt).input_ids for e in examples]
+    check_prompt_lengths(model, prompts)
     points = [(e, d) for e in range(args.exit_layer_first, last_exit + 1, args.exit_layer_step)
               for d in range(args.num_speculations_first, args.num_speculations_last + 1, args.num_speculations_step)]
-    done = set()
-    if csv_path.exists():
-        done = {(int(r["exit_layer"]), int(r["num_speculations"])) for r in csv.DictReader(csv_path.open())}
-    elif distributed.rank() == 0:
-        with csv_path.open("w", newline="") as f:
-            csv.writer(f).writerow(COLUMNS)
-    prompts = [tokenizer(e.prompt).input_ids for e in examples]
+    # every flag is checked: from here on the directory holds this sweep
+    done = finished_points(csv_path, repair=distributed.rank() == 0) if csv_path.exists() else set()
+    if distributed.rank() == 0:
+        write_json(settings_path, settings)
+        if not csv_path.exists():
+            with csv_path.open("w", newline="") as f:
+                csv.writer(f).writerow(COLUMNS)
     baseline = measure_baseline(out, model, tokenizer, config, model_args.seed, prompts, args.warmup)
     todo = [p for p in points if p not in done]
     for exit_layer, num_speculations in tqdm(todo, desc="sweep", unit="point", disable=distributed.rank() != 0):
@@ -104,6 +109,26 @@ def main(argv: list[str] | None = None) -> int:
     sweep_plot(frame, "acceptance_rate", "acceptance rate", out / "sweep_acceptance")
     print(f"results in {csv_path} and sweep_*.png/pdf")
     return 0
+
+
+def same_settings(saved: dict, settings: dict) -> bool:
+    """Whether a sweep directory's saved flags are these (its output_dir aside: sweeps written before it was
+    left out still match)."""
+    saved = json.loads(json.dumps(saved))
+    saved.get("model", {})["output_dir"] = None
+    return saved == json.loads(json.dumps(settings))
+
+
+def finished_points(path, repair: bool) -> set[tuple[int, int]]:
+    """The points of sweep.csv's complete rows. A torn last row (the process killed while writing it) is not one;
+    with `repair` it is cut off the file, so the next row starts on a line of its own."""
+    text = path.read_text()
+    if not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1] or ",".join(COLUMNS) + "\n"
+        if repair:
+            path.write_text(text)
+    rows = csv.DictReader(io.StringIO(text))
+    return {(int(r["exit_layer"]), int(r["num_speculations"])) for r in rows if None not in r and None not in r.values()}
 
 
 def run_shared(runner, prompts: list[list[int]]):

@@ -51,3 +51,31 @@ def test_resuming_with_other_flags_is_refused(argv, capsys):
     assert run(sweep.main, argv) == 0
     assert run(sweep.main, argv + ["--max_steps", "9"]) == 2
     assert "other flags" in capsys.readouterr().err
+
+
+def test_a_rejected_command_leaves_the_directory_free(argv, tmp_path, capsys):
+    bad = argv + ["--exit_layer_first", "30", "--exit_layer_last", "31"]
+    assert run(sweep.main, bad) == 2
+    assert "--exit_layer_first must be <= 5" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "sweep_config.json").exists()
+    assert run(sweep.main, argv) == 0  # the corrected command is not taken for another sweep
+
+
+def test_a_torn_last_row_is_measured_again(argv, tmp_path):
+    assert run(sweep.main, argv) == 0
+    csv_path = tmp_path / "out" / "sweep.csv"
+    lines = csv_path.read_text().splitlines(keepends=True)
+    csv_path.write_text("".join(lines[:4]) + lines[4][:12])  # killed while writing the fourth point's row
+    assert run(sweep.main, argv) == 0
+    assert sorted(points(csv_path)) == [(e, d) for e in (1, 2, 3) for d in (1, 2)]
+    assert len(csv_path.read_text().splitlines()) == 7
+
+
+def test_a_moved_sweep_resumes_where_it_is(argv, tmp_path, monkeypatch):
+    assert run(sweep.main, argv) == 0
+    (tmp_path / "out").rename(tmp_path / "moved")
+    built = []
+    monkeypatch.setitem(sweep.RUNNERS, "self_speculative", lambda *args: built.append(args))
+    moved = argv[:-1] + [str(tmp_path / "moved")]
+    assert run(sweep.main, moved) == 0
+    assert built == []  # every point was found finished

@@ -12,6 +12,7 @@ cannot change those scores). Writes eval_<time>.json (lm-eval's results, speed f
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -66,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise UsageError(f"--tasks: unknown {', '.join(unknown)} (add their YAML directory with --include_path)")
     model, tokenizer = model_args.load()
+    if args.apply_chat_template and not getattr(tokenizer, "chat_template", None):
+        raise UsageError(f"--apply_chat_template: the model {model_args.model} has no chat template")
     lm = LayerSkipLM(model, tokenizer, config.generation_strategy, config.exit_layer, config.num_speculations,
                      seed=model_args.seed)
     try:
@@ -78,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConnectionError, OSError) as error:
         if online:
             raise
+        metric = re.search(r"Module '([\w-]+)' doesn't exist", str(error))
+        if metric:  # the `evaluate` library fetches metric code (code_eval for humaneval) from the hub
+            raise UsageError(f"--tasks {','.join(args.tasks)}: the metric {metric.group(1)} is loaded from the Hugging "
+                             "Face hub by the evaluate library, and the hub is unreachable; run it where the hub is "
+                             "reachable once (it is cached), or use a local task (see --include_path)") from None
         raise UsageError(f"--tasks {','.join(args.tasks)}: the task data is on the Hugging Face hub, which is "
                          f"unreachable; use a local task (see --include_path) ({str(error).splitlines()[0]})") from None
     except ValueError as error:

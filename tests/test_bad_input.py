@@ -1,0 +1,141 @@
+"""Every bad input a new user was seen to give, as a table: the script, its flags, the words its one-line error must
+hold and its exit status. Each case also checks that nothing was written to the output directory.
+
+Placeholders in the flags are files made by the `files` fixture: {model} the tiny checkpoint, {out} an empty output
+directory, {binary} a file that is not UTF-8, {array} a JSONL file whose first line is an array, {long} prompts of
+which the second is longer than the model's context, {corpus} a small training text, {file} a plain file,
+{empty} an empty directory, {no_tokenizer} a model directory without a tokenizer.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import benchmark
+import correctness
+import eval as eval_script
+import exits
+import generate
+import sweep
+import train
+from arguments import run
+from self_speculation import loading
+
+SCRIPTS = {"generate": generate, "benchmark": benchmark, "correctness": correctness, "eval": eval_script,
+           "sweep": sweep, "train": train, "exits": exits}
+GREEDY = ["--sample", "False", "--max_steps", "4"]
+DATASETS = ["human_eval", "custom_jsonl", "chat_format", "cnn_dm_summarization", "xsum_summarization", "cnn_dm_lm",
+            "top_v2"]
+
+CASES = [
+    # a mistyped flag names itself and the closest real flag, in every script
+    *[(name, ["--model", "{model}", "--exit_layr", "3"] if name not in ("train", "exits") else ["--exit_layr", "3"],
+       ["unknown flag --exit_layr", "did you mean --exit_layer"]) for name in SCRIPTS if name != "train"],
+    ("train", ["--output_dir", "{out}", "--max_step", "3"], ["unknown flag --max_step", "did you mean --max_steps"]),
+    ("generate", ["--model", "{model}", "--prompt", "hi", "--bogus", "1"], ["unknown flag --bogus"]),
+    ("generate", ["--model", "{model}", "--prompt", "hi", "stray"], ["unexpected argument stray"]),
+    # numbers out of range
+    ("generate", ["--model", "{model}", "--prompt", "hi", "--temperature", "inf"], ["--temperature", "finite"]),
+    ("generate", ["--model", "{model}", "--prompt", "hi", "--temperature", "nan"], ["--temperature"]),
+    ("generate", ["--model", "{model}", "--prompt", "hi", "--seed", "99999999999999999999999"], ["--seed", "[0, "]),
+    ("generate", ["--model", "{model}", "--prompt", "hi", "--seed", "-1"], ["--seed", "[0, "]),
+    ("train", ["--output_dir", "{out}", "--seed", "99999999999999999999999"], ["--seed", "[0, "]),
+    ("generate", ["--model", "{model}", "--prompt", "hi", "--device", "mps"], ["--device mps", "not available"]),
+    ("generate", ["--model", "{model}", "--prompt", "hi", "--device", "tpu"], ["--device", "tpu"]),
+    # data files that are not text, or whose lines are not objects: every dataset names the file and the line
+    *[("correctness", ["--model", "{model}", "--dataset", d, "--data_path", "{binary}"] + GREEDY,
+       ["binary.jsonl", "not UTF-8", "line 2"]) for d in DATASETS],
+    *[("correctness", ["--model", "{model}", "--dataset", d, "--data_path", "{array}"] + GREEDY,
+       ["array.jsonl", "line 1"]) for d in DATASETS],
+    ("train", ["--output_dir", "{out}", "--data", "{binary}"], ["binary.jsonl", "not UTF-8", "line 2"]),
+    ("train", ["--output_dir", "{out}", "--data", "{array}"], ["array.jsonl", "line 1"]),
+    # a prompt too long for the model is found before the first generation, and named
+    *[(name, ["--model", "{model}", "--dataset", "custom_jsonl", "--data_path", "{long}"] + GREEDY + extra,
+       ["example 2", "301 tokens", "context is 256"])
+      for name, extra in [("benchmark", []), ("correctness", []), ("sweep", ["--exit_layer_last", "1",
+                                                                             "--num_speculations_last", "1"])]],
+    # sweep: a bad flag found at the model is reported before anything is written
+    ("sweep", ["--model", "{model}", "--exit_layer_last", "5", "--exit_layer_first", "9"],
+     ["--exit_layer_last (5) must be >= --exit_layer_first (9)"]),
+    ("sweep", ["--model", "{model}", "--exit_layer_first", "30", "--exit_layer_last", "31", "--dataset", "custom_jsonl", "--data_path", "{long}"],
+     ["--exit_layer_first", "<= 5"]),
+    ("sweep", ["--model", "{empty}/nowhere", "--dataset", "custom_jsonl", "--data_path", "{long}"],
+     ["--model", "does not exist"]),
+    # eval
+    ("eval", ["--model", "{model}", "--tasks", "layerskip_stdlib", "--apply_chat_template", "True"],
+     ["--apply_chat_template", "no chat template"]),
+    # train: output directory, the model to start from (checked before reading any data), resume
+    ("train", ["--output_dir", "{file}"], ["--output_dir", "not writable"]),
+    ("train", ["--output_dir", "{file}/sub"], ["--output_dir", "not writable"]),
+    ("train", ["--output_dir", "{out}", "--data", "stdlib", "--init_from", "/nonexistent"],
+     ["--init_from /nonexistent", "does not exist"]),
+    ("train", ["--output_dir", "{out}", "--data", "stdlib", "--init_from", "{empty}"], ["--init_from", "no config.json"]),
+    ("train", ["--output_dir", "{out}", "--resume", "True"], ["--resume", "no checkpoint"]),
+    # model directories
+    ("generate", ["--model", "{no_tokenizer}", "--prompt", "hi"], ["--model", "no tokenizer"]),
+    # exits.py names its own flags
+    ("exits", ["--models", "{empty}/nowhere"], ["--models", "does not exist"]),
+    ("exits", ["--models", "{model}", "--exit_layers", "9", "--num_samples", "1"], ["--exit_layers", "[1, 5]"]),
+]
+
+
+@pytest.fixture
+def files(checkpoint, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "binary.jsonl").write_bytes(b'{"prompt": "a"}\n\x80\xff\xfe binary\n')
+    (tmp_path / "array.jsonl").write_text("[1, 2]\n")
+    (tmp_path / "long.jsonl").write_text(json.dumps({"prompt": "x = 1"}) + "\n" + json.dumps({"prompt": "y" * 300}) + "\n")
+    (tmp_path / "corpus.txt").write_text("def f(x):\n    return x\n" * 50)
+    (tmp_path / "file").write_text("")
+    no_tokenizer = tmp_path / "no_tokenizer"
+    no_tokenizer.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (no_tokenizer / name).write_bytes((Path(checkpoint) / name).read_bytes())
+    return {"model": str(checkpoint), "out": str(tmp_path / "out"), "binary": str(tmp_path / "binary.jsonl"),
+            "array": str(tmp_path / "array.jsonl"), "long": str(tmp_path / "long.jsonl"),
+            "corpus": str(tmp_path / "corpus.txt"), "file": str(tmp_path / "file"), "empty": str(tmp_path / "empty"),
+            "no_tokenizer": str(no_tokenizer)}
+
+
+def case_id(case) -> str:
+    script, argv, _ = case
+    return f"{script} " + " ".join(a for a in argv if a not in ("--model", "{model}"))[:60]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
+def test_bad_input_gets_one_line(case, files, capsys, monkeypatch):
+    script, argv, fragments = case
+    monkeypatch.setattr(loading, "hub_reachable", lambda timeout=3.0: False)
+    argv = [a.format(**files) for a in argv]
+    if script not in ("train", "exits") and "--output_dir" not in argv:
+        argv += ["--output_dir", files["out"]]
+    if script == "exits":
+        argv += ["--output_dir", files["out"]]
+    code = run(SCRIPTS[script].main, argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("error: ") and sum(line.startswith("error: ") for line in lines) == 1, err
+    for fragment in fragments:
+        assert fragment in lines[-1], lines[-1]
+    assert not any(Path(files["out"]).iterdir()), "a rejected command wrote to the output directory"
+
+
+def test_a_huge_draft_length_allocates_for_the_budget_only(checkpoint, files, capsys):
+    from self_speculation import GenerationConfig, Generator
+
+    model, tokenizer = loading.load(str(checkpoint))
+    cache_bytes = {}
+    for drafts in (4, 100_000_000):
+        config = GenerationConfig(generation_strategy="self_speculative", exit_layer=3, num_speculations=drafts,
+                                  max_steps=8, sample=False)
+        cache_bytes[drafts] = Generator(model, tokenizer, config).generate("def f(x):").cache_bytes
+    assert cache_bytes[100_000_000] < 2 * cache_bytes[4]
+    code = run(benchmark.main, ["--model", files["model"], "--dataset", "custom_jsonl", "--data_path", files["long"],
+                                "--num_samples", "1", "--output_dir", files["out"],
+                                "--generation_strategy", "autoregressive,self_speculative", "--exit_layer", "3",
+                                "--num_speculations", "100000000", "--max_steps", "8", "--sample", "False"])
+    assert code == 0, capsys.readouterr().err

@@ -65,6 +65,8 @@ CASES = [
     # eval
     ("eval", ["--model", "{model}", "--tasks", "layerskip_stdlib", "--apply_chat_template", "True"],
      ["--apply_chat_template", "no chat template"]),
+    ("eval", ["--model", "{model}", "--tasks", "humaneval", "--limit", "1", "--allow_code_execution", "True"],
+     ["metric code_eval", "hub is unreachable"]),
     # train: output directory, the model to start from (checked before reading any data), resume
     ("train", ["--output_dir", "{file}"], ["--output_dir", "not writable"]),
     ("train", ["--output_dir", "{file}/sub"], ["--output_dir", "not writable"]),
@@ -107,7 +109,8 @@ def case_id(case) -> str:
 @pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
 def test_bad_input_gets_one_line(case, files, capsys, monkeypatch):
     script, argv, fragments = case
-    monkeypatch.setattr(loading, "hub_reachable", lambda timeout=3.0: False)
+    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # offline, as here; restored after the case
+        monkeypatch.setenv(variable, "1")
     argv = [a.format(**files) for a in argv]
     if script not in ("train", "exits") and "--output_dir" not in argv:
         argv += ["--output_dir", files["out"]]

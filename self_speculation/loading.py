@@ -14,6 +14,9 @@ from .layers import check_forward
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "layerskip-stdlib"
 """The embedded default: a small LayerSkip-trained code model shipped in the repository (see its README)."""
 
+ORDINARY_TEXT = "The result is returned as a list of numbers, one for each line of the input file.\n"
+"""What `check_forward` runs a half-precision model on: ordinary tokens, not special ones with extreme activations."""
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -120,5 +123,5 @@ def load(
     if not device_map:
         loaded.to(target)
     loaded.eval().requires_grad_(False)  # inference only; frozen weights let the layer runner join projections
-    check_forward(loaded)
+    check_forward(loaded, tokenizer(ORDINARY_TEXT, add_special_tokens=False).input_ids)
     return loaded, tokenizer

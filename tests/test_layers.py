@@ -3,7 +3,9 @@
 import pytest
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
-from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from models import tiny_llama
 
 from self_speculation import UsageError, layers
 
@@ -69,10 +71,10 @@ def test_rollback_then_continue_equals_fresh_run(model, capacity):
 
 
 def small(config_class, model_class, **extra):
-    config = config_class(
-        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, **extra,
-    )
+    config = config_class(**{
+        "vocab_size": 96, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128, **extra,
+    })
     torch.manual_seed(0)
     return model_class(config).eval().requires_grad_(False)
 
@@ -137,3 +139,62 @@ def test_frozen_projections_are_joined_without_a_copy_and_trainable_ones_are_not
     torch.testing.assert_close(separate.detach(), joined, atol=ATOL, rtol=RTOL)
     separate.sum().backward()
     assert trainable.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+LLAMA_3_2_1B_WIDTH = dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8,
+                          rope_theta=500000.0, tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize(
+    "build",
+    [
+        # deep, and with every layer adding at full scale: rounding grows through 32 layers (10% of the largest
+        # logit in bfloat16, twice what the check allowed before)
+        lambda: tiny_llama(num_layers=32, layer_scale=1.0, vocab_size=512),
+        # Llama 3.2 1B's width (its 16 layers and 128k vocabulary are measured in the README, too slow for a test)
+        lambda: small(LlamaConfig, LlamaForCausalLM, num_hidden_layers=2, **LLAMA_3_2_1B_WIDTH),
+    ],
+    ids=["deep", "llama-3.2-1b-width"],
+)
+def test_half_precision_models_with_the_llama_maths_are_accepted(build, dtype):
+    model = build().to(dtype)
+    layers.check_forward(model)
+    layers.check_forward(model, list(range(30, 46)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_models_with_other_maths_are_refused(dtype):
+    with pytest.raises(UsageError, match="does not reproduce"):
+        layers.check_forward(small(Qwen3Config, Qwen3ForCausalLM, head_dim=16).to(dtype))
+    with pytest.raises(UsageError, match="not a Llama-style"):
+        layers.check_forward(small(Gemma2Config, Gemma2ForCausalLM, head_dim=16).to(dtype))
+
+
+class _Doubled(torch.nn.Linear):
+    """A projection whose module computes something its weight does not say (as a quantized layer would)."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_half_precision_weights_the_runner_cannot_read_are_refused():
+    model = tiny_llama(num_layers=4).to(torch.bfloat16)
+    down = model.model.layers[1].mlp.down_proj
+    doubled = _Doubled(down.in_features, down.out_features, bias=False, dtype=torch.bfloat16)
+    doubled.weight = down.weight
+    model.model.layers[1].mlp.down_proj = doubled
+    with pytest.raises(UsageError, match="does not reproduce"):
+        layers.check_forward(model)
+
+
+@torch.inference_mode()
+def test_a_model_cast_or_moved_after_use_runs_with_its_new_weights():
+    model = tiny_llama(num_layers=3)
+    before = layers.full_forward(model, IDS, layers.new_cache())
+    model.to(torch.bfloat16)
+    half = layers.full_forward(model, IDS, layers.new_cache())
+    assert half.dtype == torch.float32 and (half - before).abs().max() < 0.1 * before.abs().max()
+    model.to(torch.float32)  # the joined weights follow: no stale bfloat16 copy
+    torch.testing.assert_close(layers.full_forward(model, IDS, layers.new_cache()), reference_logits(model),
+                               atol=ATOL, rtol=RTOL)

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from arguments import DataArguments, GenerationConfig, ModelArguments, parse, pop_option, run
 from self_speculation import UsageError
 from self_speculation.benchmarking import RUNNERS, profile, speculation_report, summarize
+from self_speculation.equivalence import tally
 from self_speculation.generator import check_prompt_lengths
 from self_speculation.metrics import quality
 from self_speculation import distributed
@@ -81,9 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, m in metrics.items():
         if baseline:
             m["speedup_vs_hf_generate"] = m["tokens_per_second_median"] / baseline["tokens_per_second_median"]
-            if not config.sample:
-                m["outputs_differing_from_hf_generate"] = sum(
-                    a.tokens != b.tokens for a, b in zip(samples[name], samples["hf_generate"]))
+            if not config.sample:  # near ties: rounding flips where the two best logits are closer than it
+                counts = tally(model, prompts, [s.tokens for s in samples["hf_generate"]],
+                               [s.tokens for s in samples[name]])
+                m["outputs_differing_from_hf_generate"] = counts["differing"]
+                m["near_ties_vs_hf_generate"] = counts["near_ties"]
+                m["divergences_vs_hf_generate"] = counts["divergences"]
     if "self_speculative" in metrics:
         context = int(statistics.median(len(p) for p in prompts)) + config.max_steps // 2
         metrics["self_speculative"] |= speculation_report(
@@ -113,15 +117,23 @@ def format_table(metrics: dict) -> str:
     def cell(value, fmt):
         return "-" if value is None else format(value, fmt)
 
-    lines = ["| strategy | tokens/s (median) | ms/token | acceptance | tokens/pass | speedup vs hf_generate | outputs ≠ hf |",
+    lines = ["| strategy | tokens/s (median) | ms/token | acceptance | tokens/pass | speedup vs hf_generate | "
+             "outputs ≠ hf (near ties, divergences) |",
              "|---|---|---|---|---|---|---|"]
     for name, m in metrics.items():
         acceptance = None if m["acceptance_rate"] is None else 100 * m["acceptance_rate"]
         lines.append(f"| {name} | {m['tokens_per_second_median']:.1f} | {1000 * m['time_per_token_median']:.2f} | "
                      f"{cell(acceptance, '.1f')}{'%' if acceptance is not None else ''} | "
                      f"{cell(m['tokens_per_full_model_pass'], '.2f')} | {cell(m.get('speedup_vs_hf_generate'), '.2f')}x | "
-                     f"{m.get('outputs_differing_from_hf_generate', '-')} |")
+                     f"{differing(m)} |")
     return "\n".join(lines)
+
+
+def differing(m: dict) -> str:
+    if "outputs_differing_from_hf_generate" not in m:
+        return "-"
+    count = m["outputs_differing_from_hf_generate"]
+    return f"{count} ({m['near_ties_vs_hf_generate']}, {m['divergences_vs_hf_generate']})" if count else "0"
 
 
 def format_speculation(m: dict) -> str:

@@ -1,6 +1,7 @@
 """Sampling: the pure functions, and a statistical test that speculative sampling is lossless."""
 
 import collections
+import copy
 import dataclasses
 
 import pytest
@@ -96,3 +97,11 @@ def test_the_same_test_catches_a_wrong_acceptance_rule(small_vocab_model, autore
     p_value = homogeneity_p_value(autoregressive_samples, wrong)
     print(f"p = {p_value:.3g}")
     assert p_value < 1e-6
+
+
+def test_speculative_sampling_is_lossless_in_bfloat16(small_vocab_model):
+    """The same test with the model in bfloat16: the verifier's rounding must not bias the accepted tokens."""
+    model = copy.deepcopy(small_vocab_model).to(torch.bfloat16)
+    p_value = homogeneity_p_value(continuations(model, SAMPLING, seed=1), continuations(model, SPECULATIVE, seed=2))
+    print(f"p = {p_value:.3g}")
+    assert p_value > 1e-3

@@ -1,0 +1,131 @@
+"""Two greedy outputs of one prompt compared: equal, a near tie, or a divergence.
+
+In float32 greedy self-speculative output equals greedy autoregressive output token for token. In half precision
+it need not: the verifier runs several positions through layers [E, L) in one pass, which rounds differently from
+one position at a time, and where the two best tokens' logits are closer than that rounding the argmax can flip.
+From the first differing position on, the two outputs continue from different prefixes and owe each other nothing.
+
+So a mismatch is judged at its first differing position i, where the reference chose token a and the candidate
+token b. The full model is run on the common prefix (prompt and the i tokens both share) in one pass, and the
+margin logit(a) − logit(b) is taken; where the candidate is self-speculative decoding, the same margin is taken the
+other way round under the verifier's own logits, the ones that chose b. The mismatch is a **near tie** when every
+margin is within the rounding error of the dtype:
+
+    tolerance = tie_tolerance × eps(dtype) × max(|logit(a)|, |logit(b)|, 1)
+
+eps is the dtype's machine epsilon (2^-7 for bfloat16, 2^-10 for float16, 2^-23 for float32): one rounding of a
+logit of that magnitude. Logits come out of a head whose inputs went through every layer's rounding, so the margin a
+flip needs is several such roundings; `TIE_TOLERANCE` is that number, measured (see README). Anything else is a
+**divergence**: one side chose a token the full model clearly ranks lower, which rounding cannot explain.
+"""
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from . import layers
+from .generator import Generator
+from .strategies import SelfSpeculative
+
+TIE_TOLERANCE = 8.0
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """The first index where the sequences differ (the shorter one's length if one is a prefix of the other)."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+@dataclass
+class Comparison:
+    status: str  # match, near_tie or divergence
+    common_prefix: int  # generated tokens both outputs share from the start
+    reference_token: int | None = None  # what each side chose at the first difference
+    candidate_token: int | None = None
+    full_margin: float | None = None  # full model on the common prefix: logit(reference) − logit(candidate)
+    verifier_margin: float | None = None  # the verifier's logits there: logit(candidate) − logit(reference)
+    tolerance: float | None = None
+
+    @property
+    def largest_margin(self) -> float | None:
+        margins = [abs(m) for m in (self.full_margin, self.verifier_margin) if m is not None]
+        return max(margins) if margins else None
+
+    def describe(self) -> str:
+        if self.status == "match":
+            return "match"
+        if self.full_margin is None:
+            return f"{self.status}: one output stops after token {self.common_prefix}"
+        verifier = "" if self.verifier_margin is None else f", verifier margin {self.verifier_margin:.4g}"
+        return (f"{self.status.replace('_', ' ')} at token {self.common_prefix}: full-model margin "
+                f"{self.full_margin:.4g}{verifier} (tolerance {self.tolerance:.3g})")
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"largest_margin": self.largest_margin}
+
+
+def tie_tolerance(dtype: torch.dtype, logit_a: float, logit_b: float, scale: float = TIE_TOLERANCE) -> float:
+    return scale * torch.finfo(dtype).eps * max(abs(logit_a), abs(logit_b), 1.0)
+
+
+@torch.inference_mode()
+def next_token_logits(model, ids: list[int]) -> torch.Tensor:
+    """The full model's logits (V,) after `ids`, from one pass over all of them."""
+    device = model.lm_head.weight.device
+    return layers.full_forward(model, torch.tensor([ids], device=device), layers.new_cache(len(ids) + 1),
+                               last_only=True)[0, -1]
+
+
+def compare(model, prompt_ids: list[int], reference: list[int], candidate: list[int],
+            verifier: dict[int, torch.Tensor] | None = None, scale: float = TIE_TOLERANCE) -> Comparison:
+    """Judge `candidate` against `reference` (generated tokens after `prompt_ids`). `verifier` maps a generated
+    token's index to the logits that chose it, where the candidate is self-speculative decoding."""
+    i = first_difference(reference, candidate)
+    if i is None:
+        return Comparison("match", len(reference))
+    if i >= min(len(reference), len(candidate)):
+        return Comparison("divergence", i)
+    a, b = reference[i], candidate[i]
+    logits = next_token_logits(model, prompt_ids + reference[:i])
+    tolerance = tie_tolerance(model.lm_head.weight.dtype, logits[a].item(), logits[b].item(), scale)
+    full_margin = (logits[a] - logits[b]).item()
+    verifier_margin = None
+    if verifier is not None and i in verifier:
+        verifier_margin = (verifier[i][b] - verifier[i][a]).item()
+    margins = [m for m in (full_margin, verifier_margin) if m is not None]
+    status = "near_tie" if all(abs(m) <= tolerance for m in margins) else "divergence"
+    return Comparison(status, i, a, b, full_margin, verifier_margin, tolerance)
+
+
+def tally(model, prompts: list[list[int]], references: list[list[int]], candidates: list[list[int]],
+          scale: float = TIE_TOLERANCE) -> dict[str, int]:
+    """How many candidates differ from their references, and how many of those are near ties and divergences."""
+    statuses = [compare(model, p, r, c, scale=scale).status for p, r, c in zip(prompts, references, candidates)]
+    return {"differing": len(statuses) - statuses.count("match"), "near_ties": statuses.count("near_tie"),
+            "divergences": statuses.count("divergence")}
+
+
+class _RecordingVerifier(SelfSpeculative):
+    """Self-speculative decoding that keeps, for every token it emits after the prompt's, the verifier's logits
+    that chose it, by the token's index in the whole sequence."""
+
+    def __init__(self):
+        self.rows: dict[int, torch.Tensor] = {}
+
+    def verify(self, d, drafts, draft_scores, logits):
+        accepted, final = super().verify(d, drafts, draft_scores, logits)
+        for j in range(accepted + 1):  # row j chose the token after sequence + drafts[:j]
+            self.rows[len(d.sequence) + j] = logits[j].clone()
+        return accepted, final
+
+
+def verifier_logits(generator: Generator, prompt_ids: list[int]) -> dict[int, torch.Tensor]:
+    """Run the self-speculative `generator` on the prompt again, keeping the verifier's logits: generated token
+    index -> logits (V,) that chose it."""
+    recorder = _RecordingVerifier()
+    replay = Generator(generator.model, generator.tokenizer, generator.config)
+    replay.strategy = recorder
+    replay.generate_ids(prompt_ids)
+    return {position - len(prompt_ids): row for position, row in recorder.rows.items()}

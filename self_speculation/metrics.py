@@ -1,16 +1,16 @@
-"""Quality metrics of generated text against references, through well-kept libraries, in a table."""
+"""Quality metrics of generated text against references, through well-kept libraries, in a table. Each library is
+imported where it is used, so that a machine with only torch and transformers (a GPU box running the quick check)
+still benchmarks, without the metrics it lacks."""
 
 from collections.abc import Callable
-
-from nltk.metrics.distance import edit_distance as _levenshtein
-from rouge_score import rouge_scorer
-from sacrebleu import corpus_bleu
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rouge3", "rougeL")
 
 
 def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
     """Mean ROUGE F-measures on lowercased text."""
+    from rouge_score import rouge_scorer
+
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES))
     totals = dict.fromkeys(ROUGE_TYPES, 0.0)
     for prediction, reference in zip(predictions, references):
@@ -22,6 +22,8 @@ def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
 
 def bleu(predictions: list[str], references: list[str]) -> dict[str, float]:
     """Corpus BLEU-4 (sacrebleu's default tokenisation), 0-100."""
+    from sacrebleu import corpus_bleu
+
     return {"bleu": corpus_bleu(predictions, [references]).score}
 
 
@@ -32,7 +34,9 @@ def exact_match(predictions: list[str], references: list[str]) -> dict[str, floa
 
 def edit_distance(predictions: list[str], references: list[str]) -> dict[str, float]:
     """Mean character Levenshtein distance, and the same divided by the longer string's length."""
-    distances = [(_levenshtein(p, r), max(len(p), len(r), 1)) for p, r in zip(predictions, references)]
+    from nltk.metrics.distance import edit_distance as levenshtein
+
+    distances = [(levenshtein(p, r), max(len(p), len(r), 1)) for p, r in zip(predictions, references)]
     return {
         "edit_distance": sum(d for d, _ in distances) / len(distances),
         "normalized_edit_distance": sum(d / n for d, n in distances) / len(distances),
@@ -48,10 +52,13 @@ METRICS: dict[str, Callable[[list[str], list[str]], dict[str, float]]] = {
 
 
 def quality(predictions: list[str], references: list[str]) -> dict[str, float]:
-    """Every metric of the table; empty when there are no references."""
+    """Every metric of the table whose library is installed; empty when there are no references."""
     if not predictions or not any(references):
         return {}
     scores = {}
     for metric in METRICS.values():
-        scores |= metric(predictions, references)
+        try:
+            scores |= metric(predictions, references)
+        except ImportError:
+            continue
     return scores

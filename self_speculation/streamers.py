@@ -5,7 +5,13 @@ import sys
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase, TextStreamer
-from wcwidth import wcwidth
+
+try:
+    from wcwidth import wcwidth
+except ImportError:  # a minimal install (torch and transformers only): one column per printable character
+
+    def wcwidth(char: str) -> int:
+        return 1 if char.isprintable() else 0
 
 DRAFT = "\033[2;33m"  # dim yellow: drafted, not yet verified
 ACCEPTED = "\033[32m"  # green: verified text

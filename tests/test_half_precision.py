@@ -146,3 +146,20 @@ def test_benchmark_and_sweep_count_ties_and_divergences_apart(checkpoint, tmp_pa
     rows = list(csv.DictReader((tmp_path / "s" / "sweep.csv").open()))
     assert len(rows) == 2 and all(r["divergences"] == "0" for r in rows)
     assert all(int(r["outputs_differing_from_baseline"]) == int(r["near_ties"]) for r in rows)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_generate_and_eval_run_in_half_precision(checkpoint, tmp_path, capsys, dtype):
+    import eval as eval_script
+    import generate
+
+    code = run(generate.main, ["--model", str(checkpoint), "--prompt", "def f(x):", "--dtype", dtype, "--max_steps", "8",
+                               "--sample", "False", "--generation_strategy", "self_speculative", "--exit_layer", "3",
+                               "--num_speculations", "3"])
+    assert code == 0 and "| 8 tokens |" in capsys.readouterr().out
+    code = run(eval_script.main, ["--model", str(checkpoint), "--tasks", "layerskip_stdlib", "--limit", "2", "--dtype",
+                                  dtype, "--generation_strategy", "self_speculative", "--exit_layer", "3",
+                                  "--num_speculations", "3", "--output_dir", str(tmp_path)])
+    assert code == 0
+    [result] = tmp_path.glob("eval_*.json")
+    assert json.loads(result.read_text())["speed"]["requests"] == 2

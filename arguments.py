@@ -3,18 +3,18 @@
 import difflib
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from transformers import HfArgumentParser
 
+from data import DATASETS, DataOptions, Example, load_examples
 from self_speculation.config import GenerationConfig
-from self_speculation.data import DATASETS, DataOptions, Example, load_examples
 from self_speculation.errors import UsageError, check_seed
 from self_speculation.loading import DEFAULT_MODEL, load
+from self_speculation.strategies import STRATEGIES
 from self_speculation.streamers import STREAMERS
-from self_speculation.training import TrainConfig
 
-__all__ = ["DataArguments", "GenerateArguments", "GenerationConfig", "ModelArguments", "TrainConfig", "parse", "pop_option", "run"]
+__all__ = ["DataArguments", "GenerateArguments", "GenerationArguments", "ModelArguments", "parse", "pop_option", "run"]
 
 
 @dataclass
@@ -44,6 +44,17 @@ class ModelArguments:
     def load(self):
         """The model (eval mode, on its device) and its tokenizer."""
         return load(self.model, self.dtype, self.device, self.device_map, self.trust_remote_code)
+
+
+_STRATEGY = next(f for f in fields(GenerationConfig) if f.name == "generation_strategy")
+
+
+@dataclass
+class GenerationArguments(GenerationConfig):
+    """The generation flags: GenerationConfig, with the strategy table's names as the choices of its strategy."""
+
+    generation_strategy: str = field(default=_STRATEGY.default,
+                                     metadata=dict(_STRATEGY.metadata) | {"choices": tuple(STRATEGIES)})
 
 
 @dataclass

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from arguments import DataArguments, GenerationConfig, ModelArguments, parse, pop_option, run
+from arguments import DataArguments, GenerationArguments, ModelArguments, parse, pop_option, run
 from self_speculation import UsageError
 from self_speculation.benchmarking import RUNNERS, profile, speculation_report, summarize
 from self_speculation.equivalence import tally
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise UsageError(f"--generation_strategy: unknown {', '.join(unknown)} (choose from {', '.join(RUNNERS)})")
     model_args, config, data_args, args = parse(
-        (ModelArguments, GenerationConfig, DataArguments, BenchmarkArguments), argv,
+        (ModelArguments, GenerationArguments, DataArguments, BenchmarkArguments), argv,
         help={"--generation_strategy": f"strategies to compare, comma-separated, from: {', '.join(RUNNERS)}"})
     out = ensure_output_dir(model_args.output_dir)
     examples = data_args.load(model_args.seed)

@@ -16,12 +16,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from arguments import DataArguments, GenerationConfig, ModelArguments, parse, run
+from arguments import DataArguments, GenerationArguments, ModelArguments, parse, run
 from self_speculation import Generator, UsageError
 from self_speculation import distributed
 from self_speculation.equivalence import TIE_TOLERANCE, compare, verifier_logits
 from self_speculation.generator import check_prompt_lengths
 from self_speculation.results import append_jsonl, ensure_output_dir, write_json
+from self_speculation.strategies import Autoregressive, SelfSpeculative
 
 
 @dataclass
@@ -38,10 +39,10 @@ class CorrectnessArguments:
 
 
 def main(argv: list[str] | None = None) -> int:
-    model_args, config, data_args, args = parse((ModelArguments, GenerationConfig, DataArguments, CorrectnessArguments), argv)
+    model_args, config, data_args, args = parse((ModelArguments, GenerationArguments, DataArguments, CorrectnessArguments), argv)
     # Greedy on both sides: the invariant is token-for-token identity.
-    speculative = dataclasses.replace(config, generation_strategy="self_speculative", sample=False)
-    baseline = dataclasses.replace(config, generation_strategy="autoregressive", sample=False, exit_layer=-1)
+    speculative = SelfSpeculative().own(dataclasses.replace(config, sample=False))
+    baseline = Autoregressive().own(dataclasses.replace(config, sample=False))
     output_dir = ensure_output_dir(model_args.output_dir)
     examples = data_args.load(model_args.seed)
     distributed.setup()

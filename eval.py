@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from arguments import GenerationConfig, ModelArguments, parse, run
+from arguments import GenerationArguments, ModelArguments, parse, run
 from self_speculation import UsageError
 from self_speculation.loading import hub_reachable
 from self_speculation.results import append_jsonl, ensure_output_dir, write_json
@@ -51,7 +51,7 @@ class EvalArguments:
 
 
 def main(argv: list[str] | None = None) -> int:
-    model_args, config, args = parse((ModelArguments, GenerationConfig, EvalArguments), argv)
+    model_args, config, args = parse((ModelArguments, GenerationArguments, EvalArguments), argv)
     out = ensure_output_dir(model_args.output_dir)
     online = hub_reachable()
     if not online:  # hub datasets fail at once instead of retrying
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("this task executes generated code; pass --allow_code_execution to allow it") from None
         raise
     stem = out / f"eval_{time.strftime('%Y%m%d_%H%M%S')}"
-    scoring = (f"early exit at layer {lm.generation.exit_layer}" if lm.scores_with_early_exit else "full model")
+    scoring = f"early exit at layer {lm.scoring_layer}" if lm.scores_with_early_exit else "full model"
     write_json(stem.with_suffix(".json"), json.loads(json.dumps({
         "arguments": {"model": dataclasses.asdict(model_args), "generation": dataclasses.asdict(lm.generation),
                       "eval": dataclasses.asdict(args)},

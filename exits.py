@@ -28,7 +28,7 @@ from self_speculation.analysis import (
     predict,
     solution_loss,
 )
-from self_speculation.benchmarking import PassCosts
+from self_speculation.costs import PassCosts
 from self_speculation.loading import DEFAULT_MODEL, load
 from self_speculation.results import ensure_output_dir, write_json
 

@@ -6,7 +6,7 @@
 
 import sys
 
-from arguments import GenerateArguments, GenerationConfig, ModelArguments, parse, run
+from arguments import GenerateArguments, GenerationArguments, ModelArguments, parse, run
 from self_speculation import Generator
 from self_speculation.distributed import rank
 from self_speculation.streamers import STREAMERS
@@ -45,7 +45,7 @@ def interactive(generator: Generator, streamer_name: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    model_args, config, args = parse((ModelArguments, GenerationConfig, GenerateArguments), argv)
+    model_args, config, args = parse((ModelArguments, GenerationArguments, GenerateArguments), argv)
     if rank() != 0:
         return 0  # under torchrun only the first process talks to the terminal
     model, tokenizer = model_args.load()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 from tqdm import tqdm
 
-from arguments import DataArguments, GenerationConfig, ModelArguments, parse, run
+from arguments import DataArguments, GenerationArguments, ModelArguments, parse, run
 from self_speculation import UsageError
 from self_speculation.benchmarking import RUNNERS, summarize
 from self_speculation import distributed
@@ -54,7 +54,7 @@ class SweepArguments:
 
 
 def main(argv: list[str] | None = None) -> int:
-    model_args, config, data_args, args = parse((ModelArguments, GenerationConfig, DataArguments, SweepArguments), argv)
+    model_args, config, data_args, args = parse((ModelArguments, GenerationArguments, DataArguments, SweepArguments), argv)
     out = ensure_output_dir(model_args.output_dir)
     settings_path, csv_path = out / "sweep_config.json", out / "sweep.csv"
     # the directory's name is not a setting: a sweep moved elsewhere resumes there

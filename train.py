@@ -7,8 +7,8 @@
 
 import sys
 
-from arguments import TrainConfig, parse, run
-from self_speculation.training import train
+from arguments import parse, run
+from self_speculation.training import TrainConfig, train
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 import torch
 
 from . import layers
-from .benchmarking import PassCosts, PassTimer, ideal_speedup
+from .benchmarking import PassTimer
+from .costs import PassCosts
 from .config import GenerationConfig
 from .generator import Generator
+from .strategies import SelfSpeculative
 
 
 def humaneval_problems() -> list[dict]:
@@ -158,7 +160,7 @@ def predict(traces: list[GreedyTrace], costs: dict[int, PassCosts], speculations
         for d in speculations:
             replays = [simulate(t, exit_layer, d) for t in traces]
             steps, drafted, accepted = (sum(getattr(r, f) for r in replays) for f in ("steps", "drafted", "accepted"))
-            speedup = ideal_speedup(cost, steps, drafted, accepted)
+            speedup = SelfSpeculative().ideal_speedup(cost, steps, drafted, accepted)
             predictions.append(Prediction(exit_layer, d, accepted / drafted if drafted else float("nan"),
                                           (accepted + steps) / steps if steps else 1.0, speedup,
                                           speedup * autoregressive))

@@ -12,7 +12,9 @@ from transformers import CompileConfig
 
 from . import layers
 from .config import GenerationConfig
+from .costs import PassCosts
 from .generator import Generator, sync_device
+from .strategies import STRATEGIES, SelfSpeculative, configured
 
 
 @dataclass
@@ -39,37 +41,21 @@ class Runner:
     settings: dict  # the effective settings, recorded in the results
 
 
-def _speculative(model, config: GenerationConfig) -> GenerationConfig:
-    """The self-speculative settings for this model: flags, else the checkpoint's recommendation."""
-    return dataclasses.replace(config, generation_strategy="self_speculative").for_model(model.config)
+def _ours(name: str):
+    """A runner of our strategy `name`, given the flags it uses (a benchmark passes one set to every strategy)."""
 
+    def build(model, tokenizer, config: GenerationConfig, seed: int) -> Runner:
+        generator = Generator(model, tokenizer, STRATEGIES[name]().own(config), seed=seed)
 
-def _ours(name: str, model, tokenizer, config: GenerationConfig, seed: int) -> Runner:
-    generator = Generator(model, tokenizer, config, seed=seed)
+        def run(prompt_ids):
+            with _peak_gpu_memory(generator.device) as peak:
+                r = generator.generate_ids(prompt_ids)
+            return Sample(name, -1, r.tokens, r.total_time, r.time_to_first_token, r.drafted, r.accepted,
+                          r.steps + 1, r.cache_bytes, peak.get("bytes"))
 
-    def run(prompt_ids):
-        with _peak_gpu_memory(generator.device) as peak:
-            r = generator.generate_ids(prompt_ids)
-        return Sample(name, -1, r.tokens, r.total_time, r.time_to_first_token, r.drafted, r.accepted, r.steps + 1,
-                      r.cache_bytes, peak.get("bytes"))
+        return Runner(run, dataclasses.asdict(generator.config))
 
-    return Runner(run, dataclasses.asdict(generator.config))
-
-
-def _autoregressive(model, tokenizer, config, seed) -> Runner:
-    """Always the full model here, whatever --exit_layer says (that is early_exit)."""
-    config = dataclasses.replace(config, generation_strategy="autoregressive", exit_layer=-1)
-    return _ours("autoregressive", model, tokenizer, config, seed)
-
-
-def _early_exit(model, tokenizer, config, seed) -> Runner:
-    exit_layer = _speculative(model, config).exit_layer
-    config = dataclasses.replace(config, generation_strategy="autoregressive", exit_layer=exit_layer)
-    return _ours("early_exit", model, tokenizer, config, seed)
-
-
-def _self_speculative(model, tokenizer, config, seed) -> Runner:
-    return _ours("self_speculative", model, tokenizer, _speculative(model, config), seed)
+    return build
 
 
 def _hf_kwargs(model, tokenizer, config: GenerationConfig) -> dict:
@@ -142,7 +128,7 @@ def _hf_assistant_early_exit(model, tokenizer, config, seed) -> Runner:
     """Hugging Face's LayerSkip: the first E layers draft with their own cache, the full model verifies. Its draft
     length is read from the model's generation config (not from generate() arguments), so it is set there for the
     call and restored; its confidence-based early stop is switched off to draft exactly d tokens like ours."""
-    speculative = _speculative(model, config)
+    _, speculative = configured(SelfSpeculative().own(config), model.config)
     kwargs = _hf_kwargs(model, tokenizer, config) | {"assistant_early_exit": speculative.exit_layer}
     patch = {
         "num_assistant_tokens": speculative.num_speculations,
@@ -154,37 +140,10 @@ def _hf_assistant_early_exit(model, tokenizer, config, seed) -> Runner:
 
 
 RUNNERS: dict[str, Callable] = {
-    "autoregressive": _autoregressive,
-    "early_exit": _early_exit,
-    "self_speculative": _self_speculative,
+    **{name: _ours(name) for name in STRATEGIES},
     "hf_generate": _hf_generate,
     "hf_assistant_early_exit": _hf_assistant_early_exit,
 }
-
-
-@dataclass
-class PassCosts:
-    """Seconds, measured here, of the passes decoding makes: layers [0, E) over one position (`draft`), layers
-    [E, L) over T positions (`verify`, T -> seconds), all layers over one position (`full`), and the final norm and
-    head over T positions (`head`)."""
-
-    draft: float
-    verify: dict[int, float]
-    full: float
-    head: dict[int, float]
-
-    @classmethod
-    def from_dict(cls, saved: dict) -> "PassCosts":
-        """The inverse of `dataclasses.asdict` after a JSON round trip (whose keys are strings)."""
-        return cls(saved["draft"], {int(k): v for k, v in saved["verify"].items()}, saved["full"],
-                   {int(k): v for k, v in saved["head"].items()})
-
-    @staticmethod
-    def at(table: dict[int, float], positions: float) -> float:
-        """Linear interpolation for a mean number of positions."""
-        low = int(positions)
-        high = min(low + 1, max(table))
-        return table[low] + (positions - low) * (table[high] - table[low])
 
 
 class PassTimer:
@@ -194,7 +153,8 @@ class PassTimer:
     def __init__(self, model, context: int, max_positions: int, compiled=(), repeats: int = 15):
         self.model, self.repeats = model, repeats
         self.device = model.lm_head.weight.device
-        self.cache = layers.new_cache(context + max_positions, compiled)
+        self.cache = layers.new_cache(context + max_positions)
+        self.compiled = layers.CompiledPasses(model, compiled)
         with torch.inference_mode():
             layers.full_forward(model, torch.zeros((1, context), dtype=torch.long, device=self.device), self.cache)
 
@@ -206,7 +166,7 @@ class PassTimer:
         for _ in range(self.repeats + 2):  # the first two warm up
             sync_device(self.device)
             begin = time.perf_counter()
-            out = layers.run_layers(self.model, hidden, self.cache, start, end)
+            out = layers.run_layers(self.model, hidden, self.cache, start, end, self.compiled)
             sync_device(self.device)
             middle = time.perf_counter()
             if with_head:
@@ -234,20 +194,6 @@ def measure_pass_costs(model, context: int, exit_layer: int, max_positions: int,
     count = layers.num_layers(model)
     passes = {(0, exit_layer, 1), (exit_layer, count, max_positions), (0, count, 1)} if compiled else ()
     return PassTimer(model, context, max_positions, passes, repeats).costs(exit_layer, max_positions)
-
-
-def ideal_speedup(costs: PassCosts, steps: int, drafted: int, accepted: int) -> float:
-    """The speedup over autoregressive decoding that self-speculation would reach with no overhead beyond its layer
-    and head passes, for the measured acceptance. A step with k drafts runs layers [0, E) over one position k + 1
-    times (k drafts, then the last draft's exit hidden state), layers [E, L) once over k + 1 positions, the head
-    k times over one position and once over k + 1; it yields accepted + 1 tokens. An autoregressive token costs
-    a pass of all layers and the head over one position."""
-    if steps == 0:
-        return 1.0
-    k = drafted / steps
-    step = (k + 1) * costs.draft + costs.at(costs.verify, k + 1) + k * costs.head[1] + costs.at(costs.head, k + 1)
-    token = costs.full + costs.head[1]
-    return (accepted + steps) * token / (steps * step)
 
 
 def summarize(samples: list[Sample]) -> dict:
@@ -278,8 +224,9 @@ def speculation_report(model, metrics: dict, samples: list[Sample], settings: di
     gain), the efficiency (measured / ideal) and the KV cache against autoregressive decoding's."""
     drafts = min(settings["num_speculations"], settings["max_steps"] - 1)  # a step never drafts past the budget
     costs = measure_pass_costs(model, context, settings["exit_layer"], drafts + 1, compiled=settings.get("compile", False))
-    ideal = ideal_speedup(costs, steps=sum(s.passes - 1 for s in samples), drafted=sum(s.drafted for s in samples),
-                          accepted=sum(s.accepted for s in samples))
+    ideal = SelfSpeculative().ideal_speedup(costs, steps=sum(s.passes - 1 for s in samples),
+                                            drafted=sum(s.drafted for s in samples),
+                                            accepted=sum(s.accepted for s in samples))
     report = {"ideal_speedup_vs_autoregressive": ideal, "pass_costs_seconds": dataclasses.asdict(costs) | {"context": context}}
     plain = metrics.get("autoregressive")
     if plain:

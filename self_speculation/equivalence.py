@@ -19,6 +19,7 @@ flip needs is several such roundings; `TIE_TOLERANCE` is that number, measured (
 **divergence**: one side chose a token the full model clearly ranks lower, which rounding cannot explain.
 """
 
+import copy
 from dataclasses import asdict, dataclass
 
 import torch
@@ -125,7 +126,7 @@ def verifier_logits(generator: Generator, prompt_ids: list[int]) -> dict[int, to
     """Run the self-speculative `generator` on the prompt again, keeping the verifier's logits: generated token
     index -> logits (V,) that chose it."""
     recorder = _RecordingVerifier()
-    replay = Generator(generator.model, generator.tokenizer, generator.config)
+    replay = copy.copy(generator)  # the same configuration and compiled passes, so the same rounding
     replay.strategy = recorder
     replay.generate_ids(prompt_ids)
     return {position - len(prompt_ids): row for position, row in recorder.rows.items()}

@@ -11,7 +11,7 @@ from .config import GenerationConfig
 from .errors import UsageError
 from .sampling import processors
 from .stopping import StopCondition
-from .strategies import STRATEGIES, Decoding
+from .strategies import Decoding, configured
 
 
 @dataclass
@@ -85,7 +85,8 @@ def _token_ids(value) -> set[int]:
 
 
 class Generator:
-    """Runs one strategy on one model. Validates the configuration against the model once."""
+    """Runs one strategy on one model. Validates the configuration against the model once, and holds what is
+    derived from both: the strategy and, with --compile, its compiled passes."""
 
     def __init__(
         self,
@@ -95,11 +96,12 @@ class Generator:
         seed: int = 42,
     ):
         layers.check_layout(model)
-        config = config.for_model(model.config)
+        self.strategy, config = configured(config, model.config)
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
-        self.strategy = STRATEGIES[config.generation_strategy]()
+        passes = self.strategy.passes(config, layers.num_layers(model)) if config.compile else ()
+        self.compiled = layers.CompiledPasses(model, passes) if passes else None
         self.device = model.lm_head.weight.device
         self.random = torch.Generator(device=self.device).manual_seed(seed)
         self.context_length = context_length(model)
@@ -137,17 +139,14 @@ class Generator:
         d = Decoding(
             model=self.model,
             config=self.config,
-            # room for the whole generation and one step's drafts (never more than the budget), so the cache never
-            # reallocates
-            cache=layers.new_cache(
-                len(prompt_ids) + budget + min(max(self.config.num_speculations, 0), budget) + 1,
-                self.strategy.passes(self.config, layers.num_layers(self.model)) if self.config.compile else (),
-            ),
+            # room for the whole generation and what a step writes past it, so the cache never reallocates
+            cache=layers.new_cache(len(prompt_ids) + budget + self.strategy.cache_room(self.config, budget)),
             sequence=list(prompt_ids),
             processors=processors(self.config),
             generator=self.random,
             stop_ids=self.stop.token_ids,
             on_draft=getattr(streamer, "put_draft", None),
+            compiled=self.compiled,
         )
         result = GenerationResult(
             prompt_tokens=len(prompt_ids), tokens=[], text="", stop_reason="max_steps", drafted=0, accepted=0,

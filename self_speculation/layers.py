@@ -101,17 +101,14 @@ class PositionLayer(CacheLayerMixin):
 
 
 class PositionCache(Cache):
-    """One cache shared by drafting and verification; every layer keeps every position it has seen.
-    `compiled` names the passes, (start layer, end layer, new tokens), that `run_layers` runs through
-    `torch.compile` instead of op by op."""
+    """One cache shared by drafting and verification; every layer keeps every position it has seen."""
 
-    def __init__(self, capacity: int = 256, compiled: Iterable[tuple[int, int, int]] = ()):
+    def __init__(self, capacity: int = 256):
         super().__init__(layer_class_to_replicate=lambda: PositionLayer(capacity))
-        self.compiled = frozenset(compiled)
 
 
-def new_cache(capacity: int = 256, compiled: Iterable[tuple[int, int, int]] = ()) -> PositionCache:
-    return PositionCache(capacity, compiled)
+def new_cache(capacity: int = 256) -> PositionCache:
+    return PositionCache(capacity)
 
 
 def cache_bytes(cache: Cache) -> int:
@@ -258,13 +255,14 @@ def _layer(w: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 
 
 def run_layers(
-    model: PreTrainedModel, hidden: torch.Tensor, cache: Cache | None, start: int, end: int
+    model: PreTrainedModel, hidden: torch.Tensor, cache: Cache | None, start: int, end: int,
+    compiled: "CompiledPasses | None" = None,
 ) -> torch.Tensor:
     """Run decoder layers [start, end) over `hidden` (B, T, H); each of their caches grows by T positions.
-    Without a cache (training) the sequence starts at position 0."""
+    Without a cache (training) the sequence starts at position 0. A pass `compiled` holds runs compiled."""
     T = hidden.shape[1]
-    if cache is not None and (start, end, T) in getattr(cache, "compiled", ()):
-        out = _run_compiled(model, hidden, cache, start, end)
+    if compiled is not None and cache is not None:
+        out = compiled.run(hidden, cache, start, end)
         if out is not None:
             return out
     weights = layer_weights(model)[start:end]
@@ -335,34 +333,37 @@ class _CompiledPass:
         return out
 
 
-_COMPILED: WeakKeyDictionary = WeakKeyDictionary()  # model -> {(start, end, T): _CompiledPass}
+class CompiledPasses:
+    """The passes a decoder runs through torch.compile, (start layer, end layer, new tokens), each compiled on its
+    first use. Whoever runs the passes holds this object (a Generator, a PassTimer): compiled code lives as long as
+    its holder, and a new holder compiles for its own model."""
 
+    def __init__(self, model: PreTrainedModel, shapes: Iterable[tuple[int, int, int]]):
+        self.model = model
+        self.shapes = frozenset(shapes)
+        self.passes: dict[tuple[int, int, int], _CompiledPass] = {}
 
-def compiled_pass(model: PreTrainedModel, start: int, end: int, tokens: int) -> _CompiledPass:
-    """The torch.compile'd pass of layers [start, end) over `tokens` new tokens, compiled on its first call."""
-    passes = _COMPILED.setdefault(model, {})
-    if (start, end, tokens) not in passes:
-        passes[start, end, tokens] = _CompiledPass(model, start, end)
-    return passes[start, end, tokens]
-
-
-def _run_compiled(model: PreTrainedModel, hidden: torch.Tensor, cache: Cache, start: int, end: int):
-    """Run a compiled pass, or return None where one cannot run (layers not allocated yet, buffers full)."""
-    T = hidden.shape[1]
-    run = cache.layers[start:end]
-    if len(run) < end - start or not all(layer.is_initialized for layer in run):
-        return None
-    past = run[0].length
-    if past + T > run[0].keys.shape[2]:
-        return None
-    keys, values = [layer.keys for layer in run], [layer.values for layer in run]
-    if not hasattr(run[0].keys, "_dynamo_dynamic_indices"):
-        for buffer in keys + values:
-            torch._dynamo.mark_dynamic(buffer, 2)  # the capacity: one compilation for every cache size
-    out = compiled_pass(model, start, end, T)(hidden, torch.arange(past, past + T, device=hidden.device), keys, values)
-    for layer in run:
-        layer.length = past + T
-    return out
+    def run(self, hidden: torch.Tensor, cache: Cache, start: int, end: int) -> torch.Tensor | None:
+        """The pass over `hidden` (B, T, H) compiled, or None where this shape is not compiled or cannot run yet
+        (the first pass allocates the cache's buffers; a full buffer would have to grow): the caller then runs
+        the layers op by op."""
+        T = hidden.shape[1]
+        run = cache.layers[start:end]
+        if (start, end, T) not in self.shapes or len(run) < end - start or not all(l.is_initialized for l in run):
+            return None
+        past = run[0].length
+        if past + T > run[0].keys.shape[2]:
+            return None
+        keys, values = [layer.keys for layer in run], [layer.values for layer in run]
+        if not hasattr(run[0].keys, "_dynamo_dynamic_indices"):
+            for buffer in keys + values:
+                torch._dynamo.mark_dynamic(buffer, 2)  # the capacity: one compilation for every cache size
+        if (start, end, T) not in self.passes:
+            self.passes[start, end, T] = _CompiledPass(self.model, start, end)
+        out = self.passes[start, end, T](hidden, torch.arange(past, past + T, device=hidden.device), keys, values)
+        for layer in run:
+            layer.length = past + T
+        return out
 
 
 def embed(model: PreTrainedModel, token_ids: torch.Tensor) -> torch.Tensor:
@@ -374,9 +375,10 @@ def head(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
     return model.lm_head(model.model.norm(hidden)).float()  # (B, T, V)
 
 
-def full_forward(model: PreTrainedModel, token_ids: torch.Tensor, cache: Cache, last_only: bool = False) -> torch.Tensor:
+def full_forward(model: PreTrainedModel, token_ids: torch.Tensor, cache: Cache, last_only: bool = False,
+                 compiled: CompiledPasses | None = None) -> torch.Tensor:
     """Logits of the whole model (B, T, V), or of the last position only (B, 1, V)."""
-    hidden = run_layers(model, embed(model, token_ids), cache, 0, num_layers(model))
+    hidden = run_layers(model, embed(model, token_ids), cache, 0, num_layers(model), compiled)
     return head(model, hidden[:, -1:] if last_only else hidden)
 
 
@@ -387,20 +389,23 @@ class EarlyExit:
 
 
 def early_exit(
-    model: PreTrainedModel, token_ids: torch.Tensor, cache: Cache, exit_layer: int, last_only: bool = False
+    model: PreTrainedModel, token_ids: torch.Tensor, cache: Cache, exit_layer: int, last_only: bool = False,
+    compiled: CompiledPasses | None = None,
 ) -> EarlyExit:
-    hidden = exit_hidden(model, token_ids, cache, exit_layer)
+    hidden = exit_hidden(model, token_ids, cache, exit_layer, compiled)
     return EarlyExit(head(model, hidden[:, -1:] if last_only else hidden), hidden)
 
 
-def exit_hidden(model: PreTrainedModel, token_ids: torch.Tensor, cache: Cache, exit_layer: int) -> torch.Tensor:
+def exit_hidden(model: PreTrainedModel, token_ids: torch.Tensor, cache: Cache, exit_layer: int,
+                compiled: CompiledPasses | None = None) -> torch.Tensor:
     """Output of layers [0, exit_layer) without the head (B, T, H)."""
-    return run_layers(model, embed(model, token_ids), cache, 0, exit_layer)
+    return run_layers(model, embed(model, token_ids), cache, 0, exit_layer, compiled)
 
 
-def remainder(model: PreTrainedModel, exit_hiddens: torch.Tensor, cache: Cache, exit_layer: int) -> torch.Tensor:
+def remainder(model: PreTrainedModel, exit_hiddens: torch.Tensor, cache: Cache, exit_layer: int,
+              compiled: CompiledPasses | None = None) -> torch.Tensor:
     """Full-model logits (B, T, V) from exit-layer hidden states: layers [exit_layer, L), norm, head."""
-    return head(model, run_layers(model, exit_hiddens, cache, exit_layer, num_layers(model)))
+    return head(model, run_layers(model, exit_hiddens, cache, exit_layer, num_layers(model), compiled))
 
 
 def rollback(cache: Cache, positions: int) -> None:

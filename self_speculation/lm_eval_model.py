@@ -17,6 +17,7 @@ from . import layers
 from .config import GenerationConfig
 from .generator import Generator
 from .loading import load
+from .strategies import configured
 
 
 @dataclasses.dataclass
@@ -62,21 +63,27 @@ class LayerSkipLM(HFLM):
             generation_strategy=generation_strategy, exit_layer=int(exit_layer),
             num_speculations=int(num_speculations), sample=False,
         )
-        self.generation = config.for_model(pretrained.config)  # checked once, with the checkpoint's defaults
+        # checked once, with the checkpoint's defaults
+        self.strategy, self.generation = configured(config, pretrained.config)
         self.seed = int(seed)
         self.speed = SpeedTotals()
         kwargs.pop("batch_size", None)
         super().__init__(pretrained=pretrained, tokenizer=tokenizer, batch_size=1, **kwargs)
 
     @property
+    def scoring_layer(self) -> int:
+        """Where log-likelihoods are scored: the layer whose distribution the strategy generates from."""
+        return self.strategy.output_layer(self.generation, layers.num_layers(self.model))
+
+    @property
     def scores_with_early_exit(self) -> bool:
-        return not self.generation.speculative and self.generation.exit_layer > 0
+        return self.scoring_layer < layers.num_layers(self.model)
 
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
         if not self.scores_with_early_exit:
             return super()._model_call(inps, attn_mask, labels)
         with torch.no_grad():
-            return layers.early_exit(self.model, inps, None, self.generation.exit_layer).logits
+            return layers.early_exit(self.model, inps, None, self.scoring_layer).logits
 
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **kwargs) -> torch.Tensor:
         kwargs.pop("attention_mask", None)

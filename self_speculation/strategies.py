@@ -1,24 +1,22 @@
-"""Generation strategies, in a table. A strategy has two methods:
+"""Generation strategies, in a table. Each one owns everything specific to it (see `Strategy`); the decoding loop
+(generator.py), the benchmark and the cost model call these methods and never ask which strategy they run.
 
-- `prefill(decoding, prompt)` runs the prompt (1, T) and returns the logits (V,) of the first new token;
-- `step(decoding, budget)` takes the newest token (the one not yet in the cache) and returns a StepResult with
-  between 1 and `budget` new tokens.
+Adding a strategy is one class here and one entry in `STRATEGIES`; the greedy-equivalence tests run over every
+entry (a `lossless` strategy must equal autoregressive decoding token for token).
 """
 
-from __future__ import annotations
-
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from transformers import Cache, LogitsProcessorList, PreTrainedModel
 
 from . import layers
+from .config import GenerationConfig
+from .costs import PassCosts
+from .errors import UsageError
 from .sampling import accept_draft, greedy, probabilities, residual, sample
-
-if TYPE_CHECKING:
-    from .config import GenerationConfig
 
 
 @dataclass
@@ -33,6 +31,7 @@ class Decoding:
     generator: torch.Generator | None
     stop_ids: frozenset[int]  # drafting ends at these
     on_draft: Callable[[int], None] | None = None
+    compiled: layers.CompiledPasses | None = None  # --compile: the passes run through torch.compile
 
     def ids(self, token: int) -> torch.Tensor:
         return torch.tensor([[token]], device=self.model.lm_head.weight.device)  # (1, 1)
@@ -57,45 +56,195 @@ class StepResult:
     accepted: int = 0
 
 
-class Autoregressive:
-    """One token per step from the full model, or from the first `exit_layer` layers (plain early exit)."""
+class Strategy:
+    """What a generation strategy provides.
 
-    @staticmethod
-    def passes(config: GenerationConfig, num_layers: int) -> set[tuple[int, int, int]]:
-        """The passes a step makes, (start layer, end layer, tokens): what `--compile` compiles."""
-        return {(0, config.exit_layer if config.exit_layer > 0 else num_layers, 1)}
+    Settings:
+    - `configure(config, model_config)`: the configuration checked and completed for a model (the checkpoint's
+      recommended `layerskip` settings fill the flags left at -1); bad settings raise UsageError naming the flag.
+      It may hand over to another strategy by renaming `generation_strategy` (see `configured`).
+    - `own(config)`: the configuration without the flags this strategy does not use, for a benchmark that passes
+      one set of flags to several strategies.
 
-    def logits(self, d: Decoding, token_ids: torch.Tensor) -> torch.Tensor:
-        if d.config.exit_layer > 0:
-            return layers.early_exit(d.model, token_ids, d.cache, d.config.exit_layer, last_only=True).logits[0, -1]
-        return layers.full_forward(d.model, token_ids, d.cache, last_only=True)[0, -1]
+    Resources:
+    - `passes(config, num_layers)`: the passes a step makes, (start layer, end layer, new tokens): what --compile
+      compiles.
+    - `cache_room(config, budget)`: cache positions needed beyond the prompt and the token budget.
+    - `output_layer(config, num_layers)`: the layer whose logits are the distribution the strategy samples from
+      (where lm-eval scores log-likelihoods).
+    - `step_seconds(costs, drafts)`: the cost model: the time of one step from measured pass costs, `drafts`
+      being the mean number of tokens drafted per step. `ideal_speedup` turns it into a speedup.
+
+    Decoding:
+    - `prefill(decoding, prompt)` runs the prompt (1, T) and returns the logits (V,) of the first new token.
+    - `step(decoding, budget)` takes the newest token (not yet in the cache) and returns between 1 and `budget`
+      new tokens.
+
+    `lossless`: the greedy output equals greedy autoregressive output token for token, and sampling draws from the
+    full model's distribution."""
+
+    name: str
+    lossless: bool
+
+    def configure(self, config: GenerationConfig, model_config) -> GenerationConfig:
+        raise NotImplementedError
+
+    def own(self, config: GenerationConfig) -> GenerationConfig:
+        raise NotImplementedError
+
+    def passes(self, config: GenerationConfig, num_layers: int) -> set[tuple[int, int, int]]:
+        raise NotImplementedError
+
+    def cache_room(self, config: GenerationConfig, budget: int) -> int:
+        raise NotImplementedError
+
+    def output_layer(self, config: GenerationConfig, num_layers: int) -> int:
+        raise NotImplementedError
+
+    def step_seconds(self, costs: PassCosts, drafts: float) -> float:
+        raise NotImplementedError
 
     def prefill(self, d: Decoding, prompt: torch.Tensor) -> torch.Tensor:
-        return self.logits(d, prompt)
+        raise NotImplementedError
 
     def step(self, d: Decoding, budget: int) -> StepResult:
+        raise NotImplementedError
+
+    def ideal_speedup(self, costs: PassCosts, steps: int, drafted: int, accepted: int) -> float:
+        """The speedup over autoregressive decoding with no overhead beyond the passes, for the measured counts:
+        tokens per step × an autoregressive token's time / a step's time."""
+        if steps == 0:
+            return 1.0
+        token = Autoregressive().step_seconds(costs, 0.0)
+        return (accepted + steps) * token / (steps * self.step_seconds(costs, drafted / steps))
+
+
+def _recommended(model_config) -> dict:
+    return getattr(model_config, "layerskip", None) or {}
+
+
+class Autoregressive(Strategy):
+    """One token per step from the full model. With --exit_layer set it is plain early exit (the reference
+    toolkit's spelling of it), which `configure` hands over to `early_exit`."""
+
+    name, lossless = "autoregressive", True
+
+    def configure(self, config, model_config):
+        if config.exit_layer != -1:
+            return dataclasses.replace(config, generation_strategy="early_exit")
+        return config
+
+    def own(self, config):
+        return dataclasses.replace(config, generation_strategy=self.name, exit_layer=-1, num_speculations=-1)
+
+    def depth(self, config: GenerationConfig, num_layers: int) -> int:
+        """How many layers compute each token."""
+        return num_layers
+
+    def passes(self, config, num_layers):
+        return {(0, self.depth(config, num_layers), 1)}
+
+    def cache_room(self, config, budget):
+        return 1
+
+    def output_layer(self, config, num_layers):
+        return self.depth(config, num_layers)
+
+    def step_seconds(self, costs, drafts):
+        return costs.full + costs.head[1]
+
+    def logits(self, d: Decoding, token_ids: torch.Tensor) -> torch.Tensor:
+        depth = self.depth(d.config, layers.num_layers(d.model))
+        if depth < layers.num_layers(d.model):
+            return layers.early_exit(d.model, token_ids, d.cache, depth, last_only=True, compiled=d.compiled).logits[0, -1]
+        return layers.full_forward(d.model, token_ids, d.cache, last_only=True, compiled=d.compiled)[0, -1]
+
+    def prefill(self, d, prompt):
+        return self.logits(d, prompt)
+
+    def step(self, d, budget):
         return StepResult([d.choose(d.scores(self.logits(d, d.ids(d.sequence[-1])), []))])
 
 
-class SelfSpeculative:
+class EarlyExit(Autoregressive):
+    """One token per step from the first `exit_layer` layers, the final norm and the head: fast, and lossy (its
+    output is not the full model's)."""
+
+    name, lossless = "early_exit", False
+
+    def configure(self, config, model_config):
+        num_layers = model_config.num_hidden_layers
+        exit_layer = config.exit_layer if config.exit_layer != -1 else _recommended(model_config).get("exit_layer", -1)
+        if exit_layer < 1:
+            raise UsageError("--exit_layer must be >= 1 for early_exit; this model recommends none")
+        if exit_layer > num_layers:
+            raise UsageError(f"--exit_layer must be in [1, {num_layers}] for this {num_layers}-layer model "
+                             f"(got {exit_layer})")
+        return dataclasses.replace(config, exit_layer=exit_layer)
+
+    def own(self, config):
+        return dataclasses.replace(config, generation_strategy=self.name, num_speculations=-1)
+
+    def depth(self, config, num_layers):
+        return config.exit_layer
+
+    def step_seconds(self, costs, drafts):
+        return costs.draft + costs.head[1]
+
+
+class SelfSpeculative(Strategy):
     """Draft with layers [0, E), verify every draft in one pass of layers [E, L) over their cached exit-layer
     hidden states, keep the longest agreeing prefix plus one token of the full model."""
 
-    @staticmethod
-    def passes(config: GenerationConfig, num_layers: int) -> set[tuple[int, int, int]]:
+    name, lossless = "self_speculative", True
+
+    def configure(self, config, model_config):
+        num_layers, recommended = model_config.num_hidden_layers, _recommended(model_config)
+        config = dataclasses.replace(
+            config,
+            exit_layer=config.exit_layer if config.exit_layer != -1 else recommended.get("exit_layer", -1),
+            num_speculations=config.num_speculations if config.num_speculations != -1
+            else recommended.get("num_speculations", -1),
+        )
+        if config.exit_layer < 1:
+            raise UsageError("--exit_layer must be >= 1 for self_speculative; this model recommends none")
+        if config.num_speculations < 1:
+            raise UsageError("--num_speculations must be >= 1 for self_speculative; this model recommends none")
+        if config.exit_layer >= num_layers:
+            raise UsageError(f"--exit_layer must be in [1, {num_layers - 1}] for self_speculative with this "
+                             f"{num_layers}-layer model (got {config.exit_layer})")
+        return config
+
+    def own(self, config):
+        return dataclasses.replace(config, generation_strategy=self.name)
+
+    def passes(self, config, num_layers):
         """Drafting one token at a time, verifying a full draft (a shorter one, at a stop token or at the end of
         the budget, runs uncompiled)."""
         return {(0, config.exit_layer, 1), (config.exit_layer, num_layers, config.num_speculations + 1)}
 
-    def prefill(self, d: Decoding, prompt: torch.Tensor) -> torch.Tensor:
-        return layers.full_forward(d.model, prompt, d.cache, last_only=True)[0, -1]
+    def cache_room(self, config, budget):
+        return min(config.num_speculations, budget) + 1  # one step's drafts, never more than the budget
 
-    def step(self, d: Decoding, budget: int) -> StepResult:
+    def output_layer(self, config, num_layers):
+        return num_layers
+
+    def step_seconds(self, costs, drafts):
+        """A step with k drafts runs layers [0, E) over one position k + 1 times (k drafts, then the last draft's
+        exit hidden state), layers [E, L) once over k + 1 positions, the head k times over one position and once
+        over k + 1."""
+        k = drafts
+        return (k + 1) * costs.draft + costs.at(costs.verify, k + 1) + k * costs.head[1] + costs.at(costs.head, k + 1)
+
+    def prefill(self, d, prompt):
+        return layers.full_forward(d.model, prompt, d.cache, last_only=True, compiled=d.compiled)[0, -1]
+
+    def step(self, d, budget):
         exit_layer = d.config.exit_layer
         drafts, draft_scores, exit_hiddens = [], [], []
         token = d.sequence[-1]
         for _ in range(min(d.config.num_speculations, budget - 1)):
-            out = layers.early_exit(d.model, d.ids(token), d.cache, exit_layer)
+            out = layers.early_exit(d.model, d.ids(token), d.cache, exit_layer, compiled=d.compiled)
             exit_hiddens.append(out.hidden)
             scores = d.scores(out.logits[0, -1], drafts)
             token = d.choose(scores)
@@ -106,8 +255,8 @@ class SelfSpeculative:
             if token in d.stop_ids:
                 break
         # The last draft (or, with no drafts, the newest token) has not been through layers [0, E) yet.
-        exit_hiddens.append(layers.exit_hidden(d.model, d.ids(token), d.cache, exit_layer))
-        logits = layers.remainder(d.model, torch.cat(exit_hiddens, dim=1), d.cache, exit_layer)[0]  # (D+1, V)
+        exit_hiddens.append(layers.exit_hidden(d.model, d.ids(token), d.cache, exit_layer, d.compiled))
+        logits = layers.remainder(d.model, torch.cat(exit_hiddens, dim=1), d.cache, exit_layer, d.compiled)[0]  # (D+1, V)
         accepted, final = self.verify(d, drafts, draft_scores, logits)
         layers.rollback(d.cache, len(drafts) - accepted)
         return StepResult(drafts[:accepted] + [final], drafted=len(drafts), accepted=accepted)
@@ -131,12 +280,26 @@ class SelfSpeculative:
                     return i, target
                 continue
             p, q = probabilities(scores), probabilities(draft_scores[i])
-            if not accept_draft(p, q, draft, d.generator):
+            if not accept_draft(p, q, draft, d.generator):  # q <= p: always accepted
                 return i, sample(residual(p, q), d.generator)
         return len(drafts), d.choose(d.scores(logits[len(drafts)], drafts))
 
 
-STRATEGIES: dict[str, Callable[[], object]] = {
+STRATEGIES: dict[str, type[Strategy]] = {
     "autoregressive": Autoregressive,
+    "early_exit": EarlyExit,
     "self_speculative": SelfSpeculative,
 }
+
+
+def configured(config: GenerationConfig, model_config) -> tuple[Strategy, GenerationConfig]:
+    """The strategy the configuration names and the configuration as it completes it for this model (following a
+    hand-over: autoregressive with --exit_layer is early_exit)."""
+    if config.generation_strategy not in STRATEGIES:
+        raise UsageError(f"--generation_strategy must be one of {', '.join(STRATEGIES)} "
+                         f"(got {config.generation_strategy!r})")
+    strategy = STRATEGIES[config.generation_strategy]()
+    completed = strategy.configure(config, model_config)
+    if completed.generation_strategy != strategy.name:
+        return configured(completed, model_config)
+    return strategy, completed

@@ -6,7 +6,8 @@ import torch
 from models import byte_tokenizer, tiny_llama
 from self_speculation import layers
 from self_speculation.analysis import exit_agreement, greedy_traces, predict, simulate, solution_loss
-from self_speculation.benchmarking import PassCosts, ideal_speedup
+from self_speculation.costs import PassCosts
+from self_speculation.strategies import SelfSpeculative
 from self_speculation.config import GenerationConfig
 from self_speculation.generator import Generator
 
@@ -77,7 +78,7 @@ def test_prediction_from_replays_and_pass_costs():
     assert [(p.exit_layer, p.num_speculations) for p in predictions] == [(2, 1), (2, 2)]
     for p in predictions:
         replay = simulate(traces[0], 2, p.num_speculations)
-        assert p.speedup == pytest.approx(ideal_speedup(costs, replay.steps, replay.drafted, replay.accepted))
+        assert p.speedup == pytest.approx(SelfSpeculative().ideal_speedup(costs, replay.steps, replay.drafted, replay.accepted))
         assert p.tokens_per_second == pytest.approx(p.speedup / 4.5)
         assert p.acceptance == pytest.approx(replay.accepted / replay.drafted)
 

@@ -6,7 +6,9 @@ import pytest
 
 import benchmark
 from arguments import pop_option, run
-from self_speculation.benchmarking import PassCosts, ideal_speedup, measure_pass_costs
+from self_speculation.benchmarking import measure_pass_costs
+from self_speculation.costs import PassCosts
+from self_speculation.strategies import SelfSpeculative
 from self_speculation.loading import load
 
 STRATEGIES = "autoregressive,early_exit,self_speculative,hf_generate,hf_assistant_early_exit"
@@ -48,7 +50,7 @@ def test_benchmark_runs_every_strategy_and_writes_valid_json(checkpoint, prompts
     assert spec["ideal_speedup_vs_autoregressive"] > 0 and spec["efficiency"] > 0
     assert spec["speedup_vs_autoregressive"] == pytest.approx(
         spec["tokens_per_second_median"] / metrics["autoregressive"]["tokens_per_second_median"])
-    assert 1.0 <= spec["kv_cache_vs_autoregressive"] <= 1.1
+    assert 1.0 <= spec["kv_cache_vs_autoregressive"] <= 1.25  # room for one step's drafts (3 of 16+ positions)
     assert "ideal speedup over autoregressive" in out and "efficiency" in out
 
 
@@ -57,9 +59,9 @@ def test_ideal_speedup_by_hand():
     position and 1 over three: a step of two drafts costs 3 * 1 + 3 * 1.5 + 2 * 0.5 + 1 = 9.5 and yields
     accepted + 1 = 3 tokens; an autoregressive token costs 4 + 0.5."""
     costs = PassCosts(draft=1.0, verify={1: 3.0, 2: 3.75, 3: 4.5}, full=4.0, head={1: 0.5, 2: 0.75, 3: 1.0})
-    assert ideal_speedup(costs, steps=10, drafted=20, accepted=20) == pytest.approx(3 * 4.5 / 9.5)
+    assert SelfSpeculative().ideal_speedup(costs, steps=10, drafted=20, accepted=20) == pytest.approx(3 * 4.5 / 9.5)
     # one draft per step on average, half of them accepted: 2 * 1 + 3.75 + 0.5 + 0.75 = 7 for 1.5 tokens
-    assert ideal_speedup(costs, steps=10, drafted=10, accepted=5) == pytest.approx(1.5 * 4.5 / 7)
+    assert SelfSpeculative().ideal_speedup(costs, steps=10, drafted=10, accepted=5) == pytest.approx(1.5 * 4.5 / 7)
     # a mean of 1.5 drafts interpolates the costs over 2.5 positions
     assert costs.at(costs.verify, 2.5) == pytest.approx(4.125)
 
@@ -93,3 +95,13 @@ def test_with_compile_the_hf_baseline_is_hugging_faces_compiled_decoding(checkpo
         runner = RUNNERS["hf_generate"](model, tokenizer, GenerationConfig(sample=False, compile=compile_), 0)
         assert runner.settings.get("cache_implementation") == expected
     assert runner.settings["compile_config"]["backend"] == "inductor"
+
+
+def test_early_exit_needs_only_an_exit_layer(checkpoint, prompts_file, tmp_path):
+    """A model with no recommended settings: early_exit takes --exit_layer alone (it once required a draft length)."""
+    code = run(benchmark.main, ["--model", str(checkpoint), "--dataset", "custom_jsonl", "--data_path",
+                                str(prompts_file), "--max_steps", "8", "--sample", "False", "--exit_layer", "4",
+                                "--output_dir", str(tmp_path), "--generation_strategy", "early_exit"])
+    assert code == 0
+    [result] = tmp_path.glob("benchmark_*.json")
+    assert json.loads(result.read_text())["settings"]["early_exit"]["exit_layer"] == 4

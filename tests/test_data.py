@@ -6,8 +6,9 @@ import time
 import pandas as pd
 import pytest
 
-from self_speculation import UsageError, data
-from self_speculation.data import DataOptions, load_examples
+import data
+from data import DataOptions, load_examples
+from self_speculation import UsageError
 
 
 def write_jsonl(path, rows):

@@ -114,10 +114,12 @@ def test_compiled_passes_give_the_same_tokens(request, name, autoregressive_outp
     tokens must not change (a few compilations: slow-ish)."""
     model = request.getfixturevalue(name)
     compiled = dataclasses.replace(GREEDY, compile=True)
+    generators = [Generator(model, None, compiled)] + [
+        Generator(model, None, speculative(compiled, exit_layer, num_speculations))
+        for exit_layer, num_speculations in ((2, 1), (4, 3))]
     for i, prompt in enumerate(PROMPTS[:2]):
-        assert generate(model, compiled, prompt).tokens == autoregressive_outputs[name, i], f"prompt {i}"
-        for exit_layer, num_speculations in ((2, 1), (4, 3)):
-            result = generate(model, speculative(compiled, exit_layer, num_speculations), prompt)
-            assert result.tokens == autoregressive_outputs[name, i], f"prompt {i}, E {exit_layer}"
-    passes = layers._COMPILED[model]
-    assert {(0, 6, 1), (0, 2, 1), (2, 6, 2), (0, 4, 1), (4, 6, 4)} <= set(passes)
+        for generator in generators:
+            result = generator.generate_ids(prompt)
+            assert result.tokens == autoregressive_outputs[name, i], f"prompt {i}, {generator.config.exit_layer}"
+    # each generator compiled its own passes, and they ran
+    assert [set(g.compiled.passes) for g in generators] == [{(0, 6, 1)}, {(0, 2, 1), (2, 6, 2)}, {(0, 4, 1), (4, 6, 4)}]

@@ -67,8 +67,8 @@ def shift_verification_by_one(monkeypatch):
 def verify_from_the_wrong_layer(monkeypatch):
     """Run the verification from one layer after the exit, skipping a layer."""
     real = layers.remainder
-    monkeypatch.setattr(strategies.layers, "remainder", lambda model, hidden, cache, exit_layer:
-                        real(model, hidden, cache, exit_layer + 1))
+    monkeypatch.setattr(strategies.layers, "remainder", lambda model, hidden, cache, exit_layer, compiled=None:
+                        real(model, hidden, cache, exit_layer + 1, compiled))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -95,10 +95,12 @@ def test_other_llama_layout_models(build, compiled):
     model = build()
     layers.check_forward(model)
     ids = torch.randint(0, 96, (1, 20), generator=torch.Generator().manual_seed(0))
-    cache = layers.new_cache(32, {(0, 3, 1)} if compiled else ())
-    pieces = [layers.full_forward(model, ids[:, :12], cache)]
-    pieces += [layers.full_forward(model, ids[:, i : i + 1], cache) for i in range(12, 20)]
+    cache = layers.new_cache(32)
+    passes = layers.CompiledPasses(model, {(0, 3, 1)}) if compiled else None
+    pieces = [layers.full_forward(model, ids[:, :12], cache, compiled=passes)]
+    pieces += [layers.full_forward(model, ids[:, i : i + 1], cache, compiled=passes) for i in range(12, 20)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), reference_logits(model, ids), atol=ATOL, rtol=RTOL)
+    assert not compiled or set(passes.passes) == {(0, 3, 1)}  # the one-token passes did run compiled
 
 
 def test_model_without_the_layout_is_named():

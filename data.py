@@ -11,9 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UsageError
-from .loading import hub_reachable
-from .results import jsonl_records, read_text
+from self_speculation.errors import UsageError
+from self_speculation.loading import hub_reachable
+from self_speculation.results import jsonl_records, read_text
 
 
 @dataclass

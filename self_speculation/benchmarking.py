@@ -13,7 +13,9 @@ from transformers import CompileConfig
 from . import layers
 from .config import GenerationConfig
 from .costs import PassCosts
+from .equivalence import tally
 from .generator import Generator, sync_device
+from .metrics import quality
 from .strategies import STRATEGIES, SelfSpeculative, configured
 
 
@@ -261,3 +263,88 @@ def profile(runner: Runner, prompt_ids: list[int], rows: int = 8) -> dict:
         "top": [{"operator": e.key, "share": e.self_cpu_time_total / total, "us_per_token": e.self_cpu_time_total / tokens}
                 for e in top],
     }
+
+
+def compare(model, tokenizer, config: GenerationConfig, runners: dict[str, Runner], samples: list[Sample],
+            prompts: list[list[int]], references: list[str]) -> dict:
+    """The metrics of every strategy: speed, quality against the references, speedup over hf_generate and, when
+    greedy, its outputs against hf_generate's (near ties and divergences apart); for self_speculative also the
+    report of its own gain (`speculation_report`)."""
+    by_strategy = {name: sorted((s for s in samples if s.strategy == name), key=lambda s: s.prompt_id)
+                   for name in runners}
+    metrics = {}
+    for name, strategy_samples in by_strategy.items():
+        outputs = [tokenizer.decode(s.tokens, skip_special_tokens=True) for s in strategy_samples]
+        metrics[name] = summarize(strategy_samples) | quality(outputs, references)
+    baseline = metrics.get("hf_generate")
+    for name, m in metrics.items():
+        if baseline:
+            m["speedup_vs_hf_generate"] = m["tokens_per_second_median"] / baseline["tokens_per_second_median"]
+            if not config.sample:  # near ties: rounding flips where the two best logits are closer than it
+                counts = tally(model, prompts, [s.tokens for s in by_strategy["hf_generate"]],
+                               [s.tokens for s in by_strategy[name]])
+                m["outputs_differing_from_hf_generate"] = counts["differing"]
+                m["near_ties_vs_hf_generate"] = counts["near_ties"]
+                m["divergences_vs_hf_generate"] = counts["divergences"]
+    if "self_speculative" in metrics:
+        context = int(statistics.median(len(p) for p in prompts)) + config.max_steps // 2
+        metrics["self_speculative"] |= speculation_report(
+            model, metrics, by_strategy["self_speculative"], runners["self_speculative"].settings, context)
+    return metrics
+
+
+def report(metrics: dict, profiles: dict) -> str:
+    """What benchmark.py prints: the table, the speculation's lines, the profiles."""
+    lines = [format_table(metrics)]
+    if "self_speculative" in metrics:
+        lines.append(format_speculation(metrics["self_speculative"]))
+    lines += [format_profile(name, p) for name, p in profiles.items()]
+    return "\n".join(lines)
+
+
+def record(sample, tokenizer) -> dict:
+    return dataclasses.asdict(sample) | {"num_tokens": len(sample.tokens), "tokens_per_second": sample.tokens_per_second,
+                                         "output": tokenizer.decode(sample.tokens, skip_special_tokens=True)}
+
+
+def format_table(metrics: dict) -> str:
+    def cell(value, fmt):
+        return "-" if value is None else format(value, fmt)
+
+    lines = ["| strategy | tokens/s (median) | ms/token | acceptance | tokens/pass | speedup vs hf_generate | "
+             "outputs ≠ hf (near ties, divergences) |",
+             "|---|---|---|---|---|---|---|"]
+    for name, m in metrics.items():
+        acceptance = None if m["acceptance_rate"] is None else 100 * m["acceptance_rate"]
+        lines.append(f"| {name} | {m['tokens_per_second_median']:.1f} | {1000 * m['time_per_token_median']:.2f} | "
+                     f"{cell(acceptance, '.1f')}{'%' if acceptance is not None else ''} | "
+                     f"{cell(m['tokens_per_full_model_pass'], '.2f')} | {cell(m.get('speedup_vs_hf_generate'), '.2f')}x | "
+                     f"{differing(m)} |")
+    return "\n".join(lines)
+
+
+def differing(m: dict) -> str:
+    if "outputs_differing_from_hf_generate" not in m:
+        return "-"
+    count = m["outputs_differing_from_hf_generate"]
+    return f"{count} ({m['near_ties_vs_hf_generate']}, {m['divergences_vs_hf_generate']})" if count else "0"
+
+
+def format_speculation(m: dict) -> str:
+    """The lines under the table: the speculation's own gain against its ideal, and its memory."""
+    lines = [f"self_speculative: ideal speedup over autoregressive {m['ideal_speedup_vs_autoregressive']:.2f}x "
+             "(acceptance and pass costs measured here; model in README)"]
+    if "speedup_vs_autoregressive" in m:
+        lines[0] += f", measured {m['speedup_vs_autoregressive']:.2f}x, efficiency {100 * m['efficiency']:.0f}%"
+    if "kv_cache_vs_autoregressive" in m:
+        lines.append(f"self_speculative: KV cache {m['kv_cache_bytes_max'] / 2**20:.2f} MiB, "
+                     f"{m['kv_cache_vs_autoregressive']:.2f}x autoregressive's")
+    if "peak_gpu_memory_vs_autoregressive" in m:
+        lines.append(f"self_speculative: peak GPU memory {m['peak_gpu_memory_vs_autoregressive']:.2f}x autoregressive's")
+    return "\n".join(lines)
+
+
+def format_profile(name: str, p: dict) -> str:
+    top = ", ".join(f"{t['operator'].removeprefix('aten::')} {100 * t['share']:.0f}%" for t in p["top"][:5])
+    return (f"profile {name}: {p['operators_per_token']:.0f} operators/token, "
+            f"{p['operator_time_per_token_us']:.0f} us/token in operators; {top}")

@@ -2,6 +2,7 @@
 Started with plain python, everything here is a no-op for a single process."""
 
 import os
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -38,3 +39,23 @@ def gather(local: list) -> list | None:
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def map_shards(items: list, work: Callable[[int, object], object],
+               on_result: Callable[[object], None] | None = None) -> list | None:
+    """`work(index, item)` over this process's share of `items`. On rank 0, `on_result` sees every result: its own
+    as each completes (so a long run writes as it goes), the other processes' once gathered. Returns every
+    result in item order on rank 0, None on the others."""
+    local = []
+    for index, item in shard(items):
+        local.append((index, rank(), work(index, item)))
+        if rank() == 0 and on_result is not None:
+            on_result(local[-1][2])
+    gathered = gather(local)
+    if gathered is None:
+        return None
+    if on_result is not None:
+        for _, origin, result in gathered:
+            if origin != 0:
+                on_result(result)
+    return [result for _, _, result in sorted(gathered, key=lambda entry: entry[0])]

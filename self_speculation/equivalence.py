@@ -130,3 +130,45 @@ def verifier_logits(generator: Generator, prompt_ids: list[int]) -> dict[int, to
     replay.strategy = recorder
     replay.generate_ids(prompt_ids)
     return {position - len(prompt_ids): row for position, row in recorder.rows.items()}
+
+
+def judge(model, tokenizer, reference: Generator, candidate: Generator, prompt_id: int, prompt: list[int],
+          scale: float = TIE_TOLERANCE) -> dict:
+    """One prompt through both generators (greedy; the candidate self-speculative) and the verdict, as the record
+    correctness.py writes."""
+    ref, cand = reference.generate_ids(prompt), candidate.generate_ids(prompt)
+    verifier = verifier_logits(candidate, prompt) if ref.tokens != cand.tokens else None
+    verdict = compare(model, prompt, ref.tokens, cand.tokens, verifier, scale)
+    return {
+        "prompt_id": prompt_id,
+        "status": verdict.status,
+        "match": verdict.status == "match",
+        "first_mismatch": None if verdict.status == "match" else verdict.common_prefix,
+        "verdict": f"{verdict.describe()} ({len(ref.tokens)} tokens)",
+        "comparison": verdict.as_dict(),
+        "acceptance_rate": cand.acceptance_rate,
+        reference.strategy.name: {"tokens": ref.tokens, "text": tokenizer.decode(ref.tokens, skip_special_tokens=True)},
+        candidate.strategy.name: {"tokens": cand.tokens, "text": tokenizer.decode(cand.tokens, skip_special_tokens=True)},
+    }
+
+
+def summary(records: list[dict]) -> dict:
+    """Counts of matches, near ties and divergences over `judge`'s records, the prompts of each, the largest tie
+    margin, and the line that says it."""
+    ids = {s: [r["prompt_id"] for r in records if r["status"] == s] for s in ("match", "near_tie", "divergence")}
+    margins = [r["comparison"]["largest_margin"] for r in records if r["status"] == "near_tie"]
+    mismatches = sorted(ids["near_tie"] + ids["divergence"])
+    largest = f" (largest margin {max(margins):.4g})" if margins else ""
+    return {
+        "num_prompts": len(records),
+        "num_matches": len(ids["match"]),
+        "num_near_ties": len(ids["near_tie"]),
+        "num_divergences": len(ids["divergence"]),
+        "num_mismatches": len(mismatches),
+        "mismatched_prompt_ids": mismatches,
+        "near_tie_prompt_ids": ids["near_tie"],
+        "divergent_prompt_ids": ids["divergence"],
+        "largest_tie_margin": max(margins, default=None),
+        "verdict": f"{len(mismatches)} of {len(records)} outputs differ: {len(ids['near_tie'])} near ties{largest}, "
+                   f"{len(ids['divergence'])} divergences",
+    }

@@ -1,0 +1,119 @@
+"""A sweep directory: the flags it was started with, sweep.csv with a row per finished (exit layer, draft length),
+the baseline measured once, and the summary and plots at the end. Running the same sweep again resumes it."""
+
+import csv
+import dataclasses
+import io
+import json
+from pathlib import Path
+
+from . import distributed
+from .benchmarking import RUNNERS, summarize
+from .equivalence import tally
+from .errors import UsageError
+from .results import write_json
+
+COLUMNS = ["exit_layer", "num_speculations", "tokens_per_second_median", "speedup_vs_baseline", "acceptance_rate",
+           "tokens_per_full_model_pass", "time_per_token_median", "total_time", "outputs_differing_from_baseline",
+           "near_ties", "divergences"]
+
+
+def run_shared(runner, prompts: list[list[int]]):
+    """Every prompt through the runner, split over the processes; the samples in prompt order on rank 0, None on
+    the others."""
+    return distributed.map_shards(prompts, lambda i, prompt: dataclasses.replace(runner.run(prompt), prompt_id=i))
+
+
+class SweepDirectory:
+    def __init__(self, path: Path, settings: dict):
+        """`settings`: the sweep's flags. A directory holding a sweep with other flags is refused; its own name is
+        not a setting, so a sweep moved elsewhere resumes there."""
+        self.path, self.settings = path, json.loads(json.dumps(settings, default=str))
+        self.settings_path, self.csv_path = path / "sweep_config.json", path / "sweep.csv"
+        if self.settings_path.exists() and not self.same_settings(json.loads(self.settings_path.read_text())):
+            raise UsageError(f"--output_dir {path} holds a sweep with other flags; use another directory to start anew")
+
+    def same_settings(self, saved: dict) -> bool:
+        """Whether saved flags are these, the directory's own name aside."""
+        def without_directory(settings: dict) -> dict:
+            return settings | {"model": {k: v for k, v in settings.get("model", {}).items() if k != "output_dir"}}
+
+        return without_directory(saved) == without_directory(self.settings)
+
+    def start(self) -> set[tuple[int, int]]:
+        """Claim the directory for this sweep (call once every flag is checked) and return the finished points."""
+        done = self.finished_points(repair=distributed.rank() == 0) if self.csv_path.exists() else set()
+        if distributed.rank() == 0:
+            write_json(self.settings_path, self.settings)
+            if not self.csv_path.exists():
+                with self.csv_path.open("w", newline="") as f:
+                    csv.writer(f).writerow(COLUMNS)
+        return done
+
+    def finished_points(self, repair: bool) -> set[tuple[int, int]]:
+        """The points of sweep.csv's complete rows. A torn last row (the process killed while writing it) is not
+        one; with `repair` it is cut off the file, so the next row starts on a line of its own."""
+        text = self.csv_path.read_text()
+        if not text.endswith("\n"):
+            text = text[: text.rfind("\n") + 1] or ",".join(COLUMNS) + "\n"
+            if repair:
+                self.csv_path.write_text(text)
+        if text.split("\n", 1)[0] != ",".join(COLUMNS):
+            raise UsageError(f"{self.csv_path} has other columns (an older version's sweep); use another --output_dir")
+        rows = csv.DictReader(io.StringIO(text))
+        return {(int(r["exit_layer"]), int(r["num_speculations"])) for r in rows
+                if None not in r and None not in r.values()}
+
+    def baseline(self, model, tokenizer, config, seed: int, prompts: list[list[int]], warmup: int) -> dict | None:
+        """hf_generate on every prompt, measured once per directory (reused when the sweep resumes); None off
+        rank 0."""
+        path = self.path / "sweep_baseline.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        runner = RUNNERS["hf_generate"](model, tokenizer, config, seed)
+        for _ in range(warmup):
+            runner.run(prompts[0])
+        samples = run_shared(runner, prompts)
+        if samples is None:
+            return None
+        baseline = summarize(samples) | {"outputs": [s.tokens for s in samples], "settings": runner.settings}
+        write_json(path, baseline)
+        return baseline
+
+    def write_point(self, model, point, samples, prompts: list[list[int]], baseline: dict) -> None:
+        """sweep.csv's row for one (exit layer, draft length); greedy outputs differing from the baseline's are
+        split into rounding near ties and divergences."""
+        m = summarize(samples)
+        counts = {} if point.sample else tally(model, prompts, baseline["outputs"], [s.tokens for s in samples])
+        row = [point.exit_layer, point.num_speculations, m["tokens_per_second_median"],
+               m["tokens_per_second_median"] / baseline["tokens_per_second_median"], m["acceptance_rate"],
+               m["tokens_per_full_model_pass"], m["time_per_token_median"], m["total_time"],
+               counts.get("differing"), counts.get("near_ties"), counts.get("divergences")]
+        with self.csv_path.open("a", newline="") as f:
+            csv.writer(f).writerow(row)
+
+    def report(self, points: list[tuple[int, int]], baseline: dict, greedy: bool) -> str:
+        """The table of this sweep's points, the best one, a word on differing outputs; plots written beside."""
+        import pandas as pd
+
+        from .plotting import sweep_plot
+
+        frame = pd.read_csv(self.csv_path)
+        frame = frame[frame.apply(lambda r: (int(r["exit_layer"]), int(r["num_speculations"])) in set(points), axis=1)]
+        best = frame.loc[frame["tokens_per_second_median"].idxmax()]
+        lines = [frame.sort_values(["exit_layer", "num_speculations"]).to_string(
+                     index=False, float_format=lambda v: f"{v:.3f}"),
+                 f"baseline hf_generate: {baseline['tokens_per_second_median']:.1f} tokens/s; best: exit_layer "
+                 f"{int(best['exit_layer'])}, num_speculations {int(best['num_speculations'])}: "
+                 f"{best['tokens_per_second_median']:.1f} tokens/s ({best['speedup_vs_baseline']:.2f}x), "
+                 f"acceptance {100 * best['acceptance_rate']:.1f}%"]
+        if greedy and frame["divergences"].sum() > 0:
+            lines.append("warning: some greedy outputs diverge from the baseline's (more than a rounding tie); "
+                         "see divergences")
+        elif greedy and frame["near_ties"].sum() > 0:
+            lines.append(f"{int(frame['near_ties'].sum())} greedy outputs differ from the baseline's by rounding near "
+                         "ties (half precision; see README)")
+        sweep_plot(frame, "tokens_per_second_median", "self-speculative tokens/s", self.path / "sweep_tokens_per_second")
+        sweep_plot(frame, "acceptance_rate", "acceptance rate", self.path / "sweep_acceptance")
+        lines.append(f"results in {self.csv_path} and sweep_*.png/pdf")
+        return "\n".join(lines)

@@ -10,9 +10,7 @@ cannot change those scores). Writes eval_<time>.json (lm-eval's results, speed f
 """
 
 import dataclasses
-import json
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -56,11 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     online = hub_reachable()
     if not online:  # hub datasets fail at once instead of retrying
         os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
-    import lm_eval
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import make_table
 
-    from self_speculation.lm_eval_model import LayerSkipLM
+    from self_speculation.lm_eval_model import LayerSkipLM, evaluate
 
     task_manager = TaskManager(include_path=[str(LOCAL_TASKS)] + args.include_path)
     unknown = [t for t in args.tasks if t not in task_manager.all_tasks]
@@ -71,50 +68,22 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"--apply_chat_template: the model {model_args.model} has no chat template")
     lm = LayerSkipLM(model, tokenizer, config.generation_strategy, config.exit_layer, config.num_speculations,
                      seed=model_args.seed)
-    try:
-        results = lm_eval.simple_evaluate(
-            model=lm, tasks=args.tasks, num_fewshot=args.num_fewshot, limit=args.limit, task_manager=task_manager,
-            log_samples=args.log_samples, apply_chat_template=args.apply_chat_template,
-            random_seed=model_args.seed, numpy_random_seed=model_args.seed, torch_random_seed=model_args.seed,
-            fewshot_random_seed=model_args.seed, confirm_run_unsafe_code=args.allow_code_execution,
-        )
-    except (ConnectionError, OSError) as error:
-        if online:
-            raise
-        metric = re.search(r"Module '([\w-]+)' doesn't exist", str(error))
-        if metric:  # the `evaluate` library fetches metric code (code_eval for humaneval) from the hub
-            raise UsageError(f"--tasks {','.join(args.tasks)}: the metric {metric.group(1)} is loaded from the Hugging "
-                             "Face hub by the evaluate library, and the hub is unreachable; run it where the hub is "
-                             "reachable once (it is cached), or use a local task (see --include_path)") from None
-        raise UsageError(f"--tasks {','.join(args.tasks)}: the task data is on the Hugging Face hub, which is "
-                         f"unreachable; use a local task (see --include_path) ({str(error).splitlines()[0]})") from None
-    except ValueError as error:
-        if "unsafe" in str(error).lower() or "confirm_run_unsafe_code" in str(error):
-            raise UsageError("this task executes generated code; pass --allow_code_execution to allow it") from None
-        raise
+    results = evaluate(lm, task_manager, args.tasks, online, num_fewshot=args.num_fewshot, limit=args.limit,
+                       log_samples=args.log_samples, apply_chat_template=args.apply_chat_template,
+                       random_seed=model_args.seed, numpy_random_seed=model_args.seed,
+                       torch_random_seed=model_args.seed, fewshot_random_seed=model_args.seed,
+                       confirm_run_unsafe_code=args.allow_code_execution)
     stem = out / f"eval_{time.strftime('%Y%m%d_%H%M%S')}"
-    scoring = f"early exit at layer {lm.scoring_layer}" if lm.scores_with_early_exit else "full model"
-    write_json(stem.with_suffix(".json"), json.loads(json.dumps({
-        "arguments": {"model": dataclasses.asdict(model_args), "generation": dataclasses.asdict(lm.generation),
-                      "eval": dataclasses.asdict(args)},
-        "loglikelihood_scoring": scoring,
-        "results": results["results"],
-        "groups": results.get("groups", {}),
-        "n_samples": results.get("n-samples", {}),
-        "versions": results.get("versions", {}),
-        "speed": lm.speed.summary(),
-    }, default=str)))
+    write_json(stem.with_suffix(".json"), {"arguments": {"model": dataclasses.asdict(model_args),
+                                                         "generation": dataclasses.asdict(lm.generation),
+                                                         "eval": dataclasses.asdict(args)}} | lm.document(results))
     if args.log_samples:
         samples_path = stem.with_name(stem.name + "_samples.jsonl")
         for task, samples in results["samples"].items():
             for sample in samples:
                 append_jsonl(samples_path, {"task": task} | sample)
     print(make_table(results))
-    speed = lm.speed.summary()
-    if speed["requests"]:
-        acceptance = "" if speed["acceptance_rate"] is None else f", acceptance {100 * speed['acceptance_rate']:.1f}%"
-        print(f"generation: {speed['requests']} requests, {speed['tokens_per_second']:.1f} tokens/s{acceptance}")
-    print(f"log-likelihoods scored with the {scoring}; results in {stem.with_suffix('.json')}")
+    print(lm.summary_line(stem.with_suffix(".json")))
     return 0
 
 

@@ -8,7 +8,10 @@
 """
 
 import dataclasses
+import json
+import re
 
+import lm_eval
 import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
@@ -16,6 +19,7 @@ from lm_eval.models.huggingface import HFLM
 from . import layers
 from .config import GenerationConfig
 from .generator import Generator
+from .errors import UsageError
 from .loading import load
 from .strategies import configured
 
@@ -79,6 +83,28 @@ class LayerSkipLM(HFLM):
     def scores_with_early_exit(self) -> bool:
         return self.scoring_layer < layers.num_layers(self.model)
 
+    @property
+    def scoring(self) -> str:
+        return f"early exit at layer {self.scoring_layer}" if self.scores_with_early_exit else "full model"
+
+    def document(self, results: dict) -> dict:
+        """What eval.py writes besides its arguments: lm-eval's results, how log-likelihoods were scored, speed."""
+        return json.loads(json.dumps({
+            "loglikelihood_scoring": self.scoring,
+            "results": results["results"],
+            "groups": results.get("groups", {}),
+            "n_samples": results.get("n-samples", {}),
+            "versions": results.get("versions", {}),
+            "speed": self.speed.summary(),
+        }, default=str))
+
+    def summary_line(self, path) -> str:
+        speed, line = self.speed.summary(), ""
+        if speed["requests"]:
+            acceptance = "" if speed["acceptance_rate"] is None else f", acceptance {100 * speed['acceptance_rate']:.1f}%"
+            line = f"generation: {speed['requests']} requests, {speed['tokens_per_second']:.1f} tokens/s{acceptance}\n"
+        return line + f"log-likelihoods scored with the {self.scoring}; results in {path}"
+
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
         if not self.scores_with_early_exit:
             return super()._model_call(inps, attn_mask, labels)
@@ -107,3 +133,24 @@ class LayerSkipLM(HFLM):
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
         return torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=context.device)
+
+
+def evaluate(lm: LayerSkipLM, task_manager, tasks: list[str], online: bool, **options) -> dict:
+    """lm_eval.simple_evaluate, with what a user can fix said in one line: a hub-hosted task or metric offline, a
+    task that runs generated code without permission."""
+    try:
+        return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=task_manager, **options)
+    except (ConnectionError, OSError) as error:
+        if online:
+            raise
+        metric = re.search(r"Module '([\w-]+)' doesn't exist", str(error))
+        if metric:  # the `evaluate` library fetches metric code (code_eval for humaneval) from the hub
+            raise UsageError(f"--tasks {','.join(tasks)}: the metric {metric.group(1)} is loaded from the Hugging "
+                             "Face hub by the evaluate library, and the hub is unreachable; run it where the hub is "
+                             "reachable once (it is cached), or use a local task (see --include_path)") from None
+        raise UsageError(f"--tasks {','.join(tasks)}: the task data is on the Hugging Face hub, which is "
+                         f"unreachable; use a local task (see --include_path) ({str(error).splitlines()[0]})") from None
+    except ValueError as error:
+        if "unsafe" in str(error).lower() or "confirm_run_unsafe_code" in str(error):
+            raise UsageError("this task executes generated code; pass --allow_code_execution to allow it") from None
+        raise

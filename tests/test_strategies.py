@@ -1,0 +1,84 @@
+"""Every strategy of the table, by parametrization: its greedy output is the greedy decoding of the layer it names
+as its output (for a lossless strategy, the full model's, which `model.generate` gives), and its settings are
+checked against the model. A new entry in STRATEGIES is tested here without a line added."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from self_speculation import GenerationConfig, Generator, UsageError, layers
+from self_speculation.strategies import STRATEGIES, configured
+
+PROMPTS = [[0, 5, 17, 33, 2, 9], [0] + list(range(40, 70))]
+MAX_STEPS = 24
+SETTINGS = [(1, 1), (2, 3), (4, 5), (5, 8)]  # (exit layer, draft length), for the strategies that use them
+
+
+def strategy_config(name: str, exit_layer: int, num_speculations: int) -> GenerationConfig:
+    config = GenerationConfig(sample=False, max_steps=MAX_STEPS, exit_layer=exit_layer, num_speculations=num_speculations)
+    return STRATEGIES[name]().own(config)
+
+
+@torch.inference_mode()
+def transformers_greedy(model, prompt: list[int], output_layer: int) -> list[int]:
+    """Greedy decoding of the logits that norm and head give at `output_layer`, by transformers' own forward."""
+    ids = list(prompt)
+    for _ in range(MAX_STEPS):
+        hidden = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[output_layer]
+        if output_layer < layers.num_layers(model):  # the last entry already has the final norm applied
+            hidden = model.model.norm(hidden)
+        ids.append(int(model.lm_head(hidden)[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("exit_layer, num_speculations", SETTINGS)
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_greedy_output_is_the_greedy_decoding_of_the_output_layer(model, name, exit_layer, num_speculations):
+    generator = Generator(model, None, strategy_config(name, exit_layer, num_speculations))
+    output_layer = generator.strategy.output_layer(generator.config, layers.num_layers(model))
+    assert generator.strategy.lossless == (output_layer == layers.num_layers(model))
+    for prompt in PROMPTS:
+        assert generator.generate_ids(prompt).tokens == transformers_greedy(model, prompt, output_layer)
+
+
+@pytest.mark.parametrize("name", [name for name, strategy in STRATEGIES.items() if not strategy.lossless])
+def test_a_lossy_strategy_is_marked_so_because_it_differs(model, name):
+    full = Generator(model, None, strategy_config("autoregressive", -1, -1)).generate_ids(PROMPTS[1]).tokens
+    assert Generator(model, None, strategy_config(name, 2, 3)).generate_ids(PROMPTS[1]).tokens != full
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_an_exit_layer_beyond_the_model_is_refused_naming_the_flag(gqa_tied, name):
+    config = dataclasses.replace(strategy_config(name, 2, 3), exit_layer=7)
+    with pytest.raises(UsageError, match=r"--exit_layer must be in \[1, [56]\]"):
+        configured(config, gqa_tied.config)
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_resources_cover_what_a_step_uses(gqa_tied, name):
+    """The cache never grows during a generation, and --compile runs every full-length pass compiled."""
+    generator = Generator(gqa_tied, None, dataclasses.replace(strategy_config(name, 3, 4), compile=True))
+    result = generator.generate_ids(PROMPTS[0])
+    capacity = len(PROMPTS[0]) + MAX_STEPS + generator.strategy.cache_room(generator.config, MAX_STEPS)
+    per_layer = capacity * 2 * 2 * 16 * 4  # keys and values, 2 heads of 16, float32: the buffer as first sized
+    assert result.cache_bytes % per_layer == 0 and 1 <= result.cache_bytes // per_layer <= 6
+    assert set(generator.compiled.passes) == generator.strategy.passes(generator.config, 6)
+
+
+def test_autoregressive_with_an_exit_layer_is_early_exit(gqa_tied):
+    strategy, config = configured(GenerationConfig(exit_layer=3), gqa_tied.config)
+    assert strategy.name == "early_exit" and config.exit_layer == 3 and config.generation_strategy == "early_exit"
+    strategy, config = configured(GenerationConfig(), gqa_tied.config)
+    assert strategy.name == "autoregressive" and config.exit_layer == -1
+
+
+@pytest.mark.parametrize("name, recommended, expected", [
+    ("self_speculative", {"exit_layer": 2, "num_speculations": 3}, (2, 3)),
+    ("early_exit", {"exit_layer": 2, "num_speculations": 3}, (2, -1)),
+    ("early_exit", {"exit_layer": 4}, (4, -1)),  # a draft length is not needed to exit early
+])
+def test_the_checkpoints_recommendation_fills_unset_flags(gqa_tied, monkeypatch, name, recommended, expected):
+    monkeypatch.setattr(gqa_tied.config, "layerskip", recommended, raising=False)
+    _, config = configured(STRATEGIES[name]().own(GenerationConfig()), gqa_tied.config)
+    assert (config.exit_layer, config.num_speculations) == expected

@@ -13,22 +13,13 @@ pass_costs.json written by an earlier run on a quiet machine (costs depend on th
 
 import csv
 import dataclasses
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from arguments import parse, run
 from self_speculation import UsageError, layers
-from self_speculation.analysis import (
-    exit_agreement,
-    greedy_traces,
-    humaneval_problems,
-    measure_costs,
-    predict,
-    solution_loss,
-)
-from self_speculation.costs import PassCosts
+from self_speculation.analysis import exit_report, humaneval_problems, read_costs, recommend
 from self_speculation.loading import DEFAULT_MODEL, load
 from self_speculation.results import ensure_output_dir, write_json
 
@@ -66,73 +57,45 @@ class ExitsArguments:
             raise UsageError(f"--pass_costs {self.pass_costs}: no such file")
 
 
-def read_costs(path: str, num_layers: int, exit_layers: list[int]) -> dict[int, PassCosts]:
-    saved = json.loads(Path(path).read_text())
-    if saved.get("num_layers") != num_layers or any(str(e) not in saved["costs"] for e in exit_layers):
-        raise UsageError(f"--pass_costs {path} was measured for another model shape or other exit layers")
-    return {e: PassCosts.from_dict(saved["costs"][str(e)]) for e in exit_layers}
-
-
 def main(argv=None) -> int:
     (args,) = parse((ExitsArguments,), argv)
     out = ensure_output_dir(args.output_dir)
     problems = humaneval_problems()[: args.num_samples]
-    labels = args.labels or args.models
-    speculations = list(range(1, args.max_speculations + 1))
-    table, grid, best, quality = {}, [], {}, {}
-    for label, name in zip(labels, args.models):
+    speculations = sorted(set(range(1, args.max_speculations + 1)) | {args.num_speculations})
+    reports = []
+    for label, name in zip(args.labels or args.models, args.models):
         model, tokenizer = load(name, dtype="float32", flag="--models")
-        quality[label] = solution_loss(model, tokenizer, humaneval_problems())
         count = layers.num_layers(model)
         exit_layers = args.exit_layers or list(range(1, count))
         if any(not 1 <= e < count for e in exit_layers):
             raise UsageError(f"--exit_layers must be in [1, {count - 1}] for {name}")
-        agreement = exit_agreement(model, [tokenizer(p["prompt"] + p["canonical_solution"]).input_ids for p in problems])
-        traces = greedy_traces(model, tokenizer, [p["prompt"] for p in problems], args.max_steps)
-        if args.pass_costs:
-            costs = read_costs(args.pass_costs, count, exit_layers)
-        else:
-            costs = measure_costs(model, traces, exit_layers, args.max_speculations)
-            write_json(out / "pass_costs.json", {"model": name, "num_layers": count,
-                                                 "costs": {e: dataclasses.asdict(c) for e, c in costs.items()}})
-        predictions = predict(traces, costs, sorted(set(speculations) | {args.num_speculations}))
-        grid += [{"model": label} | dataclasses.asdict(p) for p in predictions]
-        best[label] = max(predictions, key=lambda p: p.speedup)
-        for layer in range(1, count):
-            row = table.setdefault(layer, {})
-            row[f"{label} agreement"] = f"{100 * agreement[layer - 1]:.1f}%"
-            at = [p for p in predictions if p.exit_layer == layer]
-            if at:
-                fixed = next(p for p in at if p.num_speculations == args.num_speculations)
-                fastest = max(at, key=lambda p: p.speedup)
-                row[f"{label} acceptance (d={args.num_speculations})"] = f"{100 * fixed.acceptance:.1f}%"
-                row[f"{label} best d: predicted speedup"] = f"{fastest.num_speculations}: {fastest.speedup:.2f}x"
+        costs = read_costs(args.pass_costs, count, exit_layers) if args.pass_costs else None
+        reports.append(exit_report(label, model, tokenizer, problems, args.max_steps, exit_layers, speculations,
+                                   args.max_speculations, costs))
+        if costs is None:
+            write_json(out / "pass_costs.json", {"model": name, "num_layers": count, "costs": {
+                e: dataclasses.asdict(c) for e, c in reports[-1].costs.items()}})
+    table = {}
+    for report in reports:
+        for layer, cells in report.cells(args.num_speculations).items():
+            table.setdefault(layer, {}).update(cells)
     columns = list(dict.fromkeys(c for row in table.values() for c in row))
     with (out / "exits.csv").open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["exit_layer"] + columns)
-        writer.writerows([layer] + [row.get(c, "") for c in columns] for layer, row in sorted(table.items()))
+        csv.writer(f).writerows([["exit_layer"] + columns] + [[layer] + [row.get(c, "") for c in columns]
+                                                              for layer, row in sorted(table.items())])
+    grid = [{"model": r.label} | dataclasses.asdict(p) for r in reports for p in r.predictions]
     with (out / "predictions.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(grid[0]))
         writer.writeheader()
         writer.writerows(grid)
-    print("| exit layer | " + " | ".join(columns) + " |")
-    print("|" + "---|" * (len(columns) + 1))
+    print("| exit layer | " + " | ".join(columns) + " |\n|" + "---|" * (len(columns) + 1))
     for layer, row in sorted(table.items()):
         print(f"| {layer} | " + " | ".join(row.get(c, "") for c in columns) + " |")
-    for label, p in best.items():
-        print(f"{label}: predicted best exit_layer {p.exit_layer}, num_speculations {p.num_speculations}: "
-              f"{p.speedup:.2f}x autoregressive ({p.tokens_per_second:.0f} tokens/s), acceptance "
-              f"{100 * p.acceptance:.1f}%, {p.tokens_per_step:.2f} tokens per full-model pass; last-layer "
-              f"cross-entropy on the 164 HumanEval solutions {quality[label]:.3f} nats/token")
+    for report in reports:
+        print(report.summary())
     print(f"written to {out / 'exits.csv'}, {out / 'predictions.csv'}")
     if args.recommend:
-        (p,) = best.values()
-        config_path = Path(args.models[0]) / "config.json"
-        config = json.loads(config_path.read_text())
-        config["layerskip"] = {"exit_layer": p.exit_layer, "num_speculations": p.num_speculations}
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        print(f"recommended exit_layer {p.exit_layer}, num_speculations {p.num_speculations} written to {config_path}")
+        print(recommend(Path(args.models[0]), reports[0].best))
     return 0
 
 

@@ -8,14 +8,17 @@ teacher-forced pass over it at every exit decide, for every (E, d), how many dra
 `simulate` replays the steps without running them, and the pass costs measured here turn the counts into a
 predicted speedup (the same ideal model benchmark.py reports)."""
 
+import json
 import statistics
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from . import layers
 from .benchmarking import PassTimer
 from .costs import PassCosts
+from .errors import UsageError
 from .config import GenerationConfig
 from .generator import Generator
 from .strategies import SelfSpeculative
@@ -165,3 +168,67 @@ def predict(traces: list[GreedyTrace], costs: dict[int, PassCosts], speculations
                                           (accepted + steps) / steps if steps else 1.0, speedup,
                                           speedup * autoregressive))
     return predictions
+
+
+@dataclass
+class ExitReport:
+    """What exits.py reports for one model."""
+
+    label: str
+    quality: float  # the last layer's cross-entropy on HumanEval's canonical solutions, nats per token
+    agreement: list[float]  # exit l = 1..L: top-1 agreement with the last layer, teacher-forced
+    predictions: list[Prediction]
+    costs: dict[int, PassCosts]
+
+    @property
+    def best(self) -> Prediction:
+        return max(self.predictions, key=lambda p: p.speedup)
+
+    def cells(self, num_speculations: int) -> dict[int, dict[str, str]]:
+        """Per exit layer: agreement, acceptance at `num_speculations`, and the best draft length's speedup."""
+        rows = {}
+        for layer, agreement in enumerate(self.agreement[:-1], start=1):
+            row = rows.setdefault(layer, {f"{self.label} agreement": f"{100 * agreement:.1f}%"})
+            at = [p for p in self.predictions if p.exit_layer == layer]
+            if at:
+                fixed = next(p for p in at if p.num_speculations == num_speculations)
+                fastest = max(at, key=lambda p: p.speedup)
+                row[f"{self.label} acceptance (d={num_speculations})"] = f"{100 * fixed.acceptance:.1f}%"
+                row[f"{self.label} best d: predicted speedup"] = f"{fastest.num_speculations}: {fastest.speedup:.2f}x"
+        return rows
+
+    def summary(self) -> str:
+        p = self.best
+        return (f"{self.label}: predicted best exit_layer {p.exit_layer}, num_speculations {p.num_speculations}: "
+                f"{p.speedup:.2f}x autoregressive ({p.tokens_per_second:.0f} tokens/s), acceptance "
+                f"{100 * p.acceptance:.1f}%, {p.tokens_per_step:.2f} tokens per full-model pass; last-layer "
+                f"cross-entropy on the 164 HumanEval solutions {self.quality:.3f} nats/token")
+
+
+def exit_report(label: str, model, tokenizer, problems: list[dict], max_steps: int, exit_layers: list[int],
+                speculations: list[int], max_speculations: int, costs: dict[int, PassCosts] | None = None) -> ExitReport:
+    """Agreement and acceptance at every exit, and the predicted speed of every (exit layer, draft length), from
+    pass costs given or measured here."""
+    quality = solution_loss(model, tokenizer, humaneval_problems())
+    agreement = exit_agreement(model, [tokenizer(p["prompt"] + p["canonical_solution"]).input_ids for p in problems])
+    traces = greedy_traces(model, tokenizer, [p["prompt"] for p in problems], max_steps)
+    costs = costs or measure_costs(model, traces, exit_layers, max_speculations)
+    return ExitReport(label, quality, agreement, predict(traces, costs, speculations), costs)
+
+
+def read_costs(path: str, num_layers: int, exit_layers: list[int]) -> dict[int, PassCosts]:
+    """Pass costs saved by an earlier exits.py run, for this model shape and these exit layers."""
+    saved = json.loads(Path(path).read_text())
+    if saved.get("num_layers") != num_layers or any(str(e) not in saved["costs"] for e in exit_layers):
+        raise UsageError(f"--pass_costs {path} was measured for another model shape or other exit layers")
+    return {e: PassCosts.from_dict(saved["costs"][str(e)]) for e in exit_layers}
+
+
+def recommend(directory: Path, best: Prediction) -> str:
+    """Write the best setting into the model's config.json (`layerskip`), which every script then uses by default."""
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    config["layerskip"] = {"exit_layer": best.exit_layer, "num_speculations": best.num_speculations}
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return (f"recommended exit_layer {best.exit_layer}, num_speculations {best.num_speculations} written to "
+            f"{config_path}")

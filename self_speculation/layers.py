@@ -194,8 +194,10 @@ _WEIGHTS: WeakKeyDictionary = WeakKeyDictionary()  # model -> (parameters' ident
 
 
 def _identity(model: PreTrainedModel) -> tuple:
-    """What changes when a model is moved, cast or given new parameters: then its joined weights are stale."""
-    return tuple((p.data_ptr(), p.dtype, p.device) for p in model.model.layers[0].input_layernorm.parameters())
+    """What changes when a model is moved, cast or given new parameters (`Module.to` swaps a parameter's data, not
+    the parameter): then its joined weights are stale. Read on every pass, so kept to one tensor."""
+    weight = model.model.layers[0].input_layernorm.weight
+    return weight.data_ptr(), weight.dtype, weight.device
 
 
 def layer_weights(model: PreTrainedModel) -> list[LayerWeights]:

@@ -111,6 +111,60 @@ def new_cache(capacity: int = 256) -> PositionCache:
     return PositionCache(capacity)
 
 
+class RaggedLayer(PositionLayer):
+    """Keys and values of B rows (B, heads, capacity, head_dim), each row with its own length (`lengths`, (B,)):
+    a pass writes row b's T new positions at lengths[b]..lengths[b] + T - 1. Slots past a row's length hold
+    padding or rejected drafts; the mask hides them and the next writes overwrite them."""
+
+    def __init__(self, capacity: int, batch: int):
+        super().__init__(capacity)
+        self.lengths = torch.zeros(batch, dtype=torch.long)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self.lengths = self.lengths.to(key_states.device)
+        B, _, T, _ = key_states.shape
+        slots = self.lengths[:, None] + torch.arange(T, device=key_states.device)  # (B, T)
+        end = int(slots.max()) + 1
+        if end > self.keys.shape[2]:
+            self.length = int(self.lengths.max())
+            self.keys, self.values = (self._grown(t, end) for t in (self.keys, self.values))
+        rows = torch.arange(B, device=key_states.device)[:, None]
+        self.keys[rows, :, slots] = key_states.transpose(1, 2)  # (B, T, heads, head_dim) into row b's slots
+        self.values[rows, :, slots] = value_states.transpose(1, 2)
+        self.lengths = self.lengths + T
+        self.length = end
+        return self.keys.narrow(2, 0, end), self.values.narrow(2, 0, end)
+
+    def get_seq_length(self) -> int:
+        return int(self.lengths.max())
+
+
+class RaggedCache(Cache):
+    """A cache for a batch of sequences of different lengths: `RaggedLayer`s, rows set and rolled back one by one."""
+
+    def __init__(self, capacity: int, batch: int):
+        super().__init__(layer_class_to_replicate=lambda: RaggedLayer(capacity, batch))
+        self.batch = batch
+
+    def row_lengths(self, layer: int) -> torch.Tensor:
+        """(B,) positions each row holds in `layer` (zeros before its first pass)."""
+        if layer < len(self.layers) and self.layers[layer].is_initialized:
+            return self.layers[layer].lengths
+        return torch.zeros(self.batch, dtype=torch.long)
+
+    def set_row_lengths(self, lengths: torch.Tensor) -> None:
+        """After a padded prefill: row b holds lengths[b] real positions in every layer."""
+        for layer in self.layers:
+            layer.lengths = lengths.to(layer.lengths.device)
+
+    def rollback_rows(self, counts: torch.Tensor) -> None:
+        """Forget the last counts[b] positions of row b in every layer (its rejected drafts)."""
+        for layer in self.layers:
+            layer.lengths = layer.lengths - counts.to(layer.lengths.device)
+
+
 def cache_bytes(cache: Cache) -> int:
     return sum(t.nbytes for layer in cache.layers if layer.is_initialized for t in (layer.keys, layer.values))
 
@@ -268,10 +322,14 @@ def run_layers(
         if out is not None:
             return out
     weights = layer_weights(model)[start:end]
-    past = cache.get_seq_length(start) if cache is not None else 0
-    positions = torch.arange(past, past + T, device=hidden.device)
+    windows = {w.window for w in weights}
+    if isinstance(cache, RaggedCache):
+        positions, masks = _ragged_geometry(cache.row_lengths(start).to(hidden.device), T, windows, hidden)
+    else:
+        past = cache.get_seq_length(start) if cache is not None else 0
+        positions = torch.arange(past, past + T, device=hidden.device)
+        masks = {window: _mask(past, T, window, hidden) for window in windows}
     cos, sin = _rotary(model, hidden, positions)
-    masks = {window: _mask(past, T, window, hidden) for window in {w.window for w in weights}}
     for index, w in enumerate(weights, start):
         if w.attn_norm.device != hidden.device:  # a model spread over devices (--device_map)
             hidden, cos, sin = (t.to(w.attn_norm.device) for t in (hidden, cos, sin))
@@ -280,9 +338,25 @@ def run_layers(
     return hidden
 
 
+def _ragged_geometry(lengths: torch.Tensor, T: int, windows: set, hidden: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Positions (B, T) of T new tokens after each row's `lengths`, and per window an additive mask
+    (B, 1, T, keys) over the slots the cache returns (up to the longest row), hiding what each row may not see."""
+    positions = lengths[:, None] + torch.arange(T, device=hidden.device)  # (B, T)
+    slots = torch.arange(int(lengths.max()) + T, device=hidden.device)
+    masks = {}
+    for window in windows:
+        unseen = slots[None, None, :] > positions[:, :, None]  # (B, T, keys): causal, row by row
+        if window is not None:
+            unseen |= slots[None, None, :] <= positions[:, :, None] - window
+        mask = torch.zeros(unseen.shape, dtype=hidden.dtype, device=hidden.device).masked_fill_(unseen, float("-inf"))
+        masks[window] = (mask[:, None], 0)
+    return positions, masks
+
+
 def _rotary(model: PreTrainedModel, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (1, T, 1, head_dim) for `positions` (T,), with the sign of rotate_half folded into sin."""
-    cos, sin = model.model.rotary_emb(hidden, positions.unsqueeze(0))  # (1, T, head_dim) each
+    """cos and sin (1 or B, T, 1, head_dim) for `positions` (T,) or (B, T), with the sign of rotate_half folded
+    into sin."""
+    cos, sin = model.model.rotary_emb(hidden, positions if positions.dim() == 2 else positions.unsqueeze(0))
     half = sin.shape[-1] // 2
     return cos.unsqueeze(2), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(2)
 

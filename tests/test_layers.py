@@ -200,3 +200,28 @@ def test_a_model_cast_or_moved_after_use_runs_with_its_new_weights():
     model.to(torch.float32)  # the joined weights follow: no stale bfloat16 copy
     torch.testing.assert_close(layers.full_forward(model, IDS, layers.new_cache()), reference_logits(model),
                                atol=ATOL, rtol=RTOL)
+
+
+@torch.inference_mode()
+def test_ragged_batch_rows_equal_their_own_forward(model):
+    """Rows of different lengths in one cache: a right-padded prefill, steps of one and of three tokens, and
+    rollbacks of different sizes per row; every row's logits are those of the row alone."""
+    prompts = [IDS[0, :5].tolist(), IDS[0].tolist(), IDS[0, :8].tolist()]
+    width = max(len(p) for p in prompts)
+    cache = layers.RaggedCache(16, batch=3)  # small: the buffers grow on the way
+    logits = layers.full_forward(model, torch.tensor([p + [0] * (width - len(p)) for p in prompts]), cache)
+    for row, prompt in enumerate(prompts):
+        torch.testing.assert_close(logits[row, : len(prompt)], reference_logits(model, torch.tensor([prompt]))[0],
+                                   atol=ATOL, rtol=RTOL)
+    cache.set_row_lengths(torch.tensor([len(p) for p in prompts]))
+    sequences = [list(p) for p in prompts]
+    for new, rollback in (([[7], [8], [9]], None), ([[1, 2, 3], [4, 5, 6], [70, 80, 90]], [0, 2, 1]),
+                          ([[10], [11], [12]], None), ([[13, 14, 15], [16, 17, 18], [19, 20, 21]], [3, 0, 2])):
+        out = layers.full_forward(model, torch.tensor(new), cache)
+        for row in range(3):
+            sequences[row] += new[row]
+            expected = reference_logits(model, torch.tensor([sequences[row]]))[0, -len(new[row]):]
+            torch.testing.assert_close(out[row], expected, atol=ATOL, rtol=RTOL)
+        if rollback:
+            cache.rollback_rows(torch.tensor(rollback))
+            sequences = [s[: len(s) - r] for s, r in zip(sequences, rollback)]

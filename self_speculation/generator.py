@@ -148,10 +148,7 @@ class Generator:
             on_draft=getattr(streamer, "put_draft", None),
             compiled=self.compiled,
         )
-        result = GenerationResult(
-            prompt_tokens=len(prompt_ids), tokens=[], text="", stop_reason="max_steps", drafted=0, accepted=0,
-            steps=0, total_time=0.0, time_to_first_token=0.0,
-        )
+        result = self._new_result(len(prompt_ids))
         generated = result.tokens
         sync_device(self.device)
         start = time.perf_counter()
@@ -159,28 +156,16 @@ class Generator:
             logits = self.strategy.prefill(d, torch.tensor([prompt_ids], device=self.device))
             new_tokens = [d.choose(d.scores(logits, []))]
             while True:
-                reason = None
-                for i, token in enumerate(new_tokens):
-                    generated.append(token)
-                    d.sequence.append(token)
-                    reason = self.stop.reason(generated)
-                    if reason is not None:
-                        new_tokens = new_tokens[: i + 1]
-                        break
+                taken = self._extend(result, d.sequence, new_tokens, budget)
                 if result.steps == 0:
                     sync_device(self.device)
                     result.time_to_first_token = time.perf_counter() - start
                 if streamer is not None:
-                    streamer.put(torch.tensor(new_tokens))
-                if reason is None and len(generated) >= budget:
-                    reason = "max_steps" if budget == self.config.max_steps else "context_length"
-                if reason is not None:
-                    result.stop_reason = reason
+                    streamer.put(torch.tensor(taken))
+                if result.stop_reason != "running":
                     break
                 step = self.strategy.step(d, budget - len(generated))
-                result.steps += 1
-                result.drafted += step.drafted
-                result.accepted += step.accepted
+                self._count(result, step)
                 new_tokens = step.tokens
         finally:
             sync_device(self.device)
@@ -189,3 +174,77 @@ class Generator:
             if streamer is not None:
                 streamer.end()
         return result
+
+    @staticmethod
+    def _new_result(prompt_tokens: int) -> GenerationResult:
+        return GenerationResult(prompt_tokens=prompt_tokens, tokens=[], text="", stop_reason="running", drafted=0,
+                                accepted=0, steps=0, total_time=0.0, time_to_first_token=0.0)
+
+    def _extend(self, result: GenerationResult, sequence: list[int], new_tokens: list[int], budget: int) -> list[int]:
+        """Append a step's tokens to the result and the sequence up to a stop or the budget, and set
+        `stop_reason` if the generation ends there; returns the tokens taken."""
+        for i, token in enumerate(new_tokens):
+            result.tokens.append(token)
+            sequence.append(token)
+            reason = self.stop.reason(result.tokens)
+            if reason is None and len(result.tokens) >= budget:
+                reason = "max_steps" if budget == self.config.max_steps else "context_length"
+            if reason is not None:
+                result.stop_reason = reason
+                return new_tokens[: i + 1]
+        return new_tokens
+
+    @staticmethod
+    def _count(result: GenerationResult, step) -> None:
+        result.steps += 1
+        result.drafted += step.drafted
+        result.accepted += step.accepted
+
+    def generate_batch(self, prompts: list[list[int]]) -> list[GenerationResult]:
+        """Generate from several prompts (token ids) at once, in one ragged cache; each row's tokens are what
+        `generate_ids` gives it alone. Every result's `total_time` is the batch's wall time (throughput is the
+        tokens of all rows over it). A row that has stopped is held in place (its advance rolled back) until
+        the others stop."""
+        if not prompts or any(not p for p in prompts):
+            raise UsageError("the prompt is empty")
+        check_prompt_lengths(self.model, prompts)
+        budgets = [self.config.max_steps if self.context_length is None
+                   else min(self.config.max_steps, self.context_length - len(p)) for p in prompts]
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        capacity = int(lengths.max()) + max(budgets) + self.strategy.cache_room(self.config, max(budgets))
+        cache = layers.RaggedCache(capacity, len(prompts))
+        rows = [Decoding(model=self.model, config=self.config, cache=cache, sequence=list(p),
+                         processors=processors(self.config), generator=self.random, stop_ids=self.stop.token_ids)
+                for p in prompts]
+        results = [self._new_result(len(p)) for p in prompts]
+        padded = torch.tensor([p + [p[-1]] * (int(lengths.max()) - len(p)) for p in prompts], device=self.device)
+        with torch.inference_mode():
+            sync_device(self.device)
+            start = time.perf_counter()
+            logits = self.strategy.prefill_rows(rows, padded, lengths)  # (B, V)
+            new_tokens = [[row.choose(row.scores(logits[b], []))] for b, row in enumerate(rows)]
+            first = None
+            while True:
+                for b, (row, result) in enumerate(zip(rows, results)):
+                    if result.stop_reason == "running":
+                        self._extend(result, row.sequence, new_tokens[b], budgets[b])
+                if first is None:
+                    sync_device(self.device)
+                    first = time.perf_counter() - start
+                running = [r.stop_reason == "running" for r in results]
+                if not any(running):
+                    break
+                remaining = [budget - len(r.tokens) if go else 1 for budget, r, go in zip(budgets, results, running)]
+                steps = self.strategy.step_rows(rows, cache, remaining)
+                advance = torch.tensor([0 if go else len(step.tokens) for step, go in zip(steps, running)])
+                cache.rollback_rows(advance)  # stopped rows stay where they are
+                for step, result, go in zip(steps, results, running):
+                    if go:
+                        self._count(result, step)
+                new_tokens = [step.tokens for step in steps]
+            sync_device(self.device)
+            elapsed = time.perf_counter() - start
+        for result in results:
+            result.total_time, result.time_to_first_token = elapsed, first
+            result.cache_bytes = layers.cache_bytes(cache)
+        return results

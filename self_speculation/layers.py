@@ -458,6 +458,16 @@ def full_forward(model: PreTrainedModel, token_ids: torch.Tensor, cache: Cache, 
     return head(model, hidden[:, -1:] if last_only else hidden)
 
 
+def ragged_prefill(model: PreTrainedModel, token_ids: torch.Tensor, cache: RaggedCache, depth: int,
+                   lengths: torch.Tensor) -> torch.Tensor:
+    """Right-padded prompts (B, T) through layers [0, depth): the logits (B, V) after each row's last prompt token
+    (lengths[b] of them). Afterwards every row holds its own prompt in the cache, the padding beyond it masked."""
+    hidden = run_layers(model, embed(model, token_ids), cache, 0, depth)
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]  # (B, H)
+    cache.set_row_lengths(lengths)
+    return head(model, last[:, None])[:, 0]
+
+
 @dataclass
 class EarlyExit:
     logits: torch.Tensor  # (B, T, V) from the final norm and head applied at the exit layer

@@ -79,6 +79,8 @@ class Strategy:
     - `prefill(decoding, prompt)` runs the prompt (1, T) and returns the logits (V,) of the first new token.
     - `step(decoding, budget)` takes the newest token (not yet in the cache) and returns between 1 and `budget`
       new tokens.
+    - `prefill_rows(rows, padded, lengths)` and `step_rows(rows, cache, budgets)` do the same for a batch: one
+      `Decoding` per row over one shared `layers.RaggedCache`; every row's tokens are what it gets alone.
 
     `lossless`: the greedy output equals greedy autoregressive output token for token, and sampling draws from the
     full model's distribution."""
@@ -110,6 +112,12 @@ class Strategy:
     def step(self, d: Decoding, budget: int) -> StepResult:
         raise NotImplementedError
 
+    def prefill_rows(self, rows: list[Decoding], padded: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def step_rows(self, rows: list[Decoding], cache: layers.RaggedCache, budgets: list[int]) -> list[StepResult]:
+        raise NotImplementedError
+
     def ideal_speedup(self, costs: PassCosts, steps: int, drafted: int, accepted: int) -> float:
         """The speedup over autoregressive decoding with no overhead beyond the passes, for the measured counts:
         tokens per step × an autoregressive token's time / a step's time."""
@@ -117,6 +125,20 @@ class Strategy:
             return 1.0
         token = Autoregressive().step_seconds(costs, 0.0)
         return (accepted + steps) * token / (steps * self.step_seconds(costs, drafted / steps))
+
+
+def _choose_rows(rows: list[Decoding], logits: torch.Tensor, drafts: list[list[int]]) -> tuple[list[int], list]:
+    """Each row's token from its logits (B, V) after its drafts so far, and the scores it was chosen from (None
+    where greedy decoding needs none: one argmax for the whole batch)."""
+    first = rows[0]
+    if not first.config.sample and not first.processors:
+        return greedy(logits).tolist(), [None] * len(rows)
+    scores = [row.scores(logits[b], drafts[b]) for b, row in enumerate(rows)]
+    return [row.choose(s) for row, s in zip(rows, scores)], scores
+
+
+def _newest(rows: list[Decoding]) -> torch.Tensor:
+    return torch.tensor([[row.sequence[-1]] for row in rows], device=rows[0].model.lm_head.weight.device)  # (B, 1)
 
 
 def _recommended(model_config) -> dict:
@@ -153,17 +175,27 @@ class Autoregressive(Strategy):
     def step_seconds(self, costs, drafts):
         return costs.full + costs.head[1]
 
-    def logits(self, d: Decoding, token_ids: torch.Tensor) -> torch.Tensor:
+    def logits(self, d: Decoding, token_ids: torch.Tensor, cache: Cache) -> torch.Tensor:
+        """(B, V) after the last of `token_ids` (B, T), from the strategy's layers."""
         depth = self.depth(d.config, layers.num_layers(d.model))
         if depth < layers.num_layers(d.model):
-            return layers.early_exit(d.model, token_ids, d.cache, depth, last_only=True, compiled=d.compiled).logits[0, -1]
-        return layers.full_forward(d.model, token_ids, d.cache, last_only=True, compiled=d.compiled)[0, -1]
+            return layers.early_exit(d.model, token_ids, cache, depth, last_only=True, compiled=d.compiled).logits[:, -1]
+        return layers.full_forward(d.model, token_ids, cache, last_only=True, compiled=d.compiled)[:, -1]
 
     def prefill(self, d, prompt):
-        return self.logits(d, prompt)
+        return self.logits(d, prompt, d.cache)[0]
 
     def step(self, d, budget):
-        return StepResult([d.choose(d.scores(self.logits(d, d.ids(d.sequence[-1])), []))])
+        return StepResult([d.choose(d.scores(self.logits(d, d.ids(d.sequence[-1]), d.cache)[0], []))])
+
+    def prefill_rows(self, rows, padded, lengths):
+        first = rows[0]
+        return layers.ragged_prefill(first.model, padded, first.cache,
+                                     self.depth(first.config, layers.num_layers(first.model)), lengths)
+
+    def step_rows(self, rows, cache, budgets):
+        tokens, _ = _choose_rows(rows, self.logits(rows[0], _newest(rows), cache), [[] for _ in rows])
+        return [StepResult([token]) for token in tokens]
 
 
 class EarlyExit(Autoregressive):
@@ -260,6 +292,35 @@ class SelfSpeculative(Strategy):
         accepted, final = self.verify(d, drafts, draft_scores, logits)
         layers.rollback(d.cache, len(drafts) - accepted)
         return StepResult(drafts[:accepted] + [final], drafted=len(drafts), accepted=accepted)
+
+    def prefill_rows(self, rows, padded, lengths):
+        first = rows[0]
+        return layers.ragged_prefill(first.model, padded, first.cache, layers.num_layers(first.model), lengths)
+
+    def step_rows(self, rows, cache, budgets):
+        """`step` for a batch: every row drafts as many tokens (up to the largest budget; a row's tokens past its
+        own budget or a stop token are dropped by the caller), one verification pass over all rows, and each row
+        keeps its own agreeing prefix."""
+        model, exit_layer = rows[0].model, rows[0].config.exit_layer
+        count = min(rows[0].config.num_speculations, max(budgets) - 1)
+        drafts, draft_scores, exit_hiddens = [[] for _ in rows], [[] for _ in rows], []
+        current = _newest(rows)
+        for _ in range(count):
+            out = layers.early_exit(model, current, cache, exit_layer)
+            exit_hiddens.append(out.hidden)
+            tokens, scores = _choose_rows(rows, out.logits[:, -1], drafts)
+            for b, (token, score) in enumerate(zip(tokens, scores)):
+                drafts[b].append(token)
+                draft_scores[b].append(score)
+            current = torch.tensor([[t] for t in tokens], device=current.device)
+        exit_hiddens.append(layers.exit_hidden(model, current, cache, exit_layer))
+        logits = layers.remainder(model, torch.cat(exit_hiddens, dim=1), cache, exit_layer)  # (B, count + 1, V)
+        results = []
+        for b, row in enumerate(rows):
+            accepted, final = self.verify(row, drafts[b], draft_scores[b], logits[b])
+            results.append(StepResult(drafts[b][:accepted] + [final], drafted=count, accepted=accepted))
+        cache.rollback_rows(torch.tensor([count - r.accepted for r in results]))
+        return results
 
     @staticmethod
     def verify(

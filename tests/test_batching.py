@@ -1,0 +1,56 @@
+"""Batched decoding: every row of a batch gets exactly what it gets alone (greedy), for every strategy of the
+table, with prompts of different lengths, rows that stop early and drafts accepted differently per row."""
+
+import collections
+import dataclasses
+
+import pytest
+
+from self_speculation import GenerationConfig, Generator
+from self_speculation.strategies import STRATEGIES
+
+PROMPTS = [[0, 5, 17, 33, 2, 9], [0, 71, 71, 4], [0] + list(range(40, 70)), [0, 3], [0, 9, 9, 9, 9, 9, 9, 9, 1]]
+
+
+def config_for(name: str, exit_layer: int, num_speculations: int, **extra) -> GenerationConfig:
+    config = GenerationConfig(sample=False, max_steps=32, exit_layer=exit_layer, num_speculations=num_speculations)
+    return STRATEGIES[name]().own(dataclasses.replace(config, **extra))
+
+
+@pytest.mark.parametrize("exit_layer, num_speculations", [(1, 1), (2, 4), (4, 3), (5, 8)])
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_every_row_equals_its_batch_of_one(model, name, exit_layer, num_speculations):
+    generator = Generator(model, None, config_for(name, exit_layer, num_speculations))
+    alone = [generator.generate_ids(p).tokens for p in PROMPTS]
+    batched = generator.generate_batch(PROMPTS)
+    assert [r.tokens for r in batched] == alone
+    if name == "self_speculative":  # rows accepted differently: the test covers ragged advances
+        assert len({r.accepted for r in batched}) > 1
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_rows_that_stop_early(model, name, monkeypatch):
+    """An EOS in the middle of some rows' outputs, a budget that ends inside a verified chunk: stopped rows stay
+    stopped while the others go on."""
+    generator = Generator(model, None, config_for(name, 3, 5, max_steps=13))
+    full = [generator.generate_ids(p).tokens for p in PROMPTS]
+    eos = full[0][6]
+    monkeypatch.setattr(model.generation_config, "eos_token_id", [eos])
+    generator = Generator(model, None, config_for(name, 3, 5, max_steps=13))
+    alone = [generator.generate_ids(p) for p in PROMPTS]
+    assert {r.stop_reason for r in alone} >= {"eos"}
+    batched = generator.generate_batch(PROMPTS)
+    assert [(r.tokens, r.stop_reason) for r in batched] == [(r.tokens, r.stop_reason) for r in alone]
+
+
+def test_speculative_sampling_in_a_batch_draws_from_the_model():
+    """The chi-square test of test_sampling.py with 8 rows per batch."""
+    from test_sampling import PROMPT, SAMPLING, SPECULATIVE, homogeneity_p_value
+    from models import tiny_llama
+
+    model = tiny_llama(vocab_size=8, num_layers=4, init_std=0.2, layer_scale=0.3, eos_token_id=None)
+    alone = Generator(model, None, SAMPLING, seed=1)
+    reference = collections.Counter(tuple(alone.generate_ids(PROMPT).tokens) for _ in range(2400))
+    batched = Generator(model, None, SPECULATIVE, seed=2)
+    rows = collections.Counter(tuple(r.tokens) for _ in range(300) for r in batched.generate_batch([PROMPT] * 8))
+    assert homogeneity_p_value(reference, rows) > 1e-3

@@ -26,6 +26,9 @@ from self_speculation.results import append_jsonl, ensure_output_dir, write_json
 @dataclass
 class BenchmarkArguments:
     warmup: int = field(default=1, metadata={"help": "untimed runs of each strategy before measuring"})
+    batch_size: int = field(default=1, metadata={
+        "help": "prompts decoded together (tokens/s is then all rows' tokens over the batch's wall time); "
+                "hf_assistant_early_exit takes one at a time"})
     profile: bool = field(default=False, metadata={
         "help": "after the timed runs, profile each strategy on the first example (torch.profiler) and print "
                 "operators per token and the costliest operators"})
@@ -33,6 +36,8 @@ class BenchmarkArguments:
     def __post_init__(self):
         if self.warmup < 0:
             raise UsageError(f"--warmup must be >= 0 (got {self.warmup})")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch_size must be >= 1 (got {self.batch_size})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,15 +56,18 @@ def main(argv: list[str] | None = None) -> int:
     runners = {name: RUNNERS[name](model, tokenizer, config, model_args.seed) for name in strategies}
     prompts = [tokenizer(e.prompt).input_ids for e in examples]
     check_prompt_lengths(model, prompts)
+    batches = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
     for _ in range(args.warmup):
         for runner in runners.values():
-            runner.run(prompts[0])
+            runner.run_batch(batches[0])
     stem = out / f"benchmark_{time.strftime('%Y%m%d_%H%M%S')}"
-    progress = tqdm(total=len(distributed.shard(prompts)), desc="examples", unit="example",
+    progress = tqdm(total=len(distributed.shard(batches)), desc="batches" if args.batch_size > 1 else "examples",
                     disable=distributed.rank() != 0)
 
-    def every_strategy(prompt_id, prompt):  # in turn on each example, so that they share the machine's conditions
-        samples = [dataclasses.replace(r.run(prompt), strategy=name, prompt_id=prompt_id) for name, r in runners.items()]
+    def every_strategy(index, batch):  # in turn on each batch, so that they share the machine's conditions
+        samples = [dataclasses.replace(sample, strategy=name, prompt_id=index * args.batch_size + row,
+                                       batch=index if args.batch_size > 1 else -1)
+                   for name, runner in runners.items() for row, sample in enumerate(runner.run_batch(batch))]
         progress.update()
         return samples
 
@@ -67,11 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         for sample in samples:
             append_jsonl(stem.with_suffix(".jsonl"), record(sample, tokenizer))
 
-    per_prompt = distributed.map_shards(prompts, every_strategy, write)
+    per_batch = distributed.map_shards(batches, every_strategy, write)
     distributed.teardown()
-    if per_prompt is None:
+    if per_batch is None:
         return 0
-    metrics = compare(model, tokenizer, config, runners, [s for samples in per_prompt for s in samples], prompts,
+    metrics = compare(model, tokenizer, config, runners, [s for samples in per_batch for s in samples], prompts,
                       [e.reference for e in examples])
     profiles = {name: profile(runner, prompts[0]) for name, runner in runners.items()} if args.profile else {}
     write_json(stem.with_suffix(".json"), {

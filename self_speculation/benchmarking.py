@@ -31,6 +31,7 @@ class Sample:
     passes: int = 0  # full-model passes (prompt pass included) for our strategies
     cache_bytes: int | None = None  # memory the KV cache held at the end (our strategies)
     peak_gpu_bytes: int | None = None  # peak GPU memory allocated during the run, weights included (CUDA only)
+    batch: int = -1  # samples of one batch (>= 0) were generated together: `total_time` is the batch's wall time
 
     @property
     def tokens_per_second(self) -> float:
@@ -41,6 +42,15 @@ class Sample:
 class Runner:
     run: Callable[[list[int]], Sample]  # prompt ids -> sample (strategy and prompt_id filled in by the caller)
     settings: dict  # the effective settings, recorded in the results
+    # several prompts at once -> a sample per prompt; None: the runner takes one prompt at a time
+    run_together: Callable[[list[list[int]]], list[Sample]] | None = None
+
+    def run_batch(self, prompts: list[list[int]]) -> list[Sample]:
+        """The prompts as one batch (a lone prompt through `run`), or one after another where the runner takes
+        one at a time."""
+        if len(prompts) == 1 or self.run_together is None:
+            return [self.run(p) for p in prompts]
+        return self.run_together(prompts)
 
 
 def _ours(name: str):
@@ -49,13 +59,21 @@ def _ours(name: str):
     def build(model, tokenizer, config: GenerationConfig, seed: int) -> Runner:
         generator = Generator(model, tokenizer, STRATEGIES[name]().own(config), seed=seed)
 
-        def run(prompt_ids):
-            with _peak_gpu_memory(generator.device) as peak:
-                r = generator.generate_ids(prompt_ids)
+        def sample(r, peak) -> Sample:
             return Sample(name, -1, r.tokens, r.total_time, r.time_to_first_token, r.drafted, r.accepted,
                           r.steps + 1, r.cache_bytes, peak.get("bytes"))
 
-        return Runner(run, dataclasses.asdict(generator.config))
+        def run(prompt_ids):
+            with _peak_gpu_memory(generator.device) as peak:
+                r = generator.generate_ids(prompt_ids)
+            return sample(r, peak)
+
+        def run_together(prompts):
+            with _peak_gpu_memory(generator.device) as peak:
+                results = generator.generate_batch(prompts)
+            return [sample(r, peak) for r in results]
+
+        return Runner(run, dataclasses.asdict(generator.config), run_together)
 
     return build
 
@@ -79,10 +97,15 @@ def _hf_kwargs(model, tokenizer, config: GenerationConfig) -> dict:
 
 
 def _hf_run(name: str, model, kwargs: dict, patch: dict | None = None):
+    """model.generate over a batch of prompts, left-padded (one prompt: no padding); a sample per prompt, cut after
+    its first end-of-sequence token (the rest is padding)."""
     device = model.lm_head.weight.device
+    eos = set(kwargs.get("eos_token_id") or [])
 
-    def run(prompt_ids):
-        ids = torch.tensor([prompt_ids], device=device)
+    def run_together(prompts):
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[kwargs["pad_token_id"]] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
         saved = {k: getattr(model.generation_config, k, None) for k in (patch or {})}
         try:
             for key, value in (patch or {}).items():
@@ -91,15 +114,16 @@ def _hf_run(name: str, model, kwargs: dict, patch: dict | None = None):
                 sync_device(device)
                 start = time.perf_counter()
                 with torch.inference_mode():
-                    out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+                    out = model.generate(ids, attention_mask=mask, **kwargs)
                 sync_device(device)
                 elapsed = time.perf_counter() - start
         finally:
             for key, value in saved.items():
                 setattr(model.generation_config, key, value)
-        return Sample(name, -1, out[0, ids.shape[1] :].tolist(), elapsed, peak_gpu_bytes=peak.get("bytes"))
+        rows = [row[: next((i + 1 for i, t in enumerate(row) if t in eos), len(row))] for row in out[:, width:].tolist()]
+        return [Sample(name, -1, row, elapsed, peak_gpu_bytes=peak.get("bytes")) for row in rows]
 
-    return run
+    return (lambda prompt_ids: run_together([prompt_ids])[0]), run_together
 
 
 @contextmanager
@@ -123,7 +147,8 @@ def _hf_generate(model, tokenizer, config, seed) -> Runner:
         compile_config._compile_all_devices = True  # generate compiles only on accelerators unless told so
         kwargs |= {"cache_implementation": "static", "compile_config": compile_config}
         settings |= {"cache_implementation": "static", "compile_config": compile_config.to_dict()}
-    return Runner(_hf_run("hf_generate", model, kwargs), settings)
+    run, run_together = _hf_run("hf_generate", model, kwargs)
+    return Runner(run, settings, run_together)
 
 
 def _hf_assistant_early_exit(model, tokenizer, config, seed) -> Runner:
@@ -138,7 +163,8 @@ def _hf_assistant_early_exit(model, tokenizer, config, seed) -> Runner:
         "assistant_confidence_threshold": 0.0,
     }
     settings = {k: v for k, v in kwargs.items() if k != "tokenizer"} | patch
-    return Runner(_hf_run("hf_assistant_early_exit", model, kwargs, patch), settings)
+    run, _ = _hf_run("hf_assistant_early_exit", model, kwargs, patch)
+    return Runner(run, settings)  # assisted generation takes one prompt at a time: no batch
 
 
 RUNNERS: dict[str, Callable] = {
@@ -199,18 +225,23 @@ def measure_pass_costs(model, context: int, exit_layer: int, max_positions: int,
 
 
 def summarize(samples: list[Sample]) -> dict:
-    """Speed metrics of one strategy over its samples: medians over samples, totals over all of them."""
+    """Speed metrics of one strategy over its samples: medians over batches (a sample alone is a batch of one;
+    a batch's throughput is the tokens of all its rows over its wall time), totals over all of them."""
     tokens = sum(len(s.tokens) for s in samples)
-    total_time = sum(s.total_time for s in samples)
+    batches: dict[int, list[Sample]] = {}
+    for i, s in enumerate(samples):
+        batches.setdefault(s.batch if s.batch >= 0 else -1 - i, []).append(s)
+    times = [(sum(len(s.tokens) for s in rows), rows[0].total_time) for rows in batches.values()]
+    total_time = sum(t for _, t in times)
     drafted = sum(s.drafted for s in samples)
     passes = sum(s.passes for s in samples)
     first = [s.time_to_first_token for s in samples if s.time_to_first_token is not None]
     return {
         "samples": len(samples),
         "tokens": tokens,
-        "tokens_per_second_median": statistics.median(s.tokens_per_second for s in samples),
+        "tokens_per_second_median": statistics.median(n / t if t > 0 else 0.0 for n, t in times),
         "tokens_per_second_overall": tokens / total_time if total_time else 0.0,
-        "time_per_token_median": statistics.median(s.total_time / max(len(s.tokens), 1) for s in samples),
+        "time_per_token_median": statistics.median(t / max(n, 1) for n, t in times),
         "total_time": total_time,
         "time_to_first_token_median": statistics.median(first) if first else None,
         "acceptance_rate": sum(s.accepted for s in samples) / drafted if drafted else None,

@@ -62,6 +62,7 @@ CASES = [
      ["--exit_layer_first", "<= 5"]),
     ("sweep", ["--model", "{empty}/nowhere", "--dataset", "custom_jsonl", "--data_path", "{long}"],
      ["--model", "does not exist"]),
+    ("benchmark", ["--model", "{model}", "--batch_size", "0"], ["--batch_size", ">= 1"]),
     # eval
     ("eval", ["--model", "{model}", "--tasks", "layerskip_stdlib", "--apply_chat_template", "True"],
      ["--apply_chat_template", "no chat template"]),

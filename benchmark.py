@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     model_args, config, data_args, args = parse(
         (ModelArguments, GenerationArguments, DataArguments, BenchmarkArguments), argv,
         help={"--generation_strategy": f"strategies to compare, comma-separated, from: {', '.join(RUNNERS)}"})
+    if config.compile and args.batch_size > 1:
+        raise UsageError("--compile True runs one prompt at a time; batched passes are not compiled yet (use "
+                         "--batch_size 1, or --compile False)")
     out = ensure_output_dir(model_args.output_dir)
     examples = data_args.load(model_args.seed)
     distributed.setup()

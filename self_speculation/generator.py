@@ -204,7 +204,7 @@ class Generator:
         """Generate from several prompts (token ids) at once, in one ragged cache; each row's tokens are what
         `generate_ids` gives it alone. Every result's `total_time` is the batch's wall time (throughput is the
         tokens of all rows over it). A row that has stopped is held in place (its advance rolled back) until
-        the others stop."""
+        the others stop. The passes run op by op: --compile's passes are compiled for one row."""
         if not prompts or any(not p for p in prompts):
             raise UsageError("the prompt is empty")
         check_prompt_lengths(self.model, prompts)

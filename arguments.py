@@ -14,7 +14,7 @@ from self_speculation.loading import DEFAULT_MODEL, load
 from self_speculation.strategies import STRATEGIES
 from self_speculation.streamers import STREAMERS
 
-__all__ = ["DataArguments", "GenerateArguments", "GenerationArguments", "ModelArguments", "parse", "pop_option", "run"]
+__all__ = ["BatchArguments", "DataArguments", "GenerateArguments", "GenerationArguments", "ModelArguments", "parse", "pop_option", "run"]
 
 
 @dataclass
@@ -95,6 +95,20 @@ class DataArguments:
     def load(self, seed: int) -> list[Example]:
         options = DataOptions(self.data_path, self.n_shot, self.prompt_field, self.response_field, seed)
         return load_examples(self.dataset, options, self.num_samples, self.random_shuffle, self.template)
+
+
+@dataclass
+class BatchArguments:
+    batch_size: int = field(default=1, metadata={
+        "help": "prompts decoded together (tokens/s is then all rows' tokens over the batch's wall time); each row "
+                "gets what it gets alone"})
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise UsageError(f"--batch_size must be >= 1 (got {self.batch_size})")
+
+    def batches(self, items: list) -> list[list]:
+        return [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
 
 
 class _Parser(HfArgumentParser):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from arguments import DataArguments, GenerationArguments, ModelArguments, parse, pop_option, run
+from arguments import BatchArguments, DataArguments, GenerationArguments, ModelArguments, parse, pop_option, run
 from self_speculation import UsageError
 from self_speculation.benchmarking import RUNNERS, compare, profile, record, report
 from self_speculation.generator import check_prompt_lengths
@@ -26,9 +26,7 @@ from self_speculation.results import append_jsonl, ensure_output_dir, write_json
 @dataclass
 class BenchmarkArguments:
     warmup: int = field(default=1, metadata={"help": "untimed runs of each strategy before measuring"})
-    batch_size: int = field(default=1, metadata={
-        "help": "prompts decoded together (tokens/s is then all rows' tokens over the batch's wall time); "
-                "hf_assistant_early_exit takes one at a time"})
+
     profile: bool = field(default=False, metadata={
         "help": "after the timed runs, profile each strategy on the first example (torch.profiler) and print "
                 "operators per token and the costliest operators"})
@@ -36,8 +34,6 @@ class BenchmarkArguments:
     def __post_init__(self):
         if self.warmup < 0:
             raise UsageError(f"--warmup must be >= 0 (got {self.warmup})")
-        if self.batch_size < 1:
-            raise UsageError(f"--batch_size must be >= 1 (got {self.batch_size})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,10 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in strategies if s not in RUNNERS]
     if unknown:
         raise UsageError(f"--generation_strategy: unknown {', '.join(unknown)} (choose from {', '.join(RUNNERS)})")
-    model_args, config, data_args, args = parse(
-        (ModelArguments, GenerationArguments, DataArguments, BenchmarkArguments), argv,
+    model_args, config, data_args, batching, args = parse(
+        (ModelArguments, GenerationArguments, DataArguments, BatchArguments, BenchmarkArguments), argv,
         help={"--generation_strategy": f"strategies to compare, comma-separated, from: {', '.join(RUNNERS)}"})
-    if config.compile and args.batch_size > 1:
+    if config.compile and batching.batch_size > 1:
         raise UsageError("--compile True runs one prompt at a time; batched passes are not compiled yet (use "
                          "--batch_size 1, or --compile False)")
     out = ensure_output_dir(model_args.output_dir)
@@ -59,17 +55,17 @@ def main(argv: list[str] | None = None) -> int:
     runners = {name: RUNNERS[name](model, tokenizer, config, model_args.seed) for name in strategies}
     prompts = [tokenizer(e.prompt).input_ids for e in examples]
     check_prompt_lengths(model, prompts)
-    batches = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
+    batches = batching.batches(prompts)
     for _ in range(args.warmup):
         for runner in runners.values():
             runner.run_batch(batches[0])
     stem = out / f"benchmark_{time.strftime('%Y%m%d_%H%M%S')}"
-    progress = tqdm(total=len(distributed.shard(batches)), desc="batches" if args.batch_size > 1 else "examples",
+    progress = tqdm(total=len(distributed.shard(batches)), desc="batches" if batching.batch_size > 1 else "examples",
                     disable=distributed.rank() != 0)
 
     def every_strategy(index, batch):  # in turn on each batch, so that they share the machine's conditions
-        samples = [dataclasses.replace(sample, strategy=name, prompt_id=index * args.batch_size + row,
-                                       batch=index if args.batch_size > 1 else -1)
+        samples = [dataclasses.replace(sample, strategy=name, prompt_id=index * batching.batch_size + row,
+                                       batch=index if batching.batch_size > 1 else -1)
                    for name, runner in runners.items() for row, sample in enumerate(runner.run_batch(batch))]
         progress.update()
         return samples
@@ -87,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     profiles = {name: profile(runner, prompts[0]) for name, runner in runners.items()} if args.profile else {}
     write_json(stem.with_suffix(".json"), {
         "arguments": {"model": dataclasses.asdict(model_args), "generation": dataclasses.asdict(config),
-                      "data": dataclasses.asdict(data_args), "benchmark": dataclasses.asdict(args), "strategies": strategies},
+                      "data": dataclasses.asdict(data_args), "strategies": strategies,
+                      "benchmark": dataclasses.asdict(args) | dataclasses.asdict(batching)},
         "settings": {name: r.settings for name, r in runners.items()},
         "metrics": metrics,
     } | ({"profile": profiles} if profiles else {}))

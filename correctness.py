@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from arguments import DataArguments, GenerationArguments, ModelArguments, parse, run
+from arguments import BatchArguments, DataArguments, GenerationArguments, ModelArguments, parse, run
 from self_speculation import Generator, UsageError
 from self_speculation import distributed
 from self_speculation.equivalence import TIE_TOLERANCE, judge, summary
@@ -39,7 +39,8 @@ class CorrectnessArguments:
 
 
 def main(argv: list[str] | None = None) -> int:
-    model_args, config, data_args, args = parse((ModelArguments, GenerationArguments, DataArguments, CorrectnessArguments), argv)
+    model_args, config, data_args, batching, args = parse(
+        (ModelArguments, GenerationArguments, DataArguments, BatchArguments, CorrectnessArguments), argv)
     # Greedy on both sides: the invariant is token-for-token identity.
     speculative = SelfSpeculative().own(dataclasses.replace(config, sample=False))
     baseline = Autoregressive().own(dataclasses.replace(config, sample=False))
@@ -53,21 +54,24 @@ def main(argv: list[str] | None = None) -> int:
     candidate = Generator(model, tokenizer, speculative, seed=model_args.seed)
     stem = output_dir / f"correctness_{time.strftime('%Y%m%d_%H%M%S')}"
 
-    def check(prompt_id, prompt):
-        return judge(model, tokenizer, reference, candidate, prompt_id, prompt, args.tie_tolerance)
+    def check(index, batch):
+        return judge(model, tokenizer, reference, candidate, index * batching.batch_size, batch, args.tie_tolerance)
 
-    def write(record):
-        append_jsonl(stem.with_suffix(".jsonl"), record)
-        print(f"prompt {record['prompt_id']}: {record['verdict']}", flush=True)
+    def write(batch_records):
+        for record in batch_records:
+            append_jsonl(stem.with_suffix(".jsonl"), record)
+            print(f"prompt {record['prompt_id']}: {record['verdict']}", flush=True)
 
-    records = distributed.map_shards(prompts, check, write)
+    per_batch = distributed.map_shards(batching.batches(prompts), check, write)
     distributed.teardown()
-    if records is None:
+    if per_batch is None:
         return 0
+    records = [record for batch_records in per_batch for record in batch_records]
     totals = summary(records)
     write_json(stem.with_suffix(".json"), {
         "arguments": {"model": dataclasses.asdict(model_args), "generation": dataclasses.asdict(candidate.config),
-                      "data": dataclasses.asdict(data_args), "correctness": dataclasses.asdict(args)},
+                      "data": dataclasses.asdict(data_args),
+                      "correctness": dataclasses.asdict(args) | dataclasses.asdict(batching)},
         "dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
     } | totals | {"results": records})
     print(f"{totals['verdict']}; results in {stem.with_suffix('.json')}")

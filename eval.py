@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from arguments import GenerationArguments, ModelArguments, parse, run
+from arguments import BatchArguments, GenerationArguments, ModelArguments, parse, run
 from self_speculation import UsageError
 from self_speculation.loading import hub_reachable
 from self_speculation.results import append_jsonl, ensure_output_dir, write_json
@@ -49,7 +49,7 @@ class EvalArguments:
 
 
 def main(argv: list[str] | None = None) -> int:
-    model_args, config, args = parse((ModelArguments, GenerationArguments, EvalArguments), argv)
+    model_args, config, batching, args = parse((ModelArguments, GenerationArguments, BatchArguments, EvalArguments), argv)
     out = ensure_output_dir(model_args.output_dir)
     online = hub_reachable()
     if not online:  # hub datasets fail at once instead of retrying
@@ -67,16 +67,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.apply_chat_template and not getattr(tokenizer, "chat_template", None):
         raise UsageError(f"--apply_chat_template: the model {model_args.model} has no chat template")
     lm = LayerSkipLM(model, tokenizer, config.generation_strategy, config.exit_layer, config.num_speculations,
-                     seed=model_args.seed)
+                     seed=model_args.seed, batch_size=batching.batch_size)
     results = evaluate(lm, task_manager, args.tasks, online, num_fewshot=args.num_fewshot, limit=args.limit,
                        log_samples=args.log_samples, apply_chat_template=args.apply_chat_template,
                        random_seed=model_args.seed, numpy_random_seed=model_args.seed,
                        torch_random_seed=model_args.seed, fewshot_random_seed=model_args.seed,
                        confirm_run_unsafe_code=args.allow_code_execution)
     stem = out / f"eval_{time.strftime('%Y%m%d_%H%M%S')}"
-    write_json(stem.with_suffix(".json"), {"arguments": {"model": dataclasses.asdict(model_args),
-                                                         "generation": dataclasses.asdict(lm.generation),
-                                                         "eval": dataclasses.asdict(args)}} | lm.document(results))
+    arguments = {"model": dataclasses.asdict(model_args), "generation": dataclasses.asdict(lm.generation),
+                 "eval": dataclasses.asdict(args) | dataclasses.asdict(batching)}
+    write_json(stem.with_suffix(".json"), {"arguments": arguments} | lm.document(results))
     if args.log_samples:
         samples_path = stem.with_name(stem.name + "_samples.jsonl")
         for task, samples in results["samples"].items():

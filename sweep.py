@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from arguments import DataArguments, GenerationArguments, ModelArguments, parse, run
+from arguments import BatchArguments, DataArguments, GenerationArguments, ModelArguments, parse, run
 from self_speculation import UsageError, distributed
 from self_speculation.benchmarking import RUNNERS
 from self_speculation.generator import check_prompt_lengths
@@ -44,10 +44,14 @@ class SweepArguments:
 
 
 def main(argv: list[str] | None = None) -> int:
-    model_args, config, data_args, args = parse((ModelArguments, GenerationArguments, DataArguments, SweepArguments), argv)
+    model_args, config, data_args, batching, args = parse(
+        (ModelArguments, GenerationArguments, DataArguments, BatchArguments, SweepArguments), argv)
+    if config.compile and batching.batch_size > 1:
+        raise UsageError("--compile True runs one prompt at a time; use --batch_size 1, or --compile False")
     out = ensure_output_dir(model_args.output_dir)
     directory = SweepDirectory(out, {"model": dataclasses.asdict(model_args), "generation": dataclasses.asdict(config),
-                                     "data": dataclasses.asdict(data_args), "sweep": dataclasses.asdict(args)})
+                                     "data": dataclasses.asdict(data_args),
+                                     "sweep": dataclasses.asdict(args) | dataclasses.asdict(batching)})
     examples = data_args.load(model_args.seed)
     distributed.setup()
     model, tokenizer = model_args.load()
@@ -59,11 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     points = [(e, d) for e in range(args.exit_layer_first, last_exit + 1, args.exit_layer_step)
               for d in range(args.num_speculations_first, args.num_speculations_last + 1, args.num_speculations_step)]
     done = directory.start()  # every flag is checked: from here on the directory holds this sweep
-    baseline = directory.baseline(model, tokenizer, config, model_args.seed, prompts, args.warmup)
+    batches = batching.batches(prompts)
+    baseline = directory.baseline(model, tokenizer, config, model_args.seed, batches, args.warmup)
     todo = [p for p in points if p not in done]
     for exit_layer, num_speculations in tqdm(todo, desc="sweep", unit="point", disable=distributed.rank() != 0):
         point = dataclasses.replace(config, exit_layer=exit_layer, num_speculations=num_speculations)
-        samples = run_shared(RUNNERS["self_speculative"](model, tokenizer, point, model_args.seed), prompts)
+        samples = run_shared(RUNNERS["self_speculative"](model, tokenizer, point, model_args.seed), batches)
         if samples is not None:  # rank 0 writes the row
             directory.write_point(model, point, samples, prompts, baseline)
     distributed.teardown()

@@ -132,24 +132,33 @@ def verifier_logits(generator: Generator, prompt_ids: list[int]) -> dict[int, to
     return {position - len(prompt_ids): row for position, row in recorder.rows.items()}
 
 
-def judge(model, tokenizer, reference: Generator, candidate: Generator, prompt_id: int, prompt: list[int],
-          scale: float = TIE_TOLERANCE) -> dict:
-    """One prompt through both generators (greedy; the candidate self-speculative) and the verdict, as the record
-    correctness.py writes."""
-    ref, cand = reference.generate_ids(prompt), candidate.generate_ids(prompt)
-    verifier = verifier_logits(candidate, prompt) if ref.tokens != cand.tokens else None
-    verdict = compare(model, prompt, ref.tokens, cand.tokens, verifier, scale)
-    return {
-        "prompt_id": prompt_id,
-        "status": verdict.status,
-        "match": verdict.status == "match",
-        "first_mismatch": None if verdict.status == "match" else verdict.common_prefix,
-        "verdict": f"{verdict.describe()} ({len(ref.tokens)} tokens)",
-        "comparison": verdict.as_dict(),
-        "acceptance_rate": cand.acceptance_rate,
-        reference.strategy.name: {"tokens": ref.tokens, "text": tokenizer.decode(ref.tokens, skip_special_tokens=True)},
-        candidate.strategy.name: {"tokens": cand.tokens, "text": tokenizer.decode(cand.tokens, skip_special_tokens=True)},
-    }
+def judge(model, tokenizer, reference: Generator, candidate: Generator, first_id: int, prompts: list[list[int]],
+          scale: float = TIE_TOLERANCE) -> list[dict]:
+    """Prompts through both generators (greedy; the candidate self-speculative), together when there are several,
+    and each one's verdict, as the records correctness.py writes. A lone prompt's mismatch is also judged under
+    the verifier's logits (a replay of it alone); a batch's, on the full model's margin."""
+    if len(prompts) == 1:
+        refs, cands = [reference.generate_ids(prompts[0])], [candidate.generate_ids(prompts[0])]
+    else:
+        refs, cands = reference.generate_batch(prompts), candidate.generate_batch(prompts)
+    records = []
+    for row, (prompt, ref, cand) in enumerate(zip(prompts, refs, cands)):
+        replay = len(prompts) == 1 and ref.tokens != cand.tokens
+        verdict = compare(model, prompt, ref.tokens, cand.tokens, verifier_logits(candidate, prompt) if replay else None,
+                          scale)
+        records.append({
+            "prompt_id": first_id + row,
+            "status": verdict.status,
+            "match": verdict.status == "match",
+            "first_mismatch": None if verdict.status == "match" else verdict.common_prefix,
+            "verdict": f"{verdict.describe()} ({len(ref.tokens)} tokens)",
+            "comparison": verdict.as_dict(),
+            "acceptance_rate": cand.acceptance_rate,
+            reference.strategy.name: {"tokens": ref.tokens, "text": tokenizer.decode(ref.tokens, skip_special_tokens=True)},
+            candidate.strategy.name: {"tokens": cand.tokens,
+                                      "text": tokenizer.decode(cand.tokens, skip_special_tokens=True)},
+        })
+    return records
 
 
 def summary(records: list[dict]) -> dict:

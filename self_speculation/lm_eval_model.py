@@ -32,12 +32,13 @@ class SpeedTotals:
     drafted: int = 0
     accepted: int = 0
 
-    def add(self, result) -> None:
-        self.requests += 1
-        self.tokens += result.num_tokens
-        self.seconds += result.total_time
-        self.drafted += result.drafted
-        self.accepted += result.accepted
+    def add(self, results: list) -> None:
+        """The results of one batch (their `total_time` is the batch's wall time, counted once)."""
+        self.requests += len(results)
+        self.tokens += sum(r.num_tokens for r in results)
+        self.seconds += results[0].total_time
+        self.drafted += sum(r.drafted for r in results)
+        self.accepted += sum(r.accepted for r in results)
 
     def summary(self) -> dict:
         return dataclasses.asdict(self) | {
@@ -71,8 +72,8 @@ class LayerSkipLM(HFLM):
         self.strategy, self.generation = configured(config, pretrained.config)
         self.seed = int(seed)
         self.speed = SpeedTotals()
-        kwargs.pop("batch_size", None)
-        super().__init__(pretrained=pretrained, tokenizer=tokenizer, batch_size=1, **kwargs)
+        batch_size = int(kwargs.pop("batch_size", 1) or 1)  # requests lm-eval hands over together
+        super().__init__(pretrained=pretrained, tokenizer=tokenizer, batch_size=batch_size, **kwargs)
 
     @property
     def scoring_layer(self) -> int:
@@ -112,7 +113,7 @@ class LayerSkipLM(HFLM):
             return layers.early_exit(self.model, inps, None, self.scoring_layer).logits
 
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **kwargs) -> torch.Tensor:
-        kwargs.pop("attention_mask", None)
+        mask = kwargs.pop("attention_mask", None)  # (B, T): lm-eval pads a batch's contexts on the left
         temperature = float(kwargs.get("temperature") or 0.0)
         sample = bool(kwargs.get("do_sample")) and temperature > 0
         config = dataclasses.replace(
@@ -125,11 +126,11 @@ class LayerSkipLM(HFLM):
             stop_words=list(stop),
         )
         generator = Generator(self.model, self.tokenizer, config, seed=self.seed)
-        rows = []
-        for prompt in context.tolist():  # batch size 1; the loop keeps the contract of HFLM
-            result = generator.generate_ids(prompt)
-            self.speed.add(result)
-            rows.append(prompt + result.tokens)
+        contexts = context.tolist()
+        prompts = contexts if mask is None else [row[m.bool()].tolist() for row, m in zip(context, mask)]
+        results = generator.generate_batch(prompts) if len(prompts) > 1 else [generator.generate_ids(prompts[0])]
+        self.speed.add(results)
+        rows = [row + result.tokens for row, result in zip(contexts, results)]  # lm-eval cuts the context width off
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
         return torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=context.device)

@@ -18,10 +18,15 @@ COLUMNS = ["exit_layer", "num_speculations", "tokens_per_second_median", "speedu
            "near_ties", "divergences"]
 
 
-def run_shared(runner, prompts: list[list[int]]):
-    """Every prompt through the runner, split over the processes; the samples in prompt order on rank 0, None on
-    the others."""
-    return distributed.map_shards(prompts, lambda i, prompt: dataclasses.replace(runner.run(prompt), prompt_id=i))
+def run_shared(runner, batches: list[list[list[int]]]):
+    """Every batch of prompts through the runner, the batches split over the processes; the samples in prompt
+    order on rank 0, None on the others."""
+    def run(index, batch):
+        return [dataclasses.replace(sample, prompt_id=index * len(batches[0]) + row, batch=index if len(batch) > 1 else -1)
+                for row, sample in enumerate(runner.run_batch(batch))]
+
+    per_batch = distributed.map_shards(batches, run)
+    return None if per_batch is None else [sample for samples in per_batch for sample in samples]
 
 
 class SweepDirectory:
@@ -64,16 +69,16 @@ class SweepDirectory:
         return {(int(r["exit_layer"]), int(r["num_speculations"])) for r in rows
                 if None not in r and None not in r.values()}
 
-    def baseline(self, model, tokenizer, config, seed: int, prompts: list[list[int]], warmup: int) -> dict | None:
-        """hf_generate on every prompt, measured once per directory (reused when the sweep resumes); None off
-        rank 0."""
+    def baseline(self, model, tokenizer, config, seed: int, batches: list[list[list[int]]], warmup: int) -> dict | None:
+        """hf_generate on every batch of prompts, measured once per directory (reused when the sweep resumes);
+        None off rank 0."""
         path = self.path / "sweep_baseline.json"
         if path.exists():
             return json.loads(path.read_text())
         runner = RUNNERS["hf_generate"](model, tokenizer, config, seed)
         for _ in range(warmup):
-            runner.run(prompts[0])
-        samples = run_shared(runner, prompts)
+            runner.run_batch(batches[0])
+        samples = run_shared(runner, batches)
         if samples is None:
             return None
         baseline = summarize(samples) | {"outputs": [s.tokens for s in samples], "settings": runner.settings}

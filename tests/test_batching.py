@@ -54,3 +54,29 @@ def test_speculative_sampling_in_a_batch_draws_from_the_model():
     batched = Generator(model, None, SPECULATIVE, seed=2)
     rows = collections.Counter(tuple(r.tokens) for _ in range(300) for r in batched.generate_batch([PROMPT] * 8))
     assert homogeneity_p_value(reference, rows) > 1e-3
+
+
+def test_correctness_and_sweep_in_batches(checkpoint, tmp_path):
+    import csv
+    import json
+
+    import correctness
+    import sweep
+    from arguments import run
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["def f(x):", "import os", "x = [1,", "class A:",
+                                                                           "for i in range(3):"]))
+    common = ["--model", str(checkpoint), "--dataset", "custom_jsonl", "--data_path", str(prompts), "--max_steps", "16",
+              "--batch_size", "2"]
+    assert run(correctness.main, common + ["--exit_layer", "3", "--num_speculations", "3", "--output_dir",
+                                           str(tmp_path / "c")]) == 0
+    [result] = (tmp_path / "c").glob("correctness_*.json")
+    result = json.loads(result.read_text())
+    assert result["num_prompts"] == 5 and result["num_matches"] == 5
+    assert [r["prompt_id"] for r in result["results"]] == [0, 1, 2, 3, 4]
+    assert run(sweep.main, common + ["--sample", "False", "--exit_layer_first", "2", "--exit_layer_last", "3",
+                                     "--num_speculations_first", "2", "--num_speculations_last", "2", "--output_dir",
+                                     str(tmp_path / "s")]) == 0
+    rows = list(csv.DictReader((tmp_path / "s" / "sweep.csv").open()))
+    assert len(rows) == 2 and all(r["outputs_differing_from_baseline"] == "0" for r in rows)

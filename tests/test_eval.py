@@ -92,3 +92,22 @@ def test_unknown_task_and_offline_hub_task(checkpoint, tmp_path, monkeypatch, ca
     assert run(eval_script.main, ["--model", str(checkpoint), "--tasks", "hellaswag", "--limit", "2",
                                   "--output_dir", str(tmp_path)]) == 2
     assert "unreachable; use a local task" in capsys.readouterr().err
+
+
+def test_generation_requests_in_batches_give_the_same_answers(checkpoint, tmp_path):
+    """lm-eval hands a batch of left-padded contexts to the model; each is decoded as it would be alone."""
+    alone = evaluate(checkpoint, tmp_path / "one", "--generation_strategy", "self_speculative", "--exit_layer", "3",
+                     "--num_speculations", "3", "--log_samples", "True")
+    batched = evaluate(checkpoint, tmp_path / "four", "--generation_strategy", "self_speculative", "--exit_layer", "3",
+                       "--num_speculations", "3", "--log_samples", "True", "--batch_size", "4")
+    assert batched["results"] == alone["results"]
+    assert batched["speed"]["requests"] == alone["speed"]["requests"] == 6
+
+    def responses(name, task):
+        [path] = (tmp_path / name / "out").glob("eval_*_samples.jsonl")
+        return sorted((r["doc_id"], r["resps"]) for r in map(json.loads, path.read_text().splitlines()) if r["task"] == task)
+
+    assert responses("four", "layerskip_stdlib_line") == responses("one", "layerskip_stdlib_line")  # generated text
+    # log-likelihoods scored in padded batches round differently in the last digits
+    for (doc, batched), (_, single) in zip(responses("four", "layerskip_stdlib_mc"), responses("one", "layerskip_stdlib_mc")):
+        assert [r[0][0] for r in batched] == pytest.approx([r[0][0] for r in single], rel=1e-5), doc

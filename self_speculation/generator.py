@@ -59,6 +59,11 @@ def sync_device(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# Finished rows leave the batch (their cache rows dropped) rather than being held in it: measured on the embedded
+# model with HumanEval's stop words, 25 of 32 rows stopping early, dropping was 1.3-1.6x faster (README).
+SHRINK_BATCHES = True
+
+
 def context_length(model: PreTrainedModel) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
@@ -200,11 +205,12 @@ class Generator:
         result.drafted += step.drafted
         result.accepted += step.accepted
 
-    def generate_batch(self, prompts: list[list[int]]) -> list[GenerationResult]:
+    def generate_batch(self, prompts: list[list[int]], shrink: bool = SHRINK_BATCHES) -> list[GenerationResult]:
         """Generate from several prompts (token ids) at once, in one ragged cache; each row's tokens are what
         `generate_ids` gives it alone. Every result's `total_time` is the batch's wall time (throughput is the
-        tokens of all rows over it). A row that has stopped is held in place (its advance rolled back) until
-        the others stop. The passes run op by op: --compile's passes are compiled for one row."""
+        tokens of all rows over it). A row that has stopped leaves the batch (`shrink`), or is held in place, its
+        advance rolled back, until the others stop. The passes run op by op: --compile's passes are compiled for
+        one row."""
         if not prompts or any(not p for p in prompts):
             raise UsageError("the prompt is empty")
         check_prompt_lengths(self.model, prompts)
@@ -216,7 +222,7 @@ class Generator:
         rows = [Decoding(model=self.model, config=self.config, cache=cache, sequence=list(p),
                          processors=processors(self.config), generator=self.random, stop_ids=self.stop.token_ids)
                 for p in prompts]
-        results = [self._new_result(len(p)) for p in prompts]
+        results = all_results = [self._new_result(len(p)) for p in prompts]
         padded = torch.tensor([p + [p[-1]] * (int(lengths.max()) - len(p)) for p in prompts], device=self.device)
         with torch.inference_mode():
             sync_device(self.device)
@@ -234,17 +240,22 @@ class Generator:
                 running = [r.stop_reason == "running" for r in results]
                 if not any(running):
                     break
+                if shrink and not all(running):  # finished rows leave the batch
+                    kept = [b for b, go in enumerate(running) if go]
+                    cache.keep_rows(kept)
+                    rows, results, budgets = ([xs[b] for b in kept] for xs in (rows, results, budgets))
+                    running = [True] * len(kept)
                 remaining = [budget - len(r.tokens) if go else 1 for budget, r, go in zip(budgets, results, running)]
                 steps = self.strategy.step_rows(rows, cache, remaining)
                 advance = torch.tensor([0 if go else len(step.tokens) for step, go in zip(steps, running)])
-                cache.rollback_rows(advance)  # stopped rows stay where they are
+                cache.rollback_rows(advance)  # stopped rows (when kept) stay where they are
                 for step, result, go in zip(steps, results, running):
                     if go:
                         self._count(result, step)
                 new_tokens = [step.tokens for step in steps]
             sync_device(self.device)
             elapsed = time.perf_counter() - start
-        for result in results:
+        for result in all_results:
             result.total_time, result.time_to_first_token = elapsed, first
             result.cache_bytes = layers.cache_bytes(cache)
-        return results
+        return all_results

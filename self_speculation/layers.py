@@ -159,6 +159,15 @@ class RaggedCache(Cache):
         for layer in self.layers:
             layer.lengths = lengths.to(layer.lengths.device)
 
+    def keep_rows(self, rows: list[int]) -> None:
+        """Drop every row not in `rows` (finished ones), so that passes no longer compute them."""
+        for layer in self.layers:
+            index = torch.tensor(rows, device=layer.lengths.device)
+            layer.lengths = layer.lengths[index]
+            if layer.is_initialized:
+                layer.keys, layer.values = layer.keys[index], layer.values[index]
+        self.batch = len(rows)
+
     def rollback_rows(self, counts: torch.Tensor) -> None:
         """Forget the last counts[b] positions of row b in every layer (its rejected drafts)."""
         for layer in self.layers:

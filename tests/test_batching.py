@@ -28,8 +28,9 @@ def test_every_row_equals_its_batch_of_one(model, name, exit_layer, num_speculat
         assert len({r.accepted for r in batched}) > 1
 
 
+@pytest.mark.parametrize("shrink", [False, True], ids=["held", "dropped"])
 @pytest.mark.parametrize("name", list(STRATEGIES))
-def test_rows_that_stop_early(model, name, monkeypatch):
+def test_rows_that_stop_early(model, name, monkeypatch, shrink):
     """An EOS in the middle of some rows' outputs, a budget that ends inside a verified chunk: stopped rows stay
     stopped while the others go on."""
     generator = Generator(model, None, config_for(name, 3, 5, max_steps=13))
@@ -39,7 +40,7 @@ def test_rows_that_stop_early(model, name, monkeypatch):
     generator = Generator(model, None, config_for(name, 3, 5, max_steps=13))
     alone = [generator.generate_ids(p) for p in PROMPTS]
     assert {r.stop_reason for r in alone} >= {"eos"}
-    batched = generator.generate_batch(PROMPTS)
+    batched = generator.generate_batch(PROMPTS, shrink=shrink)
     assert [(r.tokens, r.stop_reason) for r in batched] == [(r.tokens, r.stop_reason) for r in alone]
 
 

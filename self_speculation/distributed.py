@@ -59,3 +59,17 @@ def map_shards(items: list, work: Callable[[int, object], object],
             if origin != 0:
                 on_result(result)
     return [result for _, _, result in sorted(gathered, key=lambda entry: entry[0])]
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def mean(value: float) -> float:
+    """The mean of a number over the processes (the number itself for one process)."""
+    if not dist.is_initialized():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return tensor.item() / world_size()

@@ -88,6 +88,11 @@ class RecipeOutput:
     agreement: torch.Tensor  # (L,) share of positions where the exit's argmax is the last layer's; NaN where not computed
 
 
+def draw_kept(rates: torch.Tensor, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(L, B) bool: which samples run each layer, layer l kept with probability 1 - rates[l]."""
+    return torch.rand(len(rates), batch, generator=generator, device=rates.device) >= rates[:, None]
+
+
 def recipe_forward(
     model: PreTrainedModel,
     input_ids: torch.Tensor,
@@ -95,16 +100,19 @@ def recipe_forward(
     weights: torch.Tensor,
     generator: torch.Generator | None = None,
     distillation: Distillation | None = None,
+    kept: torch.Tensor | None = None,
 ) -> RecipeOutput:
     """Next-token loss of `input_ids` (B, T) with per-sample layer dropout at `rates` (L,) and the early-exit loss
     at the layers where `weights` (L,) is non-zero, each exit's loss mixed with the KL from the last layer when
     `distillation` is given. With `weights` None (evaluation) every layer's loss is reported and `loss` is the
-    last layer's."""
+    last layer's. `kept` (L, B), when given, says which samples run each layer instead of drawing it here (a
+    process of several takes its rows of the draw for the whole batch)."""
     num_layers = layers.num_layers(model)
     batch = input_ids.shape[0]
     targets = input_ids[:, 1:].reshape(-1)
     hidden = layers.embed(model, input_ids)  # (B, T, H)
-    kept = torch.rand(num_layers, batch, generator=generator, device=rates.device) >= rates[:, None]
+    if kept is None:
+        kept = draw_kept(rates, batch, generator)
     kept = kept.to(hidden.device)
     exits: dict[int, torch.Tensor] = {}  # layer -> logits (B * (T-1), V)
     for i in range(num_layers):

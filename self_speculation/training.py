@@ -12,15 +12,16 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from . import corpus, layers
+from . import corpus, distributed, layers
 from .errors import UsageError, check_seed
-from .loading import model_source
+from .loading import model_source, resolve_device
 from .results import ensure_output_dir
 from .recipe import (
     CURRICULA,
     EXIT_WEIGHTINGS,
     RAMPS,
     Distillation,
+    draw_kept,
     dropout_rates,
     early_exit_layers,
     early_exit_weights,
@@ -54,7 +55,11 @@ class TrainConfig:
     warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clipping (0: off)"})
-    dtype: str = field(default="float32", metadata={"help": "training precision", "choices": ("float32", "bfloat16")})
+    dtype: str = field(default="float32", metadata={
+        "help": "training precision: float32, or mixed precision (autocast) in bfloat16 or float16 (float16 with a "
+                "gradient scaler)", "choices": ("float32", "bfloat16", "float16")})
+    device: str = field(default="auto", metadata={"help": "auto (CUDA when present; under torchrun one GPU per "
+                                                          "process), cpu, cuda or cuda:N"})
     p_max: float = field(default=0.1, metadata={"help": "layer dropout of the last layer (0: no layer dropout)"})
     dropout_ramp: str = field(default="exponential", metadata={"help": "S(t)", "choices": RAMPS})
     curriculum: str = field(
@@ -103,6 +108,9 @@ class TrainConfig:
 
     def distillation(self) -> Distillation | None:
         return Distillation(self.distill_weight, self.distill_temperature) if self.distill_weight > 0 else None
+
+
+AUTOCAST = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def learning_rate_factor(step: int, config: TrainConfig) -> float:
@@ -226,12 +234,27 @@ def evaluate(model, heldout: torch.Tensor, config: TrainConfig) -> tuple[list[fl
     losses, agreement = torch.zeros(num_layers), torch.zeros(num_layers)
     count = min(config.eval_batches, math.ceil(len(heldout) / config.batch_size))
     for i in range(count):
-        ids = heldout[i * config.batch_size : (i + 1) * config.batch_size].long()
+        ids = heldout[i * config.batch_size : (i + 1) * config.batch_size].long().to(model.lm_head.weight.device)
         out = recipe_forward(model, ids, torch.zeros(num_layers), None)
         losses += out.layer_losses.float().cpu()
         agreement += out.agreement.float().cpu()
     model.train()
     return (losses / count).tolist(), (agreement / count).tolist()
+
+
+class _RecipeStep(torch.nn.Module):
+    """recipe_forward as a module, so that DistributedDataParallel runs it and reduces the gradients it leaves."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, rates, weights, kept, distillation):
+        result = recipe_forward(self.model, ids, rates, weights, None, distillation, kept)
+        return result.loss, result.layer_losses, result.agreement
+
+
+NOT_COMPARED_ON_RESUME = ("resume", "device")  # a run may continue on another device or number of processes
 
 
 def train(config: TrainConfig) -> Path:
@@ -244,9 +267,19 @@ def train(config: TrainConfig) -> Path:
     ensure_output_dir(config.output_dir)
     if config.init_from:
         model_source(config.init_from, "--init_from")  # before the minutes spent reading and tokenizing the data
+    distributed.setup()
+    rank, world = distributed.rank(), distributed.world_size()
+    if config.batch_size % world:
+        raise UsageError(f"--batch_size {config.batch_size} must be a multiple of the {world} processes (each takes "
+                         "an equal share of every batch)")
+    device = resolve_device(config.device)
     torch.manual_seed(config.seed)
-    dataset, tokenizer = prepare_data(config, out, resuming=config.resume)
-    model = build_model(config, tokenizer)
+    if rank == 0:  # the first process builds the data cache; the others read it
+        dataset, tokenizer = prepare_data(config, out, resuming=config.resume)
+    distributed.barrier()
+    if rank != 0:
+        dataset, tokenizer = prepare_data(config, out, resuming=config.resume)
+    model = build_model(config, tokenizer).to(device)
     num_layers = layers.num_layers(model)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -257,27 +290,41 @@ def train(config: TrainConfig) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(s, config))
     dropout_random = torch.Generator().manual_seed(config.seed + 1_000_003)
     step, elapsed = 0, 0.0
+    scaler = torch.amp.GradScaler(device.type, enabled=config.dtype == "float16")
     if config.resume:
-        state = torch.load(checkpoint_path, weights_only=False)
-        if state["config"] | {"resume": config.resume} != asdict(config):
+        state = torch.load(checkpoint_path, weights_only=False, map_location=device)
+        compared = {k: v for k, v in state["config"].items() if k not in NOT_COMPARED_ON_RESUME}
+        if compared != {k: v for k, v in asdict(config).items() if k not in NOT_COMPARED_ON_RESUME}:
             raise UsageError(f"--resume: the flags differ from those the checkpoint in {out} was trained with")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         dropout_random.set_state(state["dropout_random"])
+        if state.get("scaler"):  # float16 runs only
+            scaler.load_state_dict(state["scaler"])
         step, elapsed = state["step"], state["elapsed"]
-    (out / "train_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.dtype == "bfloat16")
-    curve = CsvLog(out / "training_curve.csv", ["step", "tokens", "lr", "loss", "last_layer_loss", "tokens_per_second", "elapsed"])
+    autocast = torch.autocast(device.type, dtype=AUTOCAST[config.dtype], enabled=config.dtype != "float32")
     layer_columns = ["step", "tokens"] + [f"layer_{i + 1}" for i in range(num_layers)]
-    heldout_log = CsvLog(out / "heldout_losses.csv", layer_columns)
-    agreement_log = CsvLog(out / "heldout_agreement.csv", layer_columns)
-    for log in (curve, heldout_log, agreement_log):
-        log.truncate_after(step)  # rows written after the checkpoint are computed again
+    if rank == 0:  # only the first process writes
+        (out / "train_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+        curve = CsvLog(out / "training_curve.csv",
+                       ["step", "tokens", "lr", "loss", "last_layer_loss", "tokens_per_second", "elapsed"])
+        heldout_log = CsvLog(out / "heldout_losses.csv", layer_columns)
+        agreement_log = CsvLog(out / "heldout_agreement.csv", layer_columns)
+        for log in (curve, heldout_log, agreement_log):
+            log.truncate_after(step)  # rows written after the checkpoint are computed again
     distillation = config.distillation()
     tokens_per_step = config.batch_size * config.grad_accum * config.seq_len
+    share = config.batch_size // world  # this process's rows of every micro-batch
+    rows = slice(rank * share, (rank + 1) * share)
+    # A layer that every sample of a process skips leaves its parameters without gradient there: DDP is told to
+    # expect unused parameters, and the gradients it averages count them as zero, as one process would.
+    step_module = _RecipeStep(model)
+    if world > 1:
+        step_module = torch.nn.parallel.DistributedDataParallel(step_module, find_unused_parameters=True)
     model.train()
-    progress = tqdm(total=config.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    progress = tqdm(total=config.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+                    disable=rank != 0)
     while step < config.max_steps:
         started = time.perf_counter()
         rates = dropout_rates(num_layers, config.p_max, ramp_scale(config.dropout_ramp, step, config.max_steps))
@@ -285,34 +332,46 @@ def train(config: TrainConfig) -> Path:
         weights = early_exit_weights(enabled, config.e_scale, config.exit_weighting)
         loss_sum, last_sum = 0.0, 0.0
         for micro in range(config.grad_accum):
-            ids = dataset.train[batch_indices(step, micro, config, len(dataset.train))].long()
+            # every process draws the whole micro-batch's indices and layer dropout, and takes its rows: the
+            # batches and the dropout are those of one process, whatever the number of processes
+            ids = dataset.train[batch_indices(step, micro, config, len(dataset.train))[rows]].long().to(device)
+            kept = draw_kept(rates, config.batch_size, dropout_random)[:, rows]
             with autocast:
-                result = recipe_forward(model, ids, rates, weights, dropout_random, distillation)
-            (result.loss / config.grad_accum).backward()
-            loss_sum += result.loss.item() / config.grad_accum
-            last_sum += result.layer_losses[-1].item() / config.grad_accum
+                loss, layer_losses, _ = step_module(ids, rates, weights, kept, distillation)
+            scaler.scale(loss / config.grad_accum).backward()
+            loss_sum += loss.item() / config.grad_accum
+            last_sum += layer_losses[-1].item() / config.grad_accum
+        scaler.unscale_(optimizer)
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         seconds = time.perf_counter() - started
         elapsed += seconds
-        curve.write([step, step * tokens_per_step, scheduler.get_last_lr()[0], loss_sum, last_sum,
-                     tokens_per_step / seconds, elapsed])
+        loss_sum, last_sum = distributed.mean(loss_sum), distributed.mean(last_sum)
         progress.update(1)
         progress.set_postfix(loss=f"{loss_sum:.3f}", last=f"{last_sum:.3f}", tok_s=f"{tokens_per_step / seconds:.0f}")
+        if rank != 0:
+            continue
+        curve.write([step, step * tokens_per_step, scheduler.get_last_lr()[0], loss_sum, last_sum,
+                     tokens_per_step / seconds, elapsed])
         if step % config.eval_every == 0 or step == config.max_steps:
             losses, agreement = evaluate(model, dataset.heldout, config)
             heldout_log.write([step, step * tokens_per_step] + losses)
             agreement_log.write([step, step * tokens_per_step] + agreement)
         if step % config.save_every == 0 or step == config.max_steps:
-            save_checkpoint(checkpoint_path, model, optimizer, scheduler, dropout_random, step, elapsed, config)
+            save_checkpoint(checkpoint_path, model, optimizer, scheduler, dropout_random, step, elapsed, config,
+                            scaler)
     progress.close()
     final = out / "model"
-    save_model(model, tokenizer, final, dataset.info, config, step, elapsed)
-    plot(out)
+    if rank == 0:
+        save_model(model, tokenizer, final, dataset.info, config, step, elapsed)
+        plot(out)
+    distributed.barrier()
+    distributed.teardown()
     return final
 
 
@@ -336,7 +395,8 @@ class CsvLog:
             csv.writer(f).writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, dropout_random, step, elapsed, config) -> None:
+def save_checkpoint(path: Path, model, optimizer, scheduler, dropout_random, step, elapsed, config,
+                    scaler=None) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(
         {
@@ -344,6 +404,7 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, dropout_random, ste
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "dropout_random": dropout_random.get_state(),
+            "scaler": scaler.state_dict() if scaler is not None else {},
             "step": step,
             "elapsed": elapsed,
             "config": asdict(config),

@@ -4,6 +4,8 @@ import json
 import os
 import subprocess
 import sys
+
+import pytest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,3 +47,31 @@ def test_correctness_and_benchmark_merge_across_two_processes(checkpoint, tmp_pa
         return sorted((r["strategy"], r["prompt_id"], tuple(r["tokens"])) for r in records)
 
     assert len(two[2]) == 10 and tokens(two[2]) == tokens(one[2])
+
+
+def test_two_training_processes_train_as_one(tmp_path):
+    """torchrun with 2 processes (gloo, DistributedDataParallel) against one process with the same global batch:
+    the same loss at every step and the same weights at the end, up to the order of float additions."""
+    import csv
+
+    import torch
+
+    from test_training import TINY
+    from self_speculation.corpus import stdlib_files
+
+    corpus = tmp_path / "code.jsonl"
+    files = [f for f in stdlib_files() if f.name in {"bisect.py", "heapq.py", "colorsys.py", "fnmatch.py", "glob.py",
+                                                     "shlex.py", "textwrap.py", "calendar.py"}]
+    corpus.write_text("".join(json.dumps({"text": f.read_text()}) + "\n" for f in files))
+    common = ["--data", str(corpus), "--heldout_fraction", "0.3", "--device", "cpu"] + TINY + [
+        "--max_steps", "6", "--save_every", "3", "--eval_every", "3", "--p_max", "0.5"]
+    runs = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"run{nproc}"
+        launch(nproc, "train.py", common + ["--output_dir", str(out)])
+        curve = [float(r["loss"]) for r in csv.DictReader((out / "training_curve.csv").open())]
+        runs[nproc] = curve, torch.load(out / "checkpoint.pt", weights_only=False)["model"]
+    assert len(runs[1][0]) == len(runs[2][0]) == 6
+    assert runs[2][0] == pytest.approx(runs[1][0], rel=1e-4)
+    difference = max((runs[1][1][k] - runs[2][1][k]).abs().max().item() for k in runs[1][1])
+    assert difference < 1e-4, difference

@@ -76,6 +76,9 @@ CASES = [
      ["--init_from /nonexistent", "does not exist"]),
     ("train", ["--output_dir", "{out}", "--data", "stdlib", "--init_from", "{empty}"], ["--init_from", "no config.json"]),
     ("train", ["--output_dir", "{out}", "--resume", "True"], ["--resume", "no checkpoint"]),
+    ("train", ["--output_dir", "{out}", "--data", "stdlib", "--init_from", "facebook/layerskip-llama3.2-1B"],
+     ["--init_from facebook/layerskip-llama3.2-1B", "unreachable"]),
+    ("train", ["--output_dir", "{out}", "--data", "{corpus}", "--device", "tpu"], ["--device", "tpu"]),
     # model directories
     ("generate", ["--model", "{no_tokenizer}", "--prompt", "hi"], ["--model", "no tokenizer"]),
     # exits.py names its own flags

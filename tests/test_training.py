@@ -158,3 +158,20 @@ def test_continued_training_records_the_checkpoints_shape_not_the_from_scratch_f
 def test_bad_distillation_flags(capsys, tmp_path, flag, value):
     assert run(train.main, ["--output_dir", str(tmp_path), flag, value]) == 2
     assert flag in capsys.readouterr().err
+
+
+def test_continual_pretraining_keeps_the_checkpoints_tokenizer(tmp_path, corpus_file, checkpoint):
+    """--init_from a Hugging Face Llama with its own tokenizer (a byte-level one here): no BPE is trained, the saved
+    model has the checkpoint's tokenizer and shape, and the toolkit loads and runs it."""
+    from transformers import AutoTokenizer
+
+    from self_speculation import GenerationConfig, Generator
+    from self_speculation.loading import load
+
+    out = train_run(tmp_path, corpus_file, "--max_steps", "2", "--init_from", checkpoint)
+    original, saved = AutoTokenizer.from_pretrained(checkpoint), AutoTokenizer.from_pretrained(out / "model")
+    assert saved.get_vocab() == original.get_vocab() and len(saved) == 258
+    model, tokenizer = load(str(out / "model"))
+    assert model.config.num_hidden_layers == 6
+    result = Generator(model, tokenizer, GenerationConfig(sample=False, max_steps=4)).generate("def f(x):")
+    assert len(result.tokens) == 4

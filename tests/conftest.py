@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from models import save_tiny_checkpoint, tiny_llama
@@ -26,3 +28,15 @@ def checkpoint(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny_checkpoint")
     save_tiny_checkpoint(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory):
+    """A small corpus of real code: a few standard-library modules copied into one JSONL file."""
+    from self_speculation.corpus import stdlib_files
+
+    path = tmp_path_factory.mktemp("corpus") / "code.jsonl"
+    files = [f for f in stdlib_files() if f.name in {"bisect.py", "heapq.py", "colorsys.py", "fnmatch.py",
+                                                     "glob.py", "shlex.py", "textwrap.py", "calendar.py"}]
+    path.write_text("".join(json.dumps({"text": f.read_text()}) + "\n" for f in files))
+    return path

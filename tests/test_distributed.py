@@ -49,7 +49,7 @@ def test_correctness_and_benchmark_merge_across_two_processes(checkpoint, tmp_pa
     assert len(two[2]) == 10 and tokens(two[2]) == tokens(one[2])
 
 
-def test_two_training_processes_train_as_one(tmp_path):
+def test_two_training_processes_train_as_one(tmp_path, corpus_file):
     """torchrun with 2 processes (gloo, DistributedDataParallel) against one process with the same global batch:
     the same loss at every step and the same weights at the end, up to the order of float additions."""
     import csv
@@ -57,13 +57,8 @@ def test_two_training_processes_train_as_one(tmp_path):
     import torch
 
     from test_training import TINY
-    from self_speculation.corpus import stdlib_files
 
-    corpus = tmp_path / "code.jsonl"
-    files = [f for f in stdlib_files() if f.name in {"bisect.py", "heapq.py", "colorsys.py", "fnmatch.py", "glob.py",
-                                                     "shlex.py", "textwrap.py", "calendar.py"}]
-    corpus.write_text("".join(json.dumps({"text": f.read_text()}) + "\n" for f in files))
-    common = ["--data", str(corpus), "--heldout_fraction", "0.3", "--device", "cpu"] + TINY + [
+    common = ["--data", str(corpus_file), "--heldout_fraction", "0.3", "--device", "cpu"] + TINY + [
         "--max_steps", "6", "--save_every", "3", "--eval_every", "3", "--p_max", "0.5"]
     runs = {}
     for nproc in (1, 2):
@@ -75,3 +70,41 @@ def test_two_training_processes_train_as_one(tmp_path):
     assert runs[2][0] == pytest.approx(runs[1][0], rel=1e-4)
     difference = max((runs[1][1][k] - runs[2][1][k]).abs().max().item() for k in runs[1][1])
     assert difference < 1e-4, difference
+
+
+def test_training_under_torchrun_resumes_exactly(tmp_path, corpus_file):
+    """Two processes killed after their first checkpoint, then resumed (under torchrun again), end with the weights
+    and loss curve of an uninterrupted two-process run."""
+    import csv
+    import signal
+    import time
+
+    import torch
+
+    from test_training import TINY
+
+    args = ["--data", str(corpus_file), "--heldout_fraction", "0.3", "--device", "cpu"] + TINY + [
+        "--max_steps", "40", "--save_every", "2", "--eval_every", "10", "--p_max", "0.5"]
+    launch(2, "train.py", args + ["--output_dir", str(tmp_path / "straight")])
+
+    interrupted = tmp_path / "interrupted"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29512",
+               "train.py", *args, "--output_dir", str(interrupted)]
+    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (interrupted / "checkpoint.pt").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    stopped_at = torch.load(interrupted / "checkpoint.pt", weights_only=False)["step"]
+    assert stopped_at < 40, "the run finished before it could be interrupted"
+    launch(2, "train.py", args + ["--output_dir", str(interrupted), "--resume", "True"])
+
+    def final(out):
+        curve = [(r["step"], r["loss"]) for r in csv.DictReader((out / "training_curve.csv").open())]
+        return curve, torch.load(out / "checkpoint.pt", weights_only=False)["model"]
+
+    (curve_a, weights_a), (curve_b, weights_b) = final(tmp_path / "straight"), final(interrupted)
+    assert curve_b == curve_a
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)

@@ -16,18 +16,6 @@ TINY = ["--num_layers", "4", "--hidden_size", "32", "--intermediate_size", "64",
         "--lr", "3e-3", "--eval_every", "4", "--save_every", "4", "--eval_batches", "2", "--rotation", "2"]
 
 
-@pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory):
-    """A small corpus of real code: a few standard-library modules copied into one JSONL file."""
-    from self_speculation.corpus import stdlib_files
-
-    path = tmp_path_factory.mktemp("corpus") / "code.jsonl"
-    files = [f for f in stdlib_files() if f.name in {"bisect.py", "heapq.py", "colorsys.py", "fnmatch.py",
-                                                     "glob.py", "shlex.py", "textwrap.py", "calendar.py"}]
-    path.write_text("".join(json.dumps({"text": f.read_text()}) + "\n" for f in files))
-    return path
-
-
 def train_run(tmp_path, corpus_file, *extra):
     argv = ["--output_dir", str(tmp_path), "--data", str(corpus_file), "--heldout_fraction", "0.3"] + TINY
     assert run(train.main, argv + [str(a) for a in extra]) == 0

@@ -84,6 +84,9 @@ class TrainConfig:
     save_every: int = field(default=100, metadata={"help": "steps between checkpoints"})
     seed: int = field(default=42, metadata={"help": "seed for initialisation, data order and layer dropout"})
     resume: bool = field(default=False, metadata={"help": "continue from the checkpoint in --output_dir"})
+    recommend: bool = field(default=True, metadata={
+        "help": "after training, measure the final model as exits.py does (10 HumanEval prompts) and write the "
+                "predicted best exit_layer and num_speculations into its config.json, which every script then uses"})
 
     def __post_init__(self):
         check_seed(self.seed)
@@ -262,7 +265,8 @@ def _in_local_cache(hub_id: str) -> bool:
         return False
 
 
-NOT_COMPARED_ON_RESUME = ("resume", "device")  # a run may continue on another device or number of processes
+NOT_COMPARED_ON_RESUME = ("resume", "device", "recommend")  # none changes the training: a run may continue on
+# another device or number of processes
 
 
 def train(config: TrainConfig) -> Path:
@@ -381,9 +385,26 @@ def train(config: TrainConfig) -> Path:
     if rank == 0:
         save_model(model, tokenizer, final, dataset.info, config, step, elapsed)
         plot(out)
+        if config.recommend:
+            print(recommend_settings(final, device))
     distributed.barrier()
     distributed.teardown()
     return final
+
+
+def recommend_settings(directory: Path, device: torch.device) -> str:
+    """exits.py's prediction for the saved model, written into its config.json."""
+    from .analysis import exit_report, humaneval_problems, recommend
+    from .loading import load
+
+    model, tokenizer = load(str(directory), dtype="float32", device=str(device))
+    count, steps = layers.num_layers(model), 64
+    context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+    problems = [p for p in humaneval_problems() if len(tokenizer(p["prompt"]).input_ids) + steps < context][:10]
+    if not problems:
+        return f"no recommendation written: no HumanEval prompt fits the model's context of {context} tokens"
+    report = exit_report("model", model, tokenizer, problems, steps, list(range(1, count)), list(range(1, 9)), 8)
+    return recommend(directory, report.best)
 
 
 class CsvLog:

@@ -13,7 +13,8 @@ from self_speculation import training
 
 TINY = ["--num_layers", "4", "--hidden_size", "32", "--intermediate_size", "64", "--num_heads", "2",
         "--num_kv_heads", "1", "--seq_len", "64", "--batch_size", "4", "--vocab_size", "300", "--warmup_steps", "3",
-        "--lr", "3e-3", "--eval_every", "4", "--save_every", "4", "--eval_batches", "2", "--rotation", "2"]
+        "--lr", "3e-3", "--eval_every", "4", "--save_every", "4", "--eval_batches", "2", "--rotation", "2",
+        "--recommend", "False"]
 
 
 def train_run(tmp_path, corpus_file, *extra):
@@ -156,10 +157,12 @@ def test_continual_pretraining_keeps_the_checkpoints_tokenizer(tmp_path, corpus_
     from self_speculation import GenerationConfig, Generator
     from self_speculation.loading import load
 
-    out = train_run(tmp_path, corpus_file, "--max_steps", "2", "--init_from", checkpoint)
+    out = train_run(tmp_path, corpus_file, "--max_steps", "2", "--init_from", checkpoint, "--recommend", "True")
     original, saved = AutoTokenizer.from_pretrained(checkpoint), AutoTokenizer.from_pretrained(out / "model")
     assert saved.get_vocab() == original.get_vocab() and len(saved) == 258
     model, tokenizer = load(str(out / "model"))
     assert model.config.num_hidden_layers == 6
+    recommended = model.config.layerskip  # written by --recommend: what self_speculative then uses by default
+    assert 1 <= recommended["exit_layer"] < 6 and 1 <= recommended["num_speculations"] <= 8
     result = Generator(model, tokenizer, GenerationConfig(sample=False, max_steps=4)).generate("def f(x):")
     assert len(result.tokens) == 4

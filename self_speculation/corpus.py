@@ -3,6 +3,7 @@ machine), text files, globs or JSONL; duplicates dropped by content; no HumanEva
 tokenizer trained on it; packing into fixed-length sequences; a held-out split."""
 
 import glob
+import json
 import hashlib
 import sysconfig
 from collections.abc import Iterable, Iterator
@@ -64,15 +65,51 @@ def file_list_hash(names: Iterable[str]) -> str:
     return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
 
 
-def expand_sources(sources: Iterable[str]) -> list[tuple[str, Path]]:
+HUB_PREFIX = "hf:"  # --data hf:NAME[:CONFIG] is the `text` column of a Hugging Face dataset's train split
+
+
+def hub_dataset_file(source: str, directory: Path) -> Path:
+    """The train split's `text` column of the hub dataset `source` (hf:NAME[:CONFIG]) as a JSONL file in
+    `directory`, downloaded once."""
+    name, _, config = source.removeprefix(HUB_PREFIX).partition(":")
+    path = directory / (name.replace("/", "__") + (f"__{config}" if config else "") + ".jsonl")
+    if path.exists():
+        return path
+    from .loading import hub_reachable
+
+    if not hub_reachable():
+        raise UsageError(f"--data {source}: the Hugging Face hub is unreachable; pass the text as a local JSONL file "
+                         "(a 'text' field per line)")
+    import datasets
+
+    rows = datasets.load_dataset(name, config or None, split="train")
+    if "text" not in rows.column_names:
+        raise UsageError(f"--data {source}: the dataset has no 'text' column (it has {', '.join(rows.column_names)})")
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w") as f:
+        for text in rows["text"]:
+            f.write(json.dumps({"text": text}) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def expand_sources(sources: Iterable[str], hub_directory: Path | None = None) -> list[tuple[str, Path]]:
     """(name, path) of every file of the named corpora (`stdlib`, `site-packages`), file paths, directories (every
-    file below) and glob patterns, in a stable order. A file is named relative to the standard library or the
-    packages' directory, or to the parent of the directory given, or by its file name: never by where the data
-    lies, so the held-out split and the fingerprint are the same on every machine."""
+    file below) and glob patterns, in a stable order; hub datasets (hf:NAME) are saved as JSONL files in
+    `hub_directory` first. A file is named relative to the standard library or the packages' directory, or to the
+    parent of the directory given, or by its file name: never by where the data lies, so the held-out split and
+    the fingerprint are the same on every machine."""
     files: list[tuple[str, Path]] = []
     for source in sources:
         if source in NAMED_SOURCES:
             files += NAMED_SOURCES[source]()
+            continue
+        if source.startswith(HUB_PREFIX):
+            if hub_directory is None:
+                raise UsageError(f"--data {source}: hub datasets are read by train.py only")
+            path = hub_dataset_file(source, hub_directory)
+            files.append((f"hub/{path.name}", path))
             continue
         matches = sorted(Path(m) for m in glob.glob(source, recursive=True))
         if not matches:

@@ -37,7 +37,8 @@ class TrainConfig:
         default_factory=lambda: ["stdlib"],
         metadata={"help": "training text: 'stdlib' (the Python standard library without its tests), "
                           "'site-packages' (the installed packages' Python source without tests or HumanEval), "
-                          "files, directories, globs or .jsonl files (a 'text' field per line)"},
+                          "files, directories, globs, .jsonl files (a 'text' field per line) or hf:NAME[:CONFIG] (the "
+                          "'text' column of a Hugging Face dataset's train split; needs the hub)"},
     )
     init_from: str | None = field(default=None, metadata={"help": "continue from this model directory (else train from scratch)"})
     vocab_size: int = field(default=2048, metadata={"help": "BPE vocabulary when training from scratch"})
@@ -147,7 +148,7 @@ def prepare_data(config: TrainConfig, out: Path, resuming: bool = False) -> tupl
     a resumed run reuses them exactly and a run with other data or settings never does. Resuming from a
     checkpoint whose data has changed since (files edited, packages upgraded) is refused."""
     cached, tokenizer_dir = out / "data.pt", out / "tokenizer"
-    files = corpus.expand_sources(config.data)
+    files = corpus.expand_sources(config.data, hub_directory=out / "hub_data")
     read = list(corpus.read_documents(files))
     documents = list(corpus.unique_documents(read))
     key = data_key(config, documents)

@@ -79,6 +79,7 @@ CASES = [
     ("train", ["--output_dir", "{out}", "--data", "stdlib", "--init_from", "facebook/layerskip-llama3.2-1B"],
      ["--init_from facebook/layerskip-llama3.2-1B", "unreachable"]),
     ("train", ["--output_dir", "{out}", "--data", "{corpus}", "--device", "tpu"], ["--device", "tpu"]),
+    ("train", ["--output_dir", "{out}", "--data", "hf:wikitext:wikitext-2-raw-v1"], ["--data hf:wikitext", "unreachable"]),
     # model directories
     ("generate", ["--model", "{no_tokenizer}", "--prompt", "hi"], ["--model", "no tokenizer"]),
     # exits.py names its own flags

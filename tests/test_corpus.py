@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from self_speculation import UsageError
+from self_speculation import UsageError, corpus
 from self_speculation.corpus import (
     content_hash,
     expand_sources,
@@ -142,3 +142,24 @@ def test_pack_tensor_is_pack():
     documents = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
     assert pack_tensor(documents, 4, 0).tolist() == pack(documents, 4, 0)
     assert pack_tensor([], 4, 0).shape == (0, 4)
+
+
+def test_a_hub_dataset_is_saved_once_as_jsonl(tmp_path, monkeypatch):
+    """hf:NAME[:CONFIG] is the text column of the train split (the download is replaced by a local Dataset here)."""
+    import datasets
+
+    from self_speculation import loading
+
+    calls = []
+
+    def load_dataset(name, config, split):
+        calls.append((name, config, split))
+        return datasets.Dataset.from_dict({"text": ["first document", "second document"], "id": [1, 2]})
+
+    monkeypatch.setattr(loading, "hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    files = corpus.expand_sources(["hf:owner/name:config"], hub_directory=tmp_path)
+    assert files == [("hub/owner__name__config.jsonl", tmp_path / "owner__name__config.jsonl")]
+    assert [text for _, text in corpus.read_documents(files)] == ["first document", "second document"]
+    corpus.expand_sources(["hf:owner/name:config"], hub_directory=tmp_path)
+    assert calls == [("owner/name", "config", "train")]  # read once, then from the saved file

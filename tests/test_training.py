@@ -166,3 +166,11 @@ def test_continual_pretraining_keeps_the_checkpoints_tokenizer(tmp_path, corpus_
     assert 1 <= recommended["exit_layer"] < 6 and 1 <= recommended["num_speculations"] <= 8
     result = Generator(model, tokenizer, GenerationConfig(sample=False, max_steps=4)).generate("def f(x):")
     assert len(result.tokens) == 4
+
+
+def test_float16_mixed_precision_trains_with_a_gradient_scaler(tmp_path, corpus_file):
+    out = train_run(tmp_path, corpus_file, "--max_steps", "4", "--dtype", "float16", "--device", "cpu")
+    curve = rows(out / "training_curve.csv")
+    assert len(curve) == 4 and all(float(r["loss"]) < 10 for r in curve)
+    scaler = torch.load(out / "checkpoint.pt", weights_only=False)["scaler"]
+    assert scaler["scale"] > 0  # saved, so that --resume continues with the same loss scale

@@ -1,6 +1,5 @@
 """The scripts: bad input gives one line naming the flag and a non-zero exit; good input works end to end."""
 
-import io
 import json
 import os
 import subprocess

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from self_speculation import GenerationConfig, Generator, layers
+from self_speculation import GenerationConfig, Generator
 
 PROMPTS = [[0, 5, 17, 33, 2, 9], [0, 71, 71, 4], [0] + list(range(40, 70))]
 MAX_STEPS = 48

@@ -45,9 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     model_args, config, data_args, batching, args = parse(
         (ModelArguments, GenerationArguments, DataArguments, BatchArguments, BenchmarkArguments), argv,
         help={"--generation_strategy": f"strategies to compare, comma-separated, from: {', '.join(RUNNERS)}"})
-    if config.compile and batching.batch_size > 1:
-        raise UsageError("--compile True runs one prompt at a time; batched passes are not compiled yet (use "
-                         "--batch_size 1, or --compile False)")
+    batching.check_compile(config)
     out = ensure_output_dir(model_args.output_dir)
     examples = data_args.load(model_args.seed)
     distributed.setup()
@@ -64,9 +62,8 @@ def main(argv: list[str] | None = None) -> int:
                     disable=distributed.rank() != 0)
 
     def every_strategy(index, batch):  # in turn on each batch, so that they share the machine's conditions
-        samples = [dataclasses.replace(sample, strategy=name, prompt_id=index * batching.batch_size + row,
-                                       batch=index if batching.batch_size > 1 else -1)
-                   for name, runner in runners.items() for row, sample in enumerate(runner.run_batch(batch))]
+        samples = [dataclasses.replace(sample, strategy=name) for name, runner in runners.items()
+                   for sample in runner.run_batch(batch, index, batching.batch_size)]
         progress.update()
         return samples
 

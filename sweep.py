@@ -46,8 +46,7 @@ class SweepArguments:
 def main(argv: list[str] | None = None) -> int:
     model_args, config, data_args, batching, args = parse(
         (ModelArguments, GenerationArguments, DataArguments, BatchArguments, SweepArguments), argv)
-    if config.compile and batching.batch_size > 1:
-        raise UsageError("--compile True runs one prompt at a time; use --batch_size 1, or --compile False")
+    batching.check_compile(config)
     out = ensure_output_dir(model_args.output_dir)
     directory = SweepDirectory(out, {"model": dataclasses.asdict(model_args), "generation": dataclasses.asdict(config),
                                      "data": dataclasses.asdict(data_args),

@@ -45,12 +45,14 @@ class Runner:
     # several prompts at once -> a sample per prompt; None: the runner takes one prompt at a time
     run_together: Callable[[list[list[int]]], list[Sample]] | None = None
 
-    def run_batch(self, prompts: list[list[int]]) -> list[Sample]:
-        """The prompts as one batch (a lone prompt through `run`), or one after another where the runner takes
-        one at a time."""
+    def run_batch(self, prompts: list[list[int]], index: int = 0, batch_size: int = 1) -> list[Sample]:
+        """Batch number `index` (of `batch_size` prompts each) as one batch, or one prompt after another where the
+        runner takes one at a time. Samples are numbered by prompt; those generated together share `batch`."""
         if len(prompts) == 1 or self.run_together is None:
-            return [self.run(p) for p in prompts]
-        return self.run_together(prompts)
+            samples = [self.run(p) for p in prompts]
+        else:
+            samples = [dataclasses.replace(s, batch=index) for s in self.run_together(prompts)]
+        return [dataclasses.replace(s, prompt_id=index * batch_size + row) for row, s in enumerate(samples)]
 
 
 def _ours(name: str):

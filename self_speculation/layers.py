@@ -289,9 +289,9 @@ def _mask(past: int, length: int, window: int | None, hidden: torch.Tensor) -> t
 def _unseen(queries: torch.Tensor, keys: torch.Tensor, window: int | None) -> torch.Tensor:
     """(queries, keys) True where the query at that position may not see the key at that position: causal, and
     within the sliding window if there is one."""
-    unseen = keys[None, :] > queries[:, None]
+    unseen = keys > queries[..., None]  # queries (T,) or (B, T): (T, keys) or (B, T, keys)
     if window is not None:
-        unseen |= keys[None, :] <= queries[:, None] - window
+        unseen |= keys <= queries[..., None] - window
     return unseen
 
 
@@ -354,9 +354,7 @@ def _ragged_geometry(lengths: torch.Tensor, T: int, windows: set, hidden: torch.
     slots = torch.arange(int(lengths.max()) + T, device=hidden.device)
     masks = {}
     for window in windows:
-        unseen = slots[None, None, :] > positions[:, :, None]  # (B, T, keys): causal, row by row
-        if window is not None:
-            unseen |= slots[None, None, :] <= positions[:, :, None] - window
+        unseen = _unseen(positions, slots, window)  # (B, T, keys): causal, row by row
         mask = torch.zeros(unseen.shape, dtype=hidden.dtype, device=hidden.device).masked_fill_(unseen, float("-inf"))
         masks[window] = (mask[:, None], 0)
     return positions, masks

@@ -7,7 +7,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .errors import UsageError
 from .layers import check_forward
@@ -87,6 +87,21 @@ def model_source(name: str, flag: str = "--model") -> str:
     return str(path) if path.exists() else name
 
 
+def _unreachable(model: str, flag: str) -> UsageError:
+    return UsageError(f"{flag} {model}: not in the local cache and the Hugging Face hub is unreachable; "
+                      f"download it where the hub is reachable and pass its local directory with {flag}")
+
+
+def check_available(source: str, flag: str) -> None:
+    """For a caller that loads the model later: a hub id must be in the local cache or the hub reachable."""
+    if Path(source).is_dir() or hub_reachable():
+        return
+    try:
+        AutoConfig.from_pretrained(source, local_files_only=True)
+    except OSError:
+        raise _unreachable(source, flag) from None
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt")
 
 
@@ -120,10 +135,7 @@ def load(
             if local:
                 raise
             if not hub_reachable():
-                raise UsageError(
-                    f"{flag} {model}: not in the local cache and the Hugging Face hub is unreachable; "
-                    f"download it where the hub is reachable and pass its local directory with {flag}"
-                ) from None
+                raise _unreachable(model, flag) from None
             loaded, tokenizer = from_pretrained()
     except (OSError, ValueError) as error:
         if isinstance(error, UsageError):

@@ -113,7 +113,11 @@ class Strategy:
         raise NotImplementedError
 
     def prefill_rows(self, rows: list[Decoding], padded: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Right-padded prompts through the layers the strategy's output comes from (every strategy's prefill is
+        that pass): the logits (B, V) after each row's prompt."""
+        first = rows[0]
+        return layers.ragged_prefill(first.model, padded, first.cache,
+                                     self.output_layer(first.config, layers.num_layers(first.model)), lengths)
 
     def step_rows(self, rows: list[Decoding], cache: layers.RaggedCache, budgets: list[int]) -> list[StepResult]:
         raise NotImplementedError
@@ -141,8 +145,10 @@ def _newest(rows: list[Decoding]) -> torch.Tensor:
     return torch.tensor([[row.sequence[-1]] for row in rows], device=rows[0].model.lm_head.weight.device)  # (B, 1)
 
 
-def _recommended(model_config) -> dict:
-    return getattr(model_config, "layerskip", None) or {}
+def _flag_or_recommended(config: GenerationConfig, model_config, name: str) -> int:
+    """A flag's value, or where it was left at -1 the checkpoint's recommendation (`layerskip` in its config)."""
+    value = getattr(config, name)
+    return value if value != -1 else (getattr(model_config, "layerskip", None) or {}).get(name, -1)
 
 
 class Autoregressive(Strategy):
@@ -177,8 +183,9 @@ class Autoregressive(Strategy):
 
     def logits(self, d: Decoding, token_ids: torch.Tensor, cache: Cache) -> torch.Tensor:
         """(B, V) after the last of `token_ids` (B, T), from the strategy's layers."""
-        depth = self.depth(d.config, layers.num_layers(d.model))
-        if depth < layers.num_layers(d.model):
+        num_layers = layers.num_layers(d.model)
+        depth = self.depth(d.config, num_layers)
+        if depth < num_layers:
             return layers.early_exit(d.model, token_ids, cache, depth, last_only=True, compiled=d.compiled).logits[:, -1]
         return layers.full_forward(d.model, token_ids, cache, last_only=True, compiled=d.compiled)[:, -1]
 
@@ -187,11 +194,6 @@ class Autoregressive(Strategy):
 
     def step(self, d, budget):
         return StepResult([d.choose(d.scores(self.logits(d, d.ids(d.sequence[-1]), d.cache)[0], []))])
-
-    def prefill_rows(self, rows, padded, lengths):
-        first = rows[0]
-        return layers.ragged_prefill(first.model, padded, first.cache,
-                                     self.depth(first.config, layers.num_layers(first.model)), lengths)
 
     def step_rows(self, rows, cache, budgets):
         tokens, _ = _choose_rows(rows, self.logits(rows[0], _newest(rows), cache), [[] for _ in rows])
@@ -206,7 +208,7 @@ class EarlyExit(Autoregressive):
 
     def configure(self, config, model_config):
         num_layers = model_config.num_hidden_layers
-        exit_layer = config.exit_layer if config.exit_layer != -1 else _recommended(model_config).get("exit_layer", -1)
+        exit_layer = _flag_or_recommended(config, model_config, "exit_layer")
         if exit_layer < 1:
             raise UsageError("--exit_layer must be >= 1 for early_exit; this model recommends none")
         if exit_layer > num_layers:
@@ -231,13 +233,9 @@ class SelfSpeculative(Strategy):
     name, lossless = "self_speculative", True
 
     def configure(self, config, model_config):
-        num_layers, recommended = model_config.num_hidden_layers, _recommended(model_config)
-        config = dataclasses.replace(
-            config,
-            exit_layer=config.exit_layer if config.exit_layer != -1 else recommended.get("exit_layer", -1),
-            num_speculations=config.num_speculations if config.num_speculations != -1
-            else recommended.get("num_speculations", -1),
-        )
+        num_layers = model_config.num_hidden_layers
+        config = dataclasses.replace(config, exit_layer=_flag_or_recommended(config, model_config, "exit_layer"),
+                                     num_speculations=_flag_or_recommended(config, model_config, "num_speculations"))
         if config.exit_layer < 1:
             raise UsageError("--exit_layer must be >= 1 for self_speculative; this model recommends none")
         if config.num_speculations < 1:
@@ -292,10 +290,6 @@ class SelfSpeculative(Strategy):
         accepted, final = self.verify(d, drafts, draft_scores, logits)
         layers.rollback(d.cache, len(drafts) - accepted)
         return StepResult(drafts[:accepted] + [final], drafted=len(drafts), accepted=accepted)
-
-    def prefill_rows(self, rows, padded, lengths):
-        first = rows[0]
-        return layers.ragged_prefill(first.model, padded, first.cache, layers.num_layers(first.model), lengths)
 
     def step_rows(self, rows, cache, budgets):
         """`step` for a batch: every row drafts as many tokens (up to the largest budget; a row's tokens past its

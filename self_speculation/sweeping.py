@@ -2,7 +2,6 @@
 the baseline measured once, and the summary and plots at the end. Running the same sweep again resumes it."""
 
 import csv
-import dataclasses
 import io
 import json
 from pathlib import Path
@@ -21,11 +20,7 @@ COLUMNS = ["exit_layer", "num_speculations", "tokens_per_second_median", "speedu
 def run_shared(runner, batches: list[list[list[int]]]):
     """Every batch of prompts through the runner, the batches split over the processes; the samples in prompt
     order on rank 0, None on the others."""
-    def run(index, batch):
-        return [dataclasses.replace(sample, prompt_id=index * len(batches[0]) + row, batch=index if len(batch) > 1 else -1)
-                for row, sample in enumerate(runner.run_batch(batch))]
-
-    per_batch = distributed.map_shards(batches, run)
+    per_batch = distributed.map_shards(batches, lambda index, batch: runner.run_batch(batch, index, len(batches[0])))
     return None if per_batch is None else [sample for samples in per_batch for sample in samples]
 
 

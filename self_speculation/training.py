@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from . import corpus, distributed, layers
 from .errors import UsageError, check_seed
-from .loading import hub_reachable, model_source, resolve_device
+from .loading import check_available, model_source, resolve_device
 from .results import ensure_output_dir
 from .recipe import (
     CURRICULA,
@@ -258,14 +258,6 @@ class _RecipeStep(torch.nn.Module):
         return result.loss, result.layer_losses, result.agreement
 
 
-def _in_local_cache(hub_id: str) -> bool:
-    try:
-        AutoConfig.from_pretrained(hub_id, local_files_only=True)
-        return True
-    except OSError:
-        return False
-
-
 NOT_COMPARED_ON_RESUME = ("resume", "device", "recommend")  # none changes the training: a run may continue on
 # another device or number of processes
 
@@ -279,10 +271,7 @@ def train(config: TrainConfig) -> Path:
         raise UsageError(f"--resume: there is no checkpoint in {out} to continue; run without --resume to start")
     ensure_output_dir(config.output_dir)
     if config.init_from:  # checked before the minutes spent reading and tokenizing the data
-        source = model_source(config.init_from, "--init_from")
-        if not Path(source).is_dir() and not hub_reachable() and not _in_local_cache(source):
-            raise UsageError(f"--init_from {source}: not in the local cache and the Hugging Face hub is unreachable; "
-                             "download it where the hub is reachable and pass its local directory with --init_from")
+        check_available(model_source(config.init_from, "--init_from"), "--init_from")
     distributed.setup()
     rank, world = distributed.rank(), distributed.world_size()
     if config.batch_size % world:

@@ -107,11 +107,6 @@ class BatchArguments:
         if self.batch_size < 1:
             raise UsageError(f"--batch_size must be >= 1 (got {self.batch_size})")
 
-    def check_compile(self, config: GenerationConfig) -> None:
-        if config.compile and self.batch_size > 1:
-            raise UsageError("--compile True runs one prompt at a time; batched passes are not compiled yet (use "
-                             "--batch_size 1, or --compile False)")
-
     def batches(self, items: list) -> list[list]:
         return [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
 

@@ -45,7 +45,6 @@ def main(argv: list[str] | None = None) -> int:
     model_args, config, data_args, batching, args = parse(
         (ModelArguments, GenerationArguments, DataArguments, BatchArguments, BenchmarkArguments), argv,
         help={"--generation_strategy": f"strategies to compare, comma-separated, from: {', '.join(RUNNERS)}"})
-    batching.check_compile(config)
     out = ensure_output_dir(model_args.output_dir)
     examples = data_args.load(model_args.seed)
     distributed.setup()

@@ -46,7 +46,6 @@ class SweepArguments:
 def main(argv: list[str] | None = None) -> int:
     model_args, config, data_args, batching, args = parse(
         (ModelArguments, GenerationArguments, DataArguments, BatchArguments, SweepArguments), argv)
-    batching.check_compile(config)
     out = ensure_output_dir(model_args.output_dir)
     directory = SweepDirectory(out, {"model": dataclasses.asdict(model_args), "generation": dataclasses.asdict(config),
                                      "data": dataclasses.asdict(data_args),

@@ -209,8 +209,8 @@ class Generator:
         """Generate from several prompts (token ids) at once, in one ragged cache; each row's tokens are what
         `generate_ids` gives it alone. Every result's `total_time` is the batch's wall time (throughput is the
         tokens of all rows over it). A row that has stopped leaves the batch (`shrink`), or is held in place, its
-        advance rolled back, until the others stop. The passes run op by op: --compile's passes are compiled for
-        one row."""
+        advance rolled back, until the others stop. With --compile a pass is compiled once for every batch size
+        from 2 (and once for a single row)."""
         if not prompts or any(not p for p in prompts):
             raise UsageError("the prompt is empty")
         check_prompt_lengths(self.model, prompts)
@@ -220,7 +220,8 @@ class Generator:
         capacity = int(lengths.max()) + max(budgets) + self.strategy.cache_room(self.config, max(budgets))
         cache = layers.RaggedCache(capacity, len(prompts))
         rows = [Decoding(model=self.model, config=self.config, cache=cache, sequence=list(p),
-                         processors=processors(self.config), generator=self.random, stop_ids=self.stop.token_ids)
+                         processors=processors(self.config), generator=self.random, stop_ids=self.stop.token_ids,
+                         compiled=self.compiled)
                 for p in prompts]
         results = all_results = [self._new_result(len(p)) for p in prompts]
         padded = torch.tensor([p + [p[-1]] * (int(lengths.max()) - len(p)) for p in prompts], device=self.device)

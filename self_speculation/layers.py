@@ -381,15 +381,25 @@ class _BufferWrites:
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, index: int):
         keys, values = self.keys[index - self.start], self.values[index - self.start]
-        keys.index_copy_(2, self.positions, key_states)
-        values.index_copy_(2, self.positions, value_states)
+        if self.positions.dim() == 1:
+            keys.index_copy_(2, self.positions, key_states)
+            values.index_copy_(2, self.positions, value_states)
+        else:  # a ragged batch: row b's tokens at its own positions (B, T)
+            slots = self.positions[:, None, :, None].expand_as(key_states)
+            keys.scatter_(2, slots, key_states)
+            values.scatter_(2, slots, value_states)
         return keys, values
 
 
 def _pass_over_buffers(model, weights, start, hidden, positions, keys, values):
+    """Layers `weights` over `hidden` (B, T, H) at `positions`: (T,) shared by every row, or (B, T) for a ragged
+    batch, whose masks then differ per row, (B, 1, T, keys)."""
     cos, sin = _rotary(model, hidden, positions)
     slots = torch.arange(keys[0].shape[2], device=hidden.device)
-    masks = {window: (~_unseen(positions, slots, window), 0) for window in {w.window for w in weights}}
+    masks = {}
+    for window in {w.window for w in weights}:
+        seen = ~_unseen(positions, slots, window)
+        masks[window] = (seen if positions.dim() == 1 else seen[:, None], 0)
     writes = _BufferWrites(keys, values, positions, start)
     for index, w in enumerate(weights, start):
         hidden = _layer(w, hidden, cos, sin, writes, index, masks)
@@ -424,28 +434,44 @@ class CompiledPasses:
     def __init__(self, model: PreTrainedModel, shapes: Iterable[tuple[int, int, int]]):
         self.model = model
         self.shapes = frozenset(shapes)
-        self.passes: dict[tuple[int, int, int], _CompiledPass] = {}
+        # (start, end, new tokens, ragged batch, dynamic batch size) -> its compiled pass
+        self.passes: dict[tuple[int, int, int, bool, bool], _CompiledPass] = {}
 
     def run(self, hidden: torch.Tensor, cache: Cache, start: int, end: int) -> torch.Tensor | None:
         """The pass over `hidden` (B, T, H) compiled, or None where this shape is not compiled or cannot run yet
         (the first pass allocates the cache's buffers; a full buffer would have to grow): the caller then runs
         the layers op by op."""
-        T = hidden.shape[1]
+        B, T = hidden.shape[:2]
         run = cache.layers[start:end]
         if (start, end, T) not in self.shapes or len(run) < end - start or not all(l.is_initialized for l in run):
             return None
-        past = run[0].length
-        if past + T > run[0].keys.shape[2]:
+        ragged = isinstance(cache, RaggedCache)
+        if ragged:
+            positions = run[0].lengths[:, None] + torch.arange(T, device=hidden.device)  # (B, T)
+            end_slot = int(run[0].lengths.max()) + T
+        else:
+            positions = torch.arange(run[0].length, run[0].length + T, device=hidden.device)
+            end_slot = run[0].length + T
+        if end_slot > run[0].keys.shape[2]:
             return None
         keys, values = [layer.keys for layer in run], [layer.values for layer in run]
+        many = ragged and B > 1  # one compilation for every batch size from 2 (rows leave as they finish)
         if not hasattr(run[0].keys, "_dynamo_dynamic_indices"):
             for buffer in keys + values:
                 torch._dynamo.mark_dynamic(buffer, 2)  # the capacity: one compilation for every cache size
-        if (start, end, T) not in self.passes:
-            self.passes[start, end, T] = _CompiledPass(self.model, start, end)
-        out = self.passes[start, end, T](hidden, torch.arange(past, past + T, device=hidden.device), keys, values)
+                if many:
+                    torch._dynamo.mark_dynamic(buffer, 0)
+        if many:
+            torch._dynamo.mark_dynamic(hidden, 0)
+            torch._dynamo.mark_dynamic(positions, 0)
+        key = (start, end, T, ragged, many)
+        if key not in self.passes:
+            self.passes[key] = _CompiledPass(self.model, start, end)
+        out = self.passes[key](hidden, positions, keys, values)
         for layer in run:
-            layer.length = past + T
+            if ragged:
+                layer.lengths = layer.lengths + T
+            layer.length = end_slot
         return out
 
 

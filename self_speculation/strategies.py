@@ -295,20 +295,20 @@ class SelfSpeculative(Strategy):
         """`step` for a batch: every row drafts as many tokens (up to the largest budget; a row's tokens past its
         own budget or a stop token are dropped by the caller), one verification pass over all rows, and each row
         keeps its own agreeing prefix."""
-        model, exit_layer = rows[0].model, rows[0].config.exit_layer
+        model, exit_layer, compiled = rows[0].model, rows[0].config.exit_layer, rows[0].compiled
         count = min(rows[0].config.num_speculations, max(budgets) - 1)
         drafts, draft_scores, exit_hiddens = [[] for _ in rows], [[] for _ in rows], []
         current = _newest(rows)
         for _ in range(count):
-            out = layers.early_exit(model, current, cache, exit_layer)
+            out = layers.early_exit(model, current, cache, exit_layer, compiled=compiled)
             exit_hiddens.append(out.hidden)
             tokens, scores = _choose_rows(rows, out.logits[:, -1], drafts)
             for b, (token, score) in enumerate(zip(tokens, scores)):
                 drafts[b].append(token)
                 draft_scores[b].append(score)
             current = torch.tensor([[t] for t in tokens], device=current.device)
-        exit_hiddens.append(layers.exit_hidden(model, current, cache, exit_layer))
-        logits = layers.remainder(model, torch.cat(exit_hiddens, dim=1), cache, exit_layer)  # (B, count + 1, V)
+        exit_hiddens.append(layers.exit_hidden(model, current, cache, exit_layer, compiled))
+        logits = layers.remainder(model, torch.cat(exit_hiddens, dim=1), cache, exit_layer, compiled)  # (B, count + 1, V)
         results = []
         for b, row in enumerate(rows):
             accepted, final = self.verify(row, drafts[b], draft_scores[b], logits[b])

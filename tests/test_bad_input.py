@@ -63,7 +63,6 @@ CASES = [
     ("sweep", ["--model", "{empty}/nowhere", "--dataset", "custom_jsonl", "--data_path", "{long}"],
      ["--model", "does not exist"]),
     ("benchmark", ["--model", "{model}", "--batch_size", "0"], ["--batch_size", ">= 1"]),
-    ("benchmark", ["--model", "{model}", "--batch_size", "4", "--compile", "True"], ["--compile True", "--batch_size 1"]),
     # eval
     ("eval", ["--model", "{model}", "--tasks", "layerskip_stdlib", "--apply_chat_template", "True"],
      ["--apply_chat_template", "no chat template"]),

@@ -205,15 +205,26 @@ class Generator:
         result.drafted += step.drafted
         result.accepted += step.accepted
 
+    def _kept_rows(self, running: list[bool]) -> list[int]:
+        """The rows a shrinking batch keeps: those still running, and with --compile at least two, a finished row
+        held beside a lone running one (a compiled pass serves every batch size but one: a lone row would compile
+        again, in the middle of a timed run)."""
+        kept = [b for b, go in enumerate(running) if go]
+        if len(kept) == 1 and self.compiled is not None:
+            kept = sorted(kept + [running.index(False)])
+        return kept
+
     def generate_batch(self, prompts: list[list[int]], shrink: bool = SHRINK_BATCHES) -> list[GenerationResult]:
         """Generate from several prompts (token ids) at once, in one ragged cache; each row's tokens are what
         `generate_ids` gives it alone. Every result's `total_time` is the batch's wall time (throughput is the
         tokens of all rows over it). A row that has stopped leaves the batch (`shrink`), or is held in place, its
         advance rolled back, until the others stop. With --compile a pass is compiled once for every batch size
-        from 2 (and once for a single row)."""
+        from 2. A single prompt is `generate_ids`'s."""
         if not prompts or any(not p for p in prompts):
             raise UsageError("the prompt is empty")
         check_prompt_lengths(self.model, prompts)
+        if len(prompts) == 1:
+            return [self.generate_ids(prompts[0])]
         budgets = [self.config.max_steps if self.context_length is None
                    else min(self.config.max_steps, self.context_length - len(p)) for p in prompts]
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
@@ -241,11 +252,9 @@ class Generator:
                 running = [r.stop_reason == "running" for r in results]
                 if not any(running):
                     break
-                if shrink and not all(running):  # finished rows leave the batch
-                    kept = [b for b, go in enumerate(running) if go]
+                if shrink and (kept := self._kept_rows(running)) != list(range(len(rows))):
                     cache.keep_rows(kept)
-                    rows, results, budgets = ([xs[b] for b in kept] for xs in (rows, results, budgets))
-                    running = [True] * len(kept)
+                    rows, results, budgets, running = ([xs[b] for b in kept] for xs in (rows, results, budgets, running))
                 remaining = [budget - len(r.tokens) if go else 1 for budget, r, go in zip(budgets, results, running)]
                 steps = self.strategy.step_rows(rows, cache, remaining)
                 advance = torch.tensor([0 if go else len(step.tokens) for step, go in zip(steps, running)])

@@ -45,8 +45,8 @@ def test_rows_that_stop_early(model, name, monkeypatch, shrink):
 
 
 def test_compiled_passes_serve_every_batch_size(gqa_tied):
-    """--compile with batches: the same tokens, and one compilation of each pass serves every batch size from 2 as
-    rows leave the batch and as batches differ in size (a lone row gets its own)."""
+    """--compile with batches: the same tokens, and one compilation of each pass serves every batch size as rows
+    leave the batch and as batches differ in size (a lone running row is kept company by a finished one)."""
     from torch._dynamo.utils import counters
 
     config = config_for("self_speculative", 3, 4)
@@ -55,8 +55,8 @@ def test_compiled_passes_serve_every_batch_size(gqa_tied):
     graphs = counters["stats"]["unique_graphs"]
     for rows in ([0, 1, 2, 3, 4], [2, 0, 4], [1, 3]):
         assert [r.tokens for r in generator.generate_batch([PROMPTS[i] for i in rows])] == [alone[i] for i in rows]
-    assert {(0, 3, 1, True, True), (3, 6, 5, True, True)} <= set(generator.compiled.passes)
-    assert counters["stats"]["unique_graphs"] - graphs == len(generator.compiled.passes) <= 4
+    assert set(generator.compiled.passes) == {(0, 3, 1, True, True), (3, 6, 5, True, True)}
+    assert counters["stats"]["unique_graphs"] - graphs == 2
 
 
 def test_speculative_sampling_in_a_batch_draws_from_the_model():

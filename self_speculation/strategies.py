@@ -309,12 +309,22 @@ class SelfSpeculative(Strategy):
             current = torch.tensor([[t] for t in tokens], device=current.device)
         exit_hiddens.append(layers.exit_hidden(model, current, cache, exit_layer, compiled))
         logits = layers.remainder(model, torch.cat(exit_hiddens, dim=1), cache, exit_layer, compiled)  # (B, count + 1, V)
-        results = []
+        results, rejected = [], []
         for b, row in enumerate(rows):
             accepted, final = self.verify(row, drafts[b], draft_scores[b], logits[b])
-            results.append(StepResult(drafts[b][:accepted] + [final], drafted=count, accepted=accepted))
-        cache.rollback_rows(torch.tensor([count - r.accepted for r in results]))
+            rejected.append(count - accepted)
+            # counted as alone: the drafts up to its budget and its first stop token (the rest is dropped)
+            own = self._own_drafts(drafts[b], budgets[b], row.stop_ids)
+            results.append(StepResult(drafts[b][:accepted] + [final], drafted=own, accepted=min(accepted, own)))
+        cache.rollback_rows(torch.tensor(rejected))
         return results
+
+    @staticmethod
+    def _own_drafts(drafts: list[int], budget: int, stop_ids: frozenset[int]) -> int:
+        """How many of a batch row's drafts it would have drafted alone (`step` stops at its budget and after a
+        stop token)."""
+        own = min(len(drafts), budget - 1)
+        return next((i + 1 for i, token in enumerate(drafts[:own]) if token in stop_ids), own)
 
     @staticmethod
     def verify(

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 from transformers import HfArgumentParser
 
 from data import DATASETS, DataOptions, Example, load_examples
+from self_speculation.benchmarking import Batch, batches
 from self_speculation.config import GenerationConfig
 from self_speculation.errors import UsageError, check_seed
 from self_speculation.loading import DEFAULT_MODEL, load
@@ -107,8 +108,23 @@ class BatchArguments:
         if self.batch_size < 1:
             raise UsageError(f"--batch_size must be >= 1 (got {self.batch_size})")
 
-    def batches(self, items: list) -> list[list]:
-        return [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
+    def settings(self) -> dict:
+        return {"batch_size": self.batch_size}
+
+
+@dataclass
+class DatasetBatchArguments(BatchArguments):
+    """--batch_size for a script that batches a dataset's prompts itself (eval.py leaves that to lm-eval)."""
+
+    group_by_length: bool = field(default=True, metadata={
+        "help": "batch prompts of similar lengths together, so that rows carry little padding (with --batch_size > 1; "
+                "records keep each example's id)"})
+
+    def settings(self) -> dict:
+        return super().settings() | ({"group_by_length": self.group_by_length} if self.batch_size > 1 else {})
+
+    def batches(self, prompts: list[list[int]]) -> list[Batch]:
+        return batches(prompts, self.batch_size, self.group_by_length)
 
 
 class _Parser(HfArgumentParser):

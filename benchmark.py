@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from arguments import BatchArguments, DataArguments, GenerationArguments, ModelArguments, parse, pop_option, run
+from arguments import DatasetBatchArguments, DataArguments, GenerationArguments, ModelArguments, parse, pop_option, run
 from self_speculation import UsageError
 from self_speculation.benchmarking import RUNNERS, compare, profile, record, report
 from self_speculation.generator import check_prompt_lengths
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise UsageError(f"--generation_strategy: unknown {', '.join(unknown)} (choose from {', '.join(RUNNERS)})")
     model_args, config, data_args, batching, args = parse(
-        (ModelArguments, GenerationArguments, DataArguments, BatchArguments, BenchmarkArguments), argv,
+        (ModelArguments, GenerationArguments, DataArguments, DatasetBatchArguments, BenchmarkArguments), argv,
         help={"--generation_strategy": f"strategies to compare, comma-separated, from: {', '.join(RUNNERS)}"})
     out = ensure_output_dir(model_args.output_dir)
     examples = data_args.load(model_args.seed)
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def every_strategy(index, batch):  # in turn on each batch, so that they share the machine's conditions
         samples = [dataclasses.replace(sample, strategy=name) for name, runner in runners.items()
-                   for sample in runner.run_batch(batch, index, batching.batch_size)]
+                   for sample in runner.run_batch(batch, index)]
         progress.update()
         return samples
 
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(stem.with_suffix(".json"), {
         "arguments": {"model": dataclasses.asdict(model_args), "generation": dataclasses.asdict(config),
                       "data": dataclasses.asdict(data_args), "strategies": strategies,
-                      "benchmark": dataclasses.asdict(args) | dataclasses.asdict(batching)},
+                      "benchmark": dataclasses.asdict(args) | batching.settings()},
         "settings": {name: r.settings for name, r in runners.items()},
         "metrics": metrics,
     } | ({"profile": profiles} if profiles else {}))

@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from arguments import BatchArguments, DataArguments, GenerationArguments, ModelArguments, parse, run
+from arguments import DatasetBatchArguments, DataArguments, GenerationArguments, ModelArguments, parse, run
 from self_speculation import Generator, UsageError
 from self_speculation import distributed
 from self_speculation.equivalence import TIE_TOLERANCE, judge, summary
@@ -40,7 +40,7 @@ class CorrectnessArguments:
 
 def main(argv: list[str] | None = None) -> int:
     model_args, config, data_args, batching, args = parse(
-        (ModelArguments, GenerationArguments, DataArguments, BatchArguments, CorrectnessArguments), argv)
+        (ModelArguments, GenerationArguments, DataArguments, DatasetBatchArguments, CorrectnessArguments), argv)
     # Greedy on both sides: the invariant is token-for-token identity.
     speculative = SelfSpeculative().own(dataclasses.replace(config, sample=False))
     baseline = Autoregressive().own(dataclasses.replace(config, sample=False))
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = output_dir / f"correctness_{time.strftime('%Y%m%d_%H%M%S')}"
 
     def check(index, batch):
-        return judge(model, tokenizer, reference, candidate, index * batching.batch_size, batch, args.tie_tolerance)
+        return judge(model, tokenizer, reference, candidate, batch.ids, batch.prompts, args.tie_tolerance)
 
     def write(batch_records):
         for record in batch_records:
@@ -66,12 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     distributed.teardown()
     if per_batch is None:
         return 0
-    records = [record for batch_records in per_batch for record in batch_records]
+    records = sorted((record for batch_records in per_batch for record in batch_records), key=lambda r: r["prompt_id"])
     totals = summary(records)
     write_json(stem.with_suffix(".json"), {
         "arguments": {"model": dataclasses.asdict(model_args), "generation": dataclasses.asdict(candidate.config),
                       "data": dataclasses.asdict(data_args),
-                      "correctness": dataclasses.asdict(args) | dataclasses.asdict(batching)},
+                      "correctness": dataclasses.asdict(args) | batching.settings()},
         "dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
     } | totals | {"results": records})
     print(f"{totals['verdict']}; results in {stem.with_suffix('.json')}")

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                        confirm_run_unsafe_code=args.allow_code_execution)
     stem = out / f"eval_{time.strftime('%Y%m%d_%H%M%S')}"
     arguments = {"model": dataclasses.asdict(model_args), "generation": dataclasses.asdict(lm.generation),
-                 "eval": dataclasses.asdict(args) | dataclasses.asdict(batching)}
+                 "eval": dataclasses.asdict(args) | batching.settings()}
     write_json(stem.with_suffix(".json"), {"arguments": arguments} | lm.document(results))
     if args.log_samples:
         samples_path = stem.with_name(stem.name + "_samples.jsonl")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from arguments import BatchArguments, DataArguments, GenerationArguments, ModelArguments, parse, run
+from arguments import DatasetBatchArguments, DataArguments, GenerationArguments, ModelArguments, parse, run
 from self_speculation import UsageError, distributed
 from self_speculation.benchmarking import RUNNERS
 from self_speculation.generator import check_prompt_lengths
@@ -45,11 +45,11 @@ class SweepArguments:
 
 def main(argv: list[str] | None = None) -> int:
     model_args, config, data_args, batching, args = parse(
-        (ModelArguments, GenerationArguments, DataArguments, BatchArguments, SweepArguments), argv)
+        (ModelArguments, GenerationArguments, DataArguments, DatasetBatchArguments, SweepArguments), argv)
     out = ensure_output_dir(model_args.output_dir)
     directory = SweepDirectory(out, {"model": dataclasses.asdict(model_args), "generation": dataclasses.asdict(config),
                                      "data": dataclasses.asdict(data_args),
-                                     "sweep": dataclasses.asdict(args) | dataclasses.asdict(batching)})
+                                     "sweep": dataclasses.asdict(args) | batching.settings()})
     examples = data_args.load(model_args.seed)
     distributed.setup()
     model, tokenizer = model_args.load()

@@ -39,20 +39,36 @@ class Sample:
 
 
 @dataclass
+class Batch:
+    """Prompts decoded together, and their positions among all the prompts."""
+
+    ids: list[int]
+    prompts: list[list[int]]
+
+
+def batches(prompts: list[list[int]], size: int, by_length: bool = True) -> list[Batch]:
+    """The prompts in batches of `size`. `by_length`: prompts of similar lengths together (in order of length),
+    so that a batch attends over little padding: rows are as long as the batch's longest prompt."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i])) if by_length else list(range(len(prompts)))
+    chunks = [order[i : i + size] for i in range(0, len(order), size)]
+    return [Batch(ids, [prompts[i] for i in ids]) for ids in chunks]
+
+
+@dataclass
 class Runner:
     run: Callable[[list[int]], Sample]  # prompt ids -> sample (strategy and prompt_id filled in by the caller)
     settings: dict  # the effective settings, recorded in the results
     # several prompts at once -> a sample per prompt; None: the runner takes one prompt at a time
     run_together: Callable[[list[list[int]]], list[Sample]] | None = None
 
-    def run_batch(self, prompts: list[list[int]], index: int = 0, batch_size: int = 1) -> list[Sample]:
-        """Batch number `index` (of `batch_size` prompts each) as one batch, or one prompt after another where the
-        runner takes one at a time. Samples are numbered by prompt; those generated together share `batch`."""
-        if len(prompts) == 1 or self.run_together is None:
-            samples = [self.run(p) for p in prompts]
+    def run_batch(self, batch: Batch, index: int = 0) -> list[Sample]:
+        """Batch number `index` as one batch, or one prompt after another where the runner takes one at a time.
+        Samples carry their prompt's id; those generated together share `batch`."""
+        if len(batch.prompts) == 1 or self.run_together is None:
+            samples = [self.run(p) for p in batch.prompts]
         else:
-            samples = [dataclasses.replace(s, batch=index) for s in self.run_together(prompts)]
-        return [dataclasses.replace(s, prompt_id=index * batch_size + row) for row, s in enumerate(samples)]
+            samples = [dataclasses.replace(s, batch=index) for s in self.run_together(batch.prompts)]
+        return [dataclasses.replace(s, prompt_id=i) for i, s in zip(batch.ids, samples)]
 
 
 def _ours(name: str):

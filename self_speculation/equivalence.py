@@ -132,7 +132,7 @@ def verifier_logits(generator: Generator, prompt_ids: list[int]) -> dict[int, to
     return {position - len(prompt_ids): row for position, row in recorder.rows.items()}
 
 
-def judge(model, tokenizer, reference: Generator, candidate: Generator, first_id: int, prompts: list[list[int]],
+def judge(model, tokenizer, reference: Generator, candidate: Generator, ids: list[int], prompts: list[list[int]],
           scale: float = TIE_TOLERANCE) -> list[dict]:
     """Prompts through both generators (greedy; the candidate self-speculative), together when there are several,
     and each one's verdict, as the records correctness.py writes. A lone prompt's mismatch is also judged under
@@ -147,7 +147,7 @@ def judge(model, tokenizer, reference: Generator, candidate: Generator, first_id
         verdict = compare(model, prompt, ref.tokens, cand.tokens, verifier_logits(candidate, prompt) if replay else None,
                           scale)
         records.append({
-            "prompt_id": first_id + row,
+            "prompt_id": ids[row],
             "status": verdict.status,
             "match": verdict.status == "match",
             "first_mismatch": None if verdict.status == "match" else verdict.common_prefix,

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from . import distributed
-from .benchmarking import RUNNERS, summarize
+from .benchmarking import RUNNERS, Batch, summarize
 from .equivalence import tally
 from .errors import UsageError
 from .results import write_json
@@ -17,11 +17,13 @@ COLUMNS = ["exit_layer", "num_speculations", "tokens_per_second_median", "speedu
            "near_ties", "divergences"]
 
 
-def run_shared(runner, batches: list[list[list[int]]]):
+def run_shared(runner, batches: list[Batch]):
     """Every batch of prompts through the runner, the batches split over the processes; the samples in prompt
     order on rank 0, None on the others."""
-    per_batch = distributed.map_shards(batches, lambda index, batch: runner.run_batch(batch, index, len(batches[0])))
-    return None if per_batch is None else [sample for samples in per_batch for sample in samples]
+    per_batch = distributed.map_shards(batches, lambda index, batch: runner.run_batch(batch, index))
+    if per_batch is None:
+        return None
+    return sorted((sample for samples in per_batch for sample in samples), key=lambda sample: sample.prompt_id)
 
 
 class SweepDirectory:
@@ -64,7 +66,7 @@ class SweepDirectory:
         return {(int(r["exit_layer"]), int(r["num_speculations"])) for r in rows
                 if None not in r and None not in r.values()}
 
-    def baseline(self, model, tokenizer, config, seed: int, batches: list[list[list[int]]], warmup: int) -> dict | None:
+    def baseline(self, model, tokenizer, config, seed: int, batches: list[Batch], warmup: int) -> dict | None:
         """hf_generate on every batch of prompts, measured once per directory (reused when the sweep resumes);
         None off rank 0."""
         path = self.path / "sweep_baseline.json"

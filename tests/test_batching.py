@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 
 from self_speculation import GenerationConfig, Generator
+from self_speculation.benchmarking import batches
 from self_speculation.strategies import STRATEGIES
 
 PROMPTS = [[0, 5, 17, 33, 2, 9], [0, 71, 71, 4], [0] + list(range(40, 70)), [0, 3], [0, 9, 9, 9, 9, 9, 9, 9, 1]]
@@ -77,6 +78,14 @@ def test_speculative_sampling_in_a_batch_draws_from_the_model():
     assert homogeneity_p_value(reference, rows) > 1e-3
 
 
+def test_prompts_are_batched_by_length():
+    prompts = [[0] * n for n in (5, 2, 9, 2, 7)]
+    grouped = batches(prompts, 2)
+    assert [b.ids for b in grouped] == [[1, 3], [0, 4], [2]]
+    assert all(b.prompts == [prompts[i] for i in b.ids] for b in grouped)
+    assert [b.ids for b in batches(prompts, 2, by_length=False)] == [[0, 1], [2, 3], [4]]
+
+
 def test_correctness_and_sweep_in_batches(checkpoint, tmp_path):
     import csv
     import json
@@ -84,10 +93,11 @@ def test_correctness_and_sweep_in_batches(checkpoint, tmp_path):
     import correctness
     import sweep
     from arguments import run
+    from self_speculation.loading import load
 
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["def f(x):", "import os", "x = [1,", "class A:",
-                                                                           "for i in range(3):"]))
+    texts = ["for i in range(3):", "x = [1,", "import os", "class A:", "def f(x):"]  # batched [1, 3], [2, 4], [0]
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in texts))
     common = ["--model", str(checkpoint), "--dataset", "custom_jsonl", "--data_path", str(prompts), "--max_steps", "16",
               "--batch_size", "2"]
     assert run(correctness.main, common + ["--exit_layer", "3", "--num_speculations", "3", "--output_dir",
@@ -96,6 +106,9 @@ def test_correctness_and_sweep_in_batches(checkpoint, tmp_path):
     result = json.loads(result.read_text())
     assert result["num_prompts"] == 5 and result["num_matches"] == 5
     assert [r["prompt_id"] for r in result["results"]] == [0, 1, 2, 3, 4]
+    model, tokenizer = load(str(checkpoint))  # batched by length, each record still names its own prompt
+    alone = Generator(model, tokenizer, config_for("autoregressive", -1, -1, max_steps=16))
+    assert [r["autoregressive"]["text"] for r in result["results"]] == [alone.generate(p).text for p in texts]
     assert run(sweep.main, common + ["--sample", "False", "--exit_layer_first", "2", "--exit_layer_last", "3",
                                      "--num_speculations_first", "2", "--num_speculations_last", "2", "--output_dir",
                                      str(tmp_path / "s")]) == 0

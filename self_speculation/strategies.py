@@ -308,7 +308,8 @@ class SelfSpeculative(Strategy):
                 draft_scores[b].append(score)
             current = torch.tensor([[t] for t in tokens], device=current.device)
         exit_hiddens.append(layers.exit_hidden(model, current, cache, exit_layer, compiled))
-        logits = layers.remainder(model, torch.cat(exit_hiddens, dim=1), cache, exit_layer, compiled)  # (B, count + 1, V)
+        hiddens = torch.cat(exit_hiddens, dim=1)  # (B, count + 1, H)
+        logits = layers.remainder(model, hiddens, cache, exit_layer, compiled)  # (B, count + 1, V)
         results, rejected = [], []
         for b, row in enumerate(rows):
             accepted, final = self.verify(row, drafts[b], draft_scores[b], logits[b])

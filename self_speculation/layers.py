@@ -437,6 +437,11 @@ class CompiledPasses:
         # (start, end, new tokens, ragged batch, dynamic batch size) -> its compiled pass
         self.passes: dict[tuple[int, int, int, bool, bool], _CompiledPass] = {}
 
+    @property
+    def shapes_run(self) -> set[tuple[int, int, int]]:
+        """The shapes (start layer, end layer, new tokens) that have run compiled."""
+        return {key[:3] for key in self.passes}
+
     def run(self, hidden: torch.Tensor, cache: Cache, start: int, end: int) -> torch.Tensor | None:
         """The pass over `hidden` (B, T, H) compiled, or None where this shape is not compiled or cannot run yet
         (the first pass allocates the cache's buffers; a full buffer would have to grow): the caller then runs

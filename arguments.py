@@ -158,15 +158,17 @@ def parse(types: tuple[type, ...], argv: list[str] | None = None, help: dict[str
 
 def pop_option(argv: list[str], flag: str, default: str) -> str:
     """Remove `flag VALUE` (or `flag=VALUE`) from argv and return VALUE: for a flag a script reads differently from
-    the shared dataclasses (benchmark.py's comma-separated --generation_strategy)."""
+    the shared dataclasses (benchmark.py's comma-separated --generation_strategy). Its dashed spelling
+    (--generation-strategy) is the same flag, as for every other flag."""
+    spellings = (flag, "--" + flag[2:].replace("_", "-"))
     for i, item in enumerate(argv):
-        if item == flag:
+        if item in spellings:
             if i + 1 >= len(argv):
                 raise UsageError(f"{flag} needs a value")
             value = argv[i + 1]
             del argv[i : i + 2]
             return value
-        if item.startswith(flag + "="):
+        if item.startswith(tuple(spelling + "=" for spelling in spellings)):
             del argv[i]
             return item.split("=", 1)[1]
     return default

@@ -84,6 +84,8 @@ def test_pop_option():
     assert pop_option(argv, "--generation_strategy", "z") == "x,y" and argv == ["--a", "1", "--b=2"]
     assert pop_option(argv, "--b", "z") == "2" and argv == ["--a", "1"]
     assert pop_option(argv, "--c", "z") == "z"
+    for dashed in (["--generation-strategy", "x,y"], ["--generation-strategy=x,y"]):  # argparse's other spelling
+        assert pop_option(dashed, "--generation_strategy", "z") == "x,y" and dashed == []
 
 
 def test_with_compile_the_hf_baseline_is_hugging_faces_compiled_decoding(checkpoint):

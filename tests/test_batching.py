@@ -50,6 +50,14 @@ def test_rows_that_stop_early(model, name, monkeypatch, shrink):
     assert [(counts(r), r.stop_reason) for r in batched] == [(counts(r), r.stop_reason) for r in alone]
 
 
+def test_a_batch_reports_its_cache_at_its_largest(gqa_tied):
+    """Rows leaving the batch free their cache rows; the memory figure is still the batch's peak, as if held."""
+    generator = Generator(gqa_tied, None, config_for("self_speculative", 3, 5, max_steps=13))
+    dropped, held = (generator.generate_batch(PROMPTS, shrink=shrink) for shrink in (True, False))
+    assert len({r.steps for r in dropped}) > 1  # rows did leave at different steps
+    assert {r.cache_bytes for r in dropped} == {r.cache_bytes for r in held} == {held[0].cache_bytes}
+
+
 def test_compiled_passes_serve_every_batch_size(gqa_tied):
     """--compile with batches: the same tokens, and one compilation of each pass serves every batch size as rows
     leave the batch and as batches differ in size (a lone running row is kept company by a finished one)."""

@@ -58,8 +58,10 @@ def batches(prompts: list[list[int]], size: int, by_length: bool = True) -> list
 class Runner:
     run: Callable[[list[int]], Sample]  # prompt ids -> sample (strategy and prompt_id filled in by the caller)
     settings: dict  # the effective settings, recorded in the results
-    # several prompts at once -> a sample per prompt; None: the runner takes one prompt at a time
+    # several prompts at once -> a sample per prompt; None: the runner takes one prompt at a time, for the reason
+    # `alone` gives (printed under a batched benchmark's table)
     run_together: Callable[[list[list[int]]], list[Sample]] | None = None
+    alone: str | None = None
 
     def run_batch(self, batch: Batch, index: int = 0) -> list[Sample]:
         """Batch number `index` as one batch, or one prompt after another where the runner takes one at a time.
@@ -182,7 +184,7 @@ def _hf_assistant_early_exit(model, tokenizer, config, seed) -> Runner:
     }
     settings = {k: v for k, v in kwargs.items() if k != "tokenizer"} | patch
     run, _ = _hf_run("hf_assistant_early_exit", model, kwargs, patch)
-    return Runner(run, settings)  # assisted generation takes one prompt at a time: no batch
+    return Runner(run, settings, alone="Hugging Face's assisted generation takes a batch of one")
 
 
 RUNNERS: dict[str, Callable] = {
@@ -256,6 +258,7 @@ def summarize(samples: list[Sample]) -> dict:
     first = [s.time_to_first_token for s in samples if s.time_to_first_token is not None]
     return {
         "samples": len(samples),
+        "rows_per_batch": max(len(rows) for rows in batches.values()),
         "tokens": tokens,
         "tokens_per_second_median": statistics.median(n / t if t > 0 else 0.0 for n, t in times),
         "tokens_per_second_overall": tokens / total_time if total_time else 0.0,
@@ -325,6 +328,8 @@ def compare(model, tokenizer, config: GenerationConfig, runners: dict[str, Runne
     for name, strategy_samples in by_strategy.items():
         outputs = [tokenizer.decode(s.tokens, skip_special_tokens=True) for s in strategy_samples]
         metrics[name] = summarize(strategy_samples) | quality(outputs, references)
+        if runners[name].alone is not None:
+            metrics[name]["one_at_a_time"] = runners[name].alone
     baseline = metrics.get("hf_generate")
     for name, m in metrics.items():
         if baseline:
@@ -345,6 +350,9 @@ def compare(model, tokenizer, config: GenerationConfig, runners: dict[str, Runne
 def report(metrics: dict, profiles: dict) -> str:
     """What benchmark.py prints: the table, the speculation's lines, the profiles."""
     lines = [format_table(metrics)]
+    if any(m["rows_per_batch"] > 1 for m in metrics.values()):
+        lines += [f"{name}: one prompt at a time ({m['one_at_a_time']}); its figures are batch-1 figures"
+                  for name, m in metrics.items() if "one_at_a_time" in m]
     if "self_speculative" in metrics:
         lines.append(format_speculation(metrics["self_speculative"]))
     lines += [format_profile(name, p) for name, p in profiles.items()]

@@ -109,7 +109,7 @@ def test_early_exit_needs_only_an_exit_layer(checkpoint, prompts_file, tmp_path)
     assert json.loads(result.read_text())["settings"]["early_exit"]["exit_layer"] == 4
 
 
-def test_batched_benchmark_gives_every_row_its_batch_of_one_output(checkpoint, tmp_path):
+def test_batched_benchmark_gives_every_row_its_batch_of_one_output(checkpoint, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["def f(x):", "import os", "x = [1,", "class A:",
                                                                            "for i in range(3):"]))
@@ -119,7 +119,8 @@ def test_batched_benchmark_gives_every_row_its_batch_of_one_output(checkpoint, t
         code = run(benchmark.main, ["--model", str(checkpoint), "--dataset", "custom_jsonl", "--data_path", str(prompts),
                                     "--max_steps", "12", "--sample", "False", "--exit_layer", "3", "--num_speculations",
                                     "3", "--output_dir", str(out), "--batch_size", str(batch_size),
-                                    "--generation_strategy", "autoregressive,self_speculative,hf_generate"])
+                                    "--generation_strategy",
+                                    "autoregressive,self_speculative,hf_generate,hf_assistant_early_exit"])
         assert code == 0
         [records] = out.glob("benchmark_*.jsonl")
         outputs[batch_size] = {(r["strategy"], r["prompt_id"]): r["tokens"]
@@ -127,4 +128,9 @@ def test_batched_benchmark_gives_every_row_its_batch_of_one_output(checkpoint, t
         [result] = out.glob("benchmark_*.json")
         metrics = json.loads(result.read_text())["metrics"]
         assert metrics["self_speculative"]["samples"] == 5
+        assert [metrics[name]["rows_per_batch"] for name in ("self_speculative", "hf_assistant_early_exit")] == [
+            batch_size, 1]
+        printed = capsys.readouterr().out
+        assert ("hf_assistant_early_exit: one prompt at a time (Hugging Face's assisted generation takes a batch of "
+                "one)" in printed) == (batch_size > 1)
     assert outputs[1] == outputs[2]  # three batches of 2, 2 and 1 rows; hf_generate left-padded

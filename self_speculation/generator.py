@@ -258,8 +258,8 @@ class Generator:
                     rows, results, budgets, running = ([xs[b] for b in kept] for xs in (rows, results, budgets, running))
                 remaining = [budget - len(r.tokens) if go else 1 for budget, r, go in zip(budgets, results, running)]
                 steps = self.strategy.step_rows(rows, cache, remaining)
-                advance = torch.tensor([0 if go else len(step.tokens) for step, go in zip(steps, running)])
-                cache.rollback_rows(advance)  # stopped rows (when kept) stay where they are
+                if not all(running):  # stopped rows (when kept) stay where they are
+                    cache.rollback_rows(torch.tensor([0 if go else len(step.tokens) for step, go in zip(steps, running)]))
                 for step, result, go in zip(steps, results, running):
                     if go:
                         self._count(result, step)

@@ -186,8 +186,12 @@ class RaggedCache(Cache):
 
     def rollback_rows(self, counts: torch.Tensor) -> None:
         """Forget the last counts[b] positions of row b in every layer (its rejected drafts); `counts` on the host."""
+        on_device = {}  # counts copied once per device, not once per layer
         for layer in self.layers:
-            layer.set_lengths(layer.host_lengths - counts)
+            device = layer.lengths.device
+            if device not in on_device:
+                on_device[device] = counts.to(device)
+            layer.lengths, layer.host_lengths = layer.lengths - on_device[device], layer.host_lengths - counts
 
 
 def cache_bytes(cache: Cache) -> int:

@@ -15,7 +15,7 @@ from self_speculation.loading import DEFAULT_MODEL, load
 from self_speculation.strategies import STRATEGIES
 from self_speculation.streamers import STREAMERS
 
-__all__ = ["BatchArguments", "DataArguments", "GenerateArguments", "GenerationArguments", "ModelArguments", "parse", "pop_option", "run"]
+__all__ = ["BatchArguments", "DataArguments", "GenerateArguments", "GenerationArguments", "ModelArguments", "given_flags", "parse", "pop_option", "run"]
 
 
 @dataclass
@@ -154,6 +154,13 @@ def parse(types: tuple[type, ...], argv: list[str] | None = None, help: dict[str
     if unknown:
         raise UsageError(parser.unknown(unknown[0]))
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+def given_flags(argv: list[str] | None = None) -> set[str]:
+    """The flags the command line sets (their underscore spelling, without the dashes), for a script that lets a
+    flag the user gave win over a default from elsewhere (eval.py over a task's generation settings)."""
+    argv = sys.argv[1:] if argv is None else argv
+    return {item[2:].split("=", 1)[0].replace("-", "_") for item in argv if item.startswith("--")}
 
 
 def pop_option(argv: list[str], flag: str, default: str) -> str:

@@ -3,7 +3,9 @@
 import gzip
 import json
 import os
+import secrets
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +22,15 @@ def ensure_output_dir(path: str) -> Path:
     except OSError as error:
         raise UsageError(f"--output_dir {path} is not writable ({error.strerror or error})") from None
     return directory
+
+
+def new_run(directory: Path, prefix: str) -> Path:
+    """The stem of a new run's result files, `PREFIX_TIME_XXXXXX`: runs started in the same second into one
+    directory never share files. Its name is the run id that every record of the run carries."""
+    while True:
+        stem = directory / f"{prefix}_{time.strftime('%Y%m%d_%H%M%S')}_{secrets.token_hex(3)}"
+        if not any(directory.glob(stem.name + "*")):
+            return stem
 
 
 def write_json(path: Path, document: dict) -> None:

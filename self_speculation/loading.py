@@ -126,24 +126,46 @@ def load(
 
     def from_pretrained(**extra):
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
-        return AutoModelForCausalLM.from_pretrained(source, **kwargs, **extra), tokenizer
+        loaded, report = AutoModelForCausalLM.from_pretrained(source, **kwargs, **extra, output_loading_info=True)
+        return loaded, report, tokenizer
 
     try:
         try:
-            loaded, tokenizer = from_pretrained(local_files_only=True)
+            loaded, report, tokenizer = from_pretrained(local_files_only=True)
         except OSError:
             if local:
                 raise
             if not hub_reachable():
                 raise _unreachable(model, flag) from None
-            loaded, tokenizer = from_pretrained()
-    except (OSError, ValueError) as error:
-        if isinstance(error, UsageError):
-            raise
-        reason = " ".join(str(error).split()) or type(error).__name__  # the whole reason, on one line
-        raise UsageError(f"{flag} {model}: cannot load it: {reason}") from error
+            loaded, report, tokenizer = from_pretrained()
+    except UsageError:
+        raise
+    except Exception as error:  # a torn weights file, a shape mismatch, broken remote code: the checkpoint's fault
+        reason = " ".join(str(error).split())  # the whole reason, on one line
+        if "ignore_mismatched_sizes" in reason:
+            raise UsageError(f"{flag} {model}: the shapes of its weights do not match its config.json (the load "
+                             "report above lists them)") from None
+        kind = "" if isinstance(error, (OSError, ValueError)) else f"{type(error).__name__}: "
+        raise UsageError(f"{flag} {model}: cannot load it: {kind}{reason or type(error).__name__}") from error
+    check_weights(loaded, report, f"{flag} {model}")
     if not device_map:
         loaded.to(target)
     loaded.eval().requires_grad_(False)  # inference only; frozen weights let the layer runner join projections
     check_forward(loaded, tokenizer(ORDINARY_TEXT, add_special_tokens=False).input_ids)
     return loaded, tokenizer
+
+
+def check_weights(model: PreTrainedModel, report: dict, name: str) -> None:
+    """Refuse a model whose checkpoint does not hold exactly the weights its config asks for, as transformers'
+    loading report counts them (keys it ignores by design, such as old rotary `inv_freq` buffers or a tied head,
+    are not in the report), or whose weights are not all finite. Either would generate garbage with exit 0: a
+    missing layer is randomly initialised, and our own forward check compares against the same weights."""
+    missing, unexpected = sorted(report.get("missing_keys", ())), sorted(report.get("unexpected_keys", ()))
+    if missing or unexpected:
+        examples = ", ".join((missing or unexpected)[:3])
+        raise UsageError(f"{name}: its weights do not match its config.json ({len(missing)} missing, "
+                         f"{len(unexpected)} unexpected, e.g. {examples}); the config says "
+                         f"{getattr(model.config, 'num_hidden_layers', '?')} layers")
+    for parameter_name, parameter in model.named_parameters():
+        if parameter.device.type != "meta" and not torch.isfinite(parameter).all():  # meta: offloaded by a device map
+            raise UsageError(f"{name}: its weights are not finite ({parameter_name} holds nan or inf)")

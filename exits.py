@@ -19,9 +19,12 @@ from pathlib import Path
 
 from arguments import parse, run
 from self_speculation import UsageError, layers
-from self_speculation.analysis import exit_report, humaneval_problems, read_costs, recommend
+from self_speculation.analysis import exit_report, humaneval_problems, read_costs, recommend, save_costs
+from self_speculation.errors import check_range
 from self_speculation.loading import DEFAULT_MODEL, load
-from self_speculation.results import ensure_output_dir, write_json
+from self_speculation.results import ensure_output_dir
+
+MAX_SPECULATIONS = 64  # each draft length is a replay of every trace; the costs are measured up to the longest
 
 
 @dataclass
@@ -30,8 +33,10 @@ class ExitsArguments:
                               metadata={"help": "model directories or hub ids (default: the embedded model)"})
     labels: list[str] = field(default_factory=list, metadata={"help": "a name per model (default: the paths)"})
     num_samples: int = field(default=20, metadata={"help": "HumanEval problems to use"})
-    num_speculations: int = field(default=4, metadata={"help": "draft length of the per-exit acceptance column"})
-    max_speculations: int = field(default=8, metadata={"help": "predict draft lengths 1 to this"})
+    num_speculations: int | None = field(default=None, metadata={
+        "help": "draft length of the per-exit acceptance column, at most --max_speculations (default: 4, or "
+                "--max_speculations if smaller)"})
+    max_speculations: int = field(default=8, metadata={"help": "predict draft lengths 1 to this (at most 64)"})
     max_steps: int = field(default=128, metadata={"help": "tokens generated per prompt"})
     exit_layers: list[int] = field(default_factory=list, metadata={"help": "exit layers to predict (default: all)"})
     recommend: bool = field(
@@ -48,9 +53,13 @@ class ExitsArguments:
             raise UsageError("--labels needs one name per --models entry")
         if not 1 <= self.num_samples <= 164:
             raise UsageError(f"--num_samples must be in [1, 164] (got {self.num_samples})")
-        for name in ("num_speculations", "max_speculations", "max_steps"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name} must be >= 1 (got {getattr(self, name)})")
+        check_range("--max_speculations", self.max_speculations, 1, MAX_SPECULATIONS)
+        check_range("--max_steps", self.max_steps, 1)
+        if self.num_speculations is None:
+            self.num_speculations = min(4, self.max_speculations)
+        check_range("--num_speculations", self.num_speculations, 1, self.max_speculations)
+        for layer in self.exit_layers:
+            check_range("--exit_layers", layer, 1)
         if self.recommend and (len(self.models) != 1 or not (Path(self.models[0]) / "config.json").is_file()):
             raise UsageError("--recommend needs exactly one local model directory in --models")
         if self.pass_costs and not Path(self.pass_costs).is_file():
@@ -61,7 +70,7 @@ def main(argv=None) -> int:
     (args,) = parse((ExitsArguments,), argv)
     out = ensure_output_dir(args.output_dir)
     problems = humaneval_problems()[: args.num_samples]
-    speculations = sorted(set(range(1, args.max_speculations + 1)) | {args.num_speculations})
+    speculations = list(range(1, args.max_speculations + 1))
     reports = []
     for label, name in zip(args.labels or args.models, args.models):
         model, tokenizer = load(name, dtype="float32", flag="--models")
@@ -69,12 +78,11 @@ def main(argv=None) -> int:
         exit_layers = args.exit_layers or list(range(1, count))
         if any(not 1 <= e < count for e in exit_layers):
             raise UsageError(f"--exit_layers must be in [1, {count - 1}] for {name}")
-        costs = read_costs(args.pass_costs, count, exit_layers) if args.pass_costs else None
+        costs = read_costs(args.pass_costs, model, args.max_speculations, exit_layers) if args.pass_costs else None
         reports.append(exit_report(label, model, tokenizer, problems, args.max_steps, exit_layers, speculations,
                                    args.max_speculations, costs))
         if costs is None:
-            write_json(out / "pass_costs.json", {"model": name, "num_layers": count, "costs": {
-                e: dataclasses.asdict(c) for e, c in reports[-1].costs.items()}})
+            save_costs(out / "pass_costs.json", name, model, args.max_speculations, reports[-1].costs)
     table = {}
     for report in reports:
         for layer, cells in report.cells(args.num_speculations).items():

@@ -8,6 +8,7 @@ teacher-forced pass over it at every exit decide, for every (E, d), how many dra
 `simulate` replays the steps without running them, and the pass costs measured here turn the counts into a
 predicted speedup (the same ideal model benchmark.py reports)."""
 
+import dataclasses
 import json
 import statistics
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from .costs import PassCosts
 from .errors import UsageError
 from .config import GenerationConfig
 from .generator import Generator
+from .results import write_json
 from .strategies import SelfSpeculative
 
 
@@ -216,12 +218,47 @@ def exit_report(label: str, model, tokenizer, problems: list[dict], max_steps: i
     return ExitReport(label, quality, agreement, predict(traces, costs, speculations), costs)
 
 
-def read_costs(path: str, num_layers: int, exit_layers: list[int]) -> dict[int, PassCosts]:
-    """Pass costs saved by an earlier exits.py run, for this model shape and these exit layers."""
-    saved = json.loads(Path(path).read_text())
-    if saved.get("num_layers") != num_layers or any(str(e) not in saved["costs"] for e in exit_layers):
-        raise UsageError(f"--pass_costs {path} was measured for another model shape or other exit layers")
-    return {e: PassCosts.from_dict(saved["costs"][str(e)]) for e in exit_layers}
+SHAPE = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+         "vocab_size")
+
+
+def cost_key(model, max_speculations: int) -> dict:
+    """What pass costs depend on (not the weights): the model's shape, its dtype, the device they ran on (CUDA
+    devices by name) and the longest verification measured."""
+    device = model.lm_head.weight.device
+    return {"shape": {name: getattr(model.config, name, None) for name in SHAPE},
+            "dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+            "max_speculations": max_speculations}
+
+
+def save_costs(path: Path, name: str, model, max_speculations: int, costs: dict[int, PassCosts]) -> None:
+    write_json(path, {"model": name, "key": cost_key(model, max_speculations),
+                      "costs": {e: dataclasses.asdict(c) for e, c in costs.items()}})
+
+
+def read_costs(path: str, model, max_speculations: int, exit_layers: list[int]) -> dict[int, PassCosts]:
+    """Pass costs saved by an earlier exits.py run, refused unless they were measured for this model's shape and
+    dtype, on this kind of device, for these exit layers and at least these draft lengths."""
+    try:
+        saved = json.loads(Path(path).read_text())
+        theirs, ours = saved["key"], cost_key(model, max_speculations)
+        costs = saved["costs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UsageError(f"--pass_costs {path}: not a pass_costs.json written by exits.py") from None
+    shape = theirs.get("shape") if isinstance(theirs.get("shape"), dict) else {}
+    differing = [f"{k} {shape.get(k)} here {v}" for k, v in ours["shape"].items() if shape.get(k) != v]
+    differing += [f"{k} {theirs.get(k)} here {ours[k]}" for k in ("dtype", "device") if theirs.get(k) != ours[k]]
+    if differing:
+        raise UsageError(f"--pass_costs {path} was measured for another model shape, dtype or device "
+                         f"({', '.join(differing)})")
+    if not isinstance(theirs.get("max_speculations"), int) or theirs["max_speculations"] < max_speculations:
+        raise UsageError(f"--pass_costs {path} covers draft lengths up to {theirs.get('max_speculations')}, "
+                         f"fewer than --max_speculations {max_speculations}")
+    absent = [e for e in exit_layers if str(e) not in costs]
+    if absent:
+        raise UsageError(f"--pass_costs {path} has no costs for exit layers {', '.join(map(str, absent))}")
+    return {e: PassCosts.from_dict(costs[str(e)]) for e in exit_layers}
 
 
 def recommend(directory: Path, best: Prediction) -> str:

@@ -2,6 +2,7 @@
 pass costs, bad input."""
 
 import csv
+import re
 import json
 
 import pytest
@@ -9,6 +10,9 @@ import pytest
 import exits
 from arguments import run
 from models import save_tiny_checkpoint
+from self_speculation.analysis import save_costs
+from self_speculation.costs import PassCosts
+from self_speculation.loading import load
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +35,8 @@ def test_report_predictions_and_reused_costs(checkpoint, tmp_path, capsys):
     best = max(grid, key=lambda r: float(r["speedup"]))
     assert f"exit_layer {best['exit_layer']}, num_speculations {best['num_speculations']}" in out
     costs = json.loads((tmp_path / "a" / "pass_costs.json").read_text())
-    assert costs["num_layers"] == 6 and set(costs["costs"]) == {"1", "2", "3", "4", "5"}
+    assert costs["key"]["shape"]["num_hidden_layers"] == 6 and set(costs["costs"]) == {"1", "2", "3", "4", "5"}
+    assert costs["key"]["dtype"] == "float32" and costs["key"]["device"] == "cpu"
 
     again = argv[:-1] + [str(tmp_path / "b"), "--pass_costs", str(tmp_path / "a" / "pass_costs.json")]
     assert run(exits.main, again) == 0
@@ -47,7 +52,7 @@ def test_report_predictions_and_reused_costs(checkpoint, tmp_path, capsys):
 
 def test_bad_input(checkpoint, tmp_path, capsys):
     costs = tmp_path / "pass_costs.json"
-    costs.write_text(json.dumps({"num_layers": 24, "costs": {}}))
+    costs.write_text(json.dumps({"num_layers": 24, "costs": {}}))  # an older version's file: no key
     for argv, fragment in [
         (["--pass_costs", str(tmp_path / "missing.json")], "--pass_costs"),
         (["--max_speculations", "0"], "--max_speculations"),
@@ -55,7 +60,46 @@ def test_bad_input(checkpoint, tmp_path, capsys):
         (["--models", str(checkpoint), str(checkpoint), "--recommend", "True"], "--recommend"),
         (["--models", str(checkpoint), "--exit_layers", "6"], "--exit_layers"),
         (["--models", str(checkpoint), "--num_samples", "1", "--max_steps", "4", "--pass_costs", str(costs)],
-         "another model shape"),
+         "not a pass_costs.json"),
+        (["--max_speculations", "2", "--num_speculations", "3"], "--num_speculations must be an integer in [1, 2]"),
     ]:
         assert run(exits.main, argv + ["--output_dir", str(tmp_path)]) == 2
         assert fragment in capsys.readouterr().err
+
+
+@pytest.fixture
+def saved_costs(checkpoint, tmp_path):
+    """A pass_costs.json for the tiny model as exits.py writes it, with made-up costs (nothing is timed)."""
+    model, _ = load(str(checkpoint))
+    cost = PassCosts(draft=1e-3, verify={t: 2e-3 + 1e-4 * t for t in range(1, 10)}, full=3e-3,
+                     head={t: 1e-4 * t for t in range(1, 10)})
+    path = tmp_path / "pass_costs.json"
+    save_costs(path, str(checkpoint), model, 8, {e: cost for e in range(1, 6)})
+    return path
+
+
+def test_pass_costs_of_another_shape_dtype_or_device_are_refused(checkpoint, saved_costs, tmp_path, capsys):
+    """Costs depend on the shape, not the depth alone: a model as deep but 8x narrower costs far less per pass."""
+    saved = json.loads(saved_costs.read_text())
+    argv = ["--models", str(checkpoint), "--num_samples", "1", "--max_steps", "4", "--output_dir", str(tmp_path)]
+    for change, fragment in [({"shape": saved["key"]["shape"] | {"hidden_size": 8}}, "(hidden_size 8 here 64)"),
+                             ({"dtype": "bfloat16"}, "dtype bfloat16 here float32"),
+                             ({"device": "NVIDIA H200"}, "device NVIDIA H200 here cpu"),
+                             ({"max_speculations": 1}, "up to 1, fewer than --max_speculations 8")]:
+        other = tmp_path / "other.json"
+        other.write_text(json.dumps(saved | {"key": saved["key"] | change}))
+        assert run(exits.main, argv + ["--pass_costs", str(other)]) == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert error.startswith("error: --pass_costs") and fragment in error, error
+
+
+def test_the_best_draft_length_is_within_max_speculations(checkpoint, saved_costs, tmp_path, capsys):
+    """The acceptance column's default draft length (4) used to join the grid when --max_speculations was smaller."""
+    argv = ["--models", str(checkpoint), "--num_samples", "1", "--max_steps", "8", "--max_speculations", "2",
+            "--pass_costs", str(saved_costs), "--output_dir", str(tmp_path)]
+    assert run(exits.main, argv) == 0
+    out = capsys.readouterr().out
+    assert "(d=2)" in out
+    grid = list(csv.DictReader((tmp_path / "predictions.csv").open()))
+    assert {int(r["num_speculations"]) for r in grid} == {1, 2}
+    assert re.search(r"predicted best exit_layer \d+, num_speculations [12]:", out), out

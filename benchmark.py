@@ -10,41 +10,44 @@ effective settings, metrics) and benchmark_<time>.jsonl (a record per example an
 
 import dataclasses
 import sys
-import time
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from arguments import DatasetBatchArguments, DataArguments, GenerationArguments, ModelArguments, parse, pop_option, run
+from arguments import (MAX_WARMUP, SAMPLING, DatasetBatchArguments, DataArguments, GenerationArguments, ModelArguments, parse,
+                       pop_list, run, warn_ignored)
 from self_speculation import UsageError
+from self_speculation.errors import check_range
 from self_speculation.benchmarking import RUNNERS, compare, profile, record, report
 from self_speculation.generator import check_prompt_lengths
 from self_speculation import distributed
-from self_speculation.results import append_jsonl, ensure_output_dir, write_json
+from self_speculation.results import append_jsonl, ensure_output_dir, new_run, write_json
 
 
 @dataclass
 class BenchmarkArguments:
-    warmup: int = field(default=1, metadata={"help": "untimed runs of each strategy before measuring"})
+    warmup: int = field(default=1, metadata={"help": f"untimed runs of each strategy before measuring (0 to "
+                                                     f"{MAX_WARMUP})"})
 
     profile: bool = field(default=False, metadata={
         "help": "after the timed runs, profile each strategy on the first example (torch.profiler) and print "
                 "operators per token and the costliest operators"})
 
     def __post_init__(self):
-        if self.warmup < 0:
-            raise UsageError(f"--warmup must be >= 0 (got {self.warmup})")
+        check_range("--warmup", self.warmup, 0, MAX_WARMUP)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    strategies = pop_option(argv, "--generation_strategy", "autoregressive").split(",")
+    strategies = pop_list(argv, "--generation_strategy", "autoregressive")
     unknown = [s for s in strategies if s not in RUNNERS]
     if unknown:
         raise UsageError(f"--generation_strategy: unknown {', '.join(unknown)} (choose from {', '.join(RUNNERS)})")
     model_args, config, data_args, batching, args = parse(
         (ModelArguments, GenerationArguments, DataArguments, DatasetBatchArguments, BenchmarkArguments), argv,
         help={"--generation_strategy": f"strategies to compare, comma-separated, from: {', '.join(RUNNERS)}"})
+    if not config.sample and distributed.rank() == 0:
+        warn_ignored(argv, SAMPLING, "greedy decoding (--sample False)")
     out = ensure_output_dir(model_args.output_dir)
     examples = data_args.load(model_args.seed)
     distributed.setup()
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.warmup):
         for runner in runners.values():
             runner.run_batch(batches[0])
-    stem = out / f"benchmark_{time.strftime('%Y%m%d_%H%M%S')}"
+    stem = new_run(out, "benchmark")
     progress = tqdm(total=len(distributed.shard(batches)), desc="batches" if batching.batch_size > 1 else "examples",
                     disable=distributed.rank() != 0)
 
@@ -68,23 +71,26 @@ def main(argv: list[str] | None = None) -> int:
 
     def write(samples):
         for sample in samples:
-            append_jsonl(stem.with_suffix(".jsonl"), record(sample, tokenizer))
+            append_jsonl(stem.with_suffix(".jsonl"), {"run_id": stem.name} | record(sample, tokenizer))
 
     per_batch = distributed.map_shards(batches, every_strategy, write)
+    progress.close()
     distributed.teardown()
     if per_batch is None:
         return 0
     metrics = compare(model, tokenizer, config, runners, [s for samples in per_batch for s in samples], prompts,
                       [e.reference for e in examples])
     profiles = {name: profile(runner, prompts[0]) for name, runner in runners.items()} if args.profile else {}
+    print(report(metrics, profiles))
     write_json(stem.with_suffix(".json"), {
+        "run_id": stem.name,
         "arguments": {"model": dataclasses.asdict(model_args), "generation": dataclasses.asdict(config),
                       "data": dataclasses.asdict(data_args), "strategies": strategies,
                       "benchmark": dataclasses.asdict(args) | batching.settings()},
         "settings": {name: r.settings for name, r in runners.items()},
         "metrics": metrics,
-    } | ({"profile": profiles} if profiles else {}))
-    print(report(metrics, profiles))
+    } | ({"profile": profiles} if profiles else {}),
+        kept=f"the table above is complete, and every record is in {stem.with_suffix('.jsonl')}")
     print(f"results in {stem.with_suffix('.json')}")
     return 0
 

@@ -13,15 +13,16 @@ completes) to --output_dir; exits 1 on any divergence (on any mismatch with --st
 
 import dataclasses
 import sys
-import time
 from dataclasses import dataclass, field
 
-from arguments import DatasetBatchArguments, DataArguments, GenerationArguments, ModelArguments, parse, run
-from self_speculation import Generator, UsageError
+from arguments import (SAMPLING, DatasetBatchArguments, DataArguments, GenerationArguments, ModelArguments, parse, run,
+                       warn_ignored)
+from self_speculation import Generator
+from self_speculation.errors import check_range
 from self_speculation import distributed
 from self_speculation.equivalence import TIE_TOLERANCE, judge, summary
 from self_speculation.generator import check_prompt_lengths
-from self_speculation.results import append_jsonl, ensure_output_dir, write_json
+from self_speculation.results import append_jsonl, ensure_output_dir, new_run, write_json
 from self_speculation.strategies import Autoregressive, SelfSpeculative
 
 
@@ -34,14 +35,16 @@ class CorrectnessArguments:
     strict: bool = field(default=False, metadata={"help": "fail on any mismatch, near ties included"})
 
     def __post_init__(self):
-        if not self.tie_tolerance >= 0:
-            raise UsageError(f"--tie_tolerance must be >= 0 (got {self.tie_tolerance})")
+        check_range("--tie_tolerance", self.tie_tolerance, 0)
 
 
 def main(argv: list[str] | None = None) -> int:
     model_args, config, data_args, batching, args = parse(
         (ModelArguments, GenerationArguments, DataArguments, DatasetBatchArguments, CorrectnessArguments), argv)
     # Greedy on both sides: the invariant is token-for-token identity.
+    if distributed.rank() == 0:
+        warn_ignored(argv, ("generation_strategy", "sample") + SAMPLING,
+                     "correctness.py compares greedy self_speculative with greedy autoregressive decoding")
     speculative = SelfSpeculative().own(dataclasses.replace(config, sample=False))
     baseline = Autoregressive().own(dataclasses.replace(config, sample=False))
     output_dir = ensure_output_dir(model_args.output_dir)
@@ -52,14 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     check_prompt_lengths(model, prompts)
     reference = Generator(model, tokenizer, baseline, seed=model_args.seed)
     candidate = Generator(model, tokenizer, speculative, seed=model_args.seed)
-    stem = output_dir / f"correctness_{time.strftime('%Y%m%d_%H%M%S')}"
+    stem = new_run(output_dir, "correctness")
 
     def check(index, batch):
         return judge(model, tokenizer, reference, candidate, batch.ids, batch.prompts, args.tie_tolerance)
 
     def write(batch_records):
         for record in batch_records:
-            append_jsonl(stem.with_suffix(".jsonl"), record)
+            append_jsonl(stem.with_suffix(".jsonl"), {"run_id": stem.name} | record)
             print(f"prompt {record['prompt_id']}: {record['verdict']}", flush=True)
 
     per_batch = distributed.map_shards(batching.batches(prompts), check, write)
@@ -69,11 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     records = sorted((record for batch_records in per_batch for record in batch_records), key=lambda r: r["prompt_id"])
     totals = summary(records)
     write_json(stem.with_suffix(".json"), {
+        "run_id": stem.name,
         "arguments": {"model": dataclasses.asdict(model_args), "generation": dataclasses.asdict(candidate.config),
                       "data": dataclasses.asdict(data_args),
                       "correctness": dataclasses.asdict(args) | batching.settings()},
         "dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
-    } | totals | {"results": records})
+    } | totals | {"results": records}, kept=f"{totals['verdict']}; every record is in {stem.with_suffix('.jsonl')}")
     print(f"{totals['verdict']}; results in {stem.with_suffix('.json')}")
     return 1 if totals["num_divergences"] or (args.strict and totals["num_mismatches"]) else 0
 

@@ -14,12 +14,16 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from arguments import DatasetBatchArguments, DataArguments, GenerationArguments, ModelArguments, parse, run
+from arguments import (MAX_WARMUP, SAMPLING, DatasetBatchArguments, DataArguments, GenerationArguments,
+                       ModelArguments, parse, run, warn_ignored)
 from self_speculation import UsageError, distributed
+from self_speculation.errors import check_range
 from self_speculation.benchmarking import RUNNERS
 from self_speculation.generator import check_prompt_lengths
 from self_speculation.results import ensure_output_dir
 from self_speculation.sweeping import SweepDirectory, run_shared
+
+MAX_POINTS = 10_000  # each point benchmarks every example: more is a mistyped bound, not a sweep
 
 
 @dataclass
@@ -33,14 +37,20 @@ class SweepArguments:
     warmup: int = field(default=1, metadata={"help": "untimed runs before measuring"})
 
     def __post_init__(self):
-        if self.exit_layer_first < 1 or self.num_speculations_first < 1:
-            raise UsageError("--exit_layer_first and --num_speculations_first must be >= 1")
-        if self.exit_layer_step < 1 or self.num_speculations_step < 1:
-            raise UsageError("--exit_layer_step and --num_speculations_step must be >= 1")
         for name in ("exit_layer", "num_speculations"):
-            first, last = getattr(self, f"{name}_first"), getattr(self, f"{name}_last")
+            first, last, step = (getattr(self, f"{name}_{end}") for end in ("first", "last", "step"))
+            check_range(f"--{name}_first", first, 1)
+            check_range(f"--{name}_step", step, 1)
             if last < first:
                 raise UsageError(f"--{name}_last ({last}) must be >= --{name}_first ({first})")
+        drafts = len(range(self.num_speculations_first, self.num_speculations_last + 1, self.num_speculations_step))
+        if drafts > MAX_POINTS:
+            raise UsageError(f"--num_speculations_last {self.num_speculations_last}: {drafts} draft lengths, more "
+                             f"than the {MAX_POINTS} points a sweep may have (raise --num_speculations_step)")
+        check_range("--warmup", self.warmup, 0, MAX_WARMUP)
+
+
+IGNORED = ("generation_strategy", "exit_layer", "num_speculations")  # the sweep sets them at every point
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,8 +68,17 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"--exit_layer_first must be <= {last_exit} for this model")
     prompts = [tokenizer(e.prompt).input_ids for e in examples]
     check_prompt_lengths(model, prompts)
-    points = [(e, d) for e in range(args.exit_layer_first, last_exit + 1, args.exit_layer_step)
-              for d in range(args.num_speculations_first, args.num_speculations_last + 1, args.num_speculations_step)]
+    exits = range(args.exit_layer_first, last_exit + 1, args.exit_layer_step)
+    drafts = range(args.num_speculations_first, args.num_speculations_last + 1, args.num_speculations_step)
+    if len(exits) * len(drafts) > MAX_POINTS:
+        raise UsageError(f"{len(exits)} exit layers x {len(drafts)} draft lengths is more than the {MAX_POINTS} points "
+                         "a sweep may have; raise --exit_layer_step or --num_speculations_step")
+    points = [(e, d) for e in exits for d in drafts]
+    if distributed.rank() == 0:
+        warn_ignored(argv, IGNORED, "a sweep runs self_speculative at every (exit layer, draft length) of its grid "
+                                    "(--exit_layer_first/last/step, --num_speculations_first/last/step)")
+        if not config.sample:
+            warn_ignored(argv, SAMPLING, "greedy decoding (--sample False)")
     done = directory.start()  # every flag is checked: from here on the directory holds this sweep
     batches = batching.batches(prompts)
     baseline = directory.baseline(model, tokenizer, config, model_args.seed, batches, args.warmup)
@@ -72,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     distributed.teardown()
     if distributed.rank() == 0:
         print(directory.report(points, baseline, greedy=not config.sample))
+        print(directory.plot(points))
     return 0
 
 

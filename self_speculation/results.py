@@ -1,5 +1,6 @@
 """Reading prompt files and writing results: one JSON document per run, JSONL records as they complete."""
 
+import contextlib
 import gzip
 import json
 import os
@@ -9,7 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import UsageError, check_text
 
 
 def ensure_output_dir(path: str) -> Path:
@@ -33,17 +34,47 @@ def new_run(directory: Path, prefix: str) -> Path:
             return stem
 
 
-def write_json(path: Path, document: dict) -> None:
-    """Write atomically, so an interrupted run never leaves half a document."""
+def _unwritable(path: Path, error: OSError, kept: str) -> UsageError:
+    return UsageError(f"cannot write {path} ({error.strerror or error})" + (f"; {kept}" if kept else ""))
+
+
+def write_json(path: Path, document: dict, kept: str = "") -> None:
+    """Write atomically, so an interrupted run never leaves half a document. A write that fails (a full disk)
+    leaves no temporary file and raises UsageError naming the file and, in `kept`, what the run still holds."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(document, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(document, indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise _unwritable(path, error, kept) from None
 
 
-def append_jsonl(path: Path, record: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record, default=str) + "\n")
-        f.flush()
+def append_line(path: Path, line: str, kept: str = "") -> None:
+    """Append one line whole or not at all: a write that fails part-way (a full disk) is cut back off the file, so
+    that no torn line is left to block a rerun, and raises UsageError naming the file and what was kept."""
+    data = line.encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    except OSError as error:
+        raise _unwritable(path, error, kept) from None
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            written = 0
+            while written < len(data):  # os.write may write less than it was given
+                written += os.write(fd, data[written:])
+        except OSError as error:
+            if written:
+                with contextlib.suppress(OSError):  # a device such as /dev/full cannot be truncated
+                    os.ftruncate(fd, start)
+            raise _unwritable(path, error, kept) from None
+    finally:
+        os.close(fd)
+
+
+def append_jsonl(path: Path, record: dict, kept: str = "the records before this one are kept") -> None:
+    append_line(path, json.dumps(record, default=str) + "\n", kept)
 
 
 def read_text(path) -> str:
@@ -62,9 +93,9 @@ def read_text(path) -> str:
         raise UsageError(f"{path} line {line}: not UTF-8 text (byte 0x{data[error.start]:02x})") from None
 
 
-def jsonl_records(path, text: str, field: str) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-blank line of a JSONL text, each with a string under `field`; a bad line
-    raises UsageError naming the file and the line."""
+def jsonl_records(path, text: str, field: str | None) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL text, each with a string under `field` (any object
+    when None) and only valid Unicode text; a bad line raises UsageError naming the file and the line."""
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -72,6 +103,8 @@ def jsonl_records(path, text: str, field: str) -> Iterator[tuple[int, dict]]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise UsageError(f"{path} line {number}: not valid JSON ({error.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get(field), str):
-            raise UsageError(f"{path} line {number}: expected an object with a string field {field!r}")
+        if not isinstance(record, dict) or field is not None and not isinstance(record.get(field), str):
+            wanted = f" with a string field {field!r}" if field is not None else ""
+            raise UsageError(f"{path} line {number}: expected an object{wanted}")
+        check_text(json.dumps(record, ensure_ascii=False), f"{path} line {number}")  # every string in the line
         yield number, record

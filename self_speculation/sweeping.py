@@ -2,6 +2,7 @@
 the baseline measured once, and the summary and plots at the end. Running the same sweep again resumes it."""
 
 import csv
+import fcntl
 import io
 import json
 from pathlib import Path
@@ -10,7 +11,7 @@ from . import distributed
 from .benchmarking import RUNNERS, Batch, summarize
 from .equivalence import tally
 from .errors import UsageError
-from .results import write_json
+from .results import append_line, write_json
 
 COLUMNS = ["exit_layer", "num_speculations", "tokens_per_second_median", "speedup_vs_baseline", "acceptance_rate",
            "tokens_per_full_model_pass", "time_per_token_median", "total_time", "outputs_differing_from_baseline",
@@ -43,9 +44,18 @@ class SweepDirectory:
         return without_directory(saved) == without_directory(self.settings)
 
     def start(self) -> set[tuple[int, int]]:
-        """Claim the directory for this sweep (call once every flag is checked) and return the finished points."""
-        done = self.finished_points(repair=distributed.rank() == 0) if self.csv_path.exists() else set()
+        """Claim the directory for this sweep (call once every flag is checked) and return the finished points.
+        A lock held until the process ends keeps a second sweep out of the directory: two would measure every
+        point twice, each beside the other."""
         if distributed.rank() == 0:
+            self.lock = (self.path / "sweep.lock").open("w")
+            try:
+                fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UsageError(f"--output_dir {self.path}: another sweep is running there; wait for it to end or "
+                                 "use another directory") from None
+        done = self.finished_points(repair=distributed.rank() == 0) if self.csv_path.exists() else set()
+        if distributed.rank() == 0 and not self.settings_path.exists():  # else it holds these flags already
             write_json(self.settings_path, self.settings)
             if not self.csv_path.exists():
                 with self.csv_path.open("w", newline="") as f:
@@ -91,17 +101,20 @@ class SweepDirectory:
                m["tokens_per_second_median"] / baseline["tokens_per_second_median"], m["acceptance_rate"],
                m["tokens_per_full_model_pass"], m["time_per_token_median"], m["total_time"],
                counts.get("differing"), counts.get("near_ties"), counts.get("divergences")]
-        with self.csv_path.open("a", newline="") as f:
-            csv.writer(f).writerow(row)
+        line = io.StringIO()
+        csv.writer(line).writerow(row)
+        append_line(self.csv_path, line.getvalue(), kept="the finished points are kept; the same command resumes")
 
-    def report(self, points: list[tuple[int, int]], baseline: dict, greedy: bool) -> str:
-        """The table of this sweep's points, the best one, a word on differing outputs; plots written beside."""
+    def frame(self, points: list[tuple[int, int]]):
+        """sweep.csv's rows for these points (a directory may hold more, from a wider sweep resumed narrower)."""
         import pandas as pd
 
-        from .plotting import sweep_plot
-
         frame = pd.read_csv(self.csv_path)
-        frame = frame[frame.apply(lambda r: (int(r["exit_layer"]), int(r["num_speculations"])) in set(points), axis=1)]
+        return frame[frame.apply(lambda r: (int(r["exit_layer"]), int(r["num_speculations"])) in set(points), axis=1)]
+
+    def report(self, points: list[tuple[int, int]], baseline: dict, greedy: bool) -> str:
+        """The table of this sweep's points, the best one, a word on differing outputs."""
+        frame = self.frame(points)
         best = frame.loc[frame["tokens_per_second_median"].idxmax()]
         lines = [frame.sort_values(["exit_layer", "num_speculations"]).to_string(
                      index=False, float_format=lambda v: f"{v:.3f}"),
@@ -115,7 +128,19 @@ class SweepDirectory:
         elif greedy and frame["near_ties"].sum() > 0:
             lines.append(f"{int(frame['near_ties'].sum())} greedy outputs differ from the baseline's by rounding near "
                          "ties (half precision; see README)")
-        sweep_plot(frame, "tokens_per_second_median", "self-speculative tokens/s", self.path / "sweep_tokens_per_second")
-        sweep_plot(frame, "acceptance_rate", "acceptance rate", self.path / "sweep_acceptance")
-        lines.append(f"results in {self.csv_path} and sweep_*.png/pdf")
         return "\n".join(lines)
+
+    def plot(self, points: list[tuple[int, int]]) -> str:
+        """Contour plots of tokens/s and acceptance beside sweep.csv; a plot that cannot be written (a full disk)
+        raises UsageError after the table was printed, saying that the table and the CSV are complete."""
+        from .plotting import sweep_plot
+
+        frame = self.frame(points)
+        try:
+            sweep_plot(frame, "tokens_per_second_median", "self-speculative tokens/s",
+                       self.path / "sweep_tokens_per_second")
+            sweep_plot(frame, "acceptance_rate", "acceptance rate", self.path / "sweep_acceptance")
+        except OSError as error:
+            raise UsageError(f"cannot write the plots in {self.path} ({error.strerror or error}); the table above "
+                             f"and {self.csv_path} are complete") from None
+        return f"results in {self.csv_path} and sweep_*.png/pdf"

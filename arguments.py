@@ -5,17 +5,23 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
+import torch
 from transformers import HfArgumentParser
 
 from data import DATASETS, DataOptions, Example, load_examples
 from self_speculation.benchmarking import Batch, batches
 from self_speculation.config import GenerationConfig
-from self_speculation.errors import UsageError, check_seed
+from self_speculation.errors import UsageError, check_range, check_seed, check_text
 from self_speculation.loading import DEFAULT_MODEL, load
 from self_speculation.strategies import STRATEGIES
 from self_speculation.streamers import STREAMERS
 
-__all__ = ["BatchArguments", "DataArguments", "GenerateArguments", "GenerationArguments", "ModelArguments", "given_flags", "parse", "pop_option", "run"]
+MAX_WARMUP = 100  # warm-up runs the first batch; past a few runs it only delays the measurement
+
+__all__ = ["MAX_WARMUP", "SAMPLING", "BatchArguments", "DataArguments", "GenerateArguments", "GenerationArguments", "ModelArguments", "given_flags", "parse", "pop_list", "run", "warn_ignored"]
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's ways of spreading a model
 
 
 @dataclass
@@ -41,6 +47,12 @@ class ModelArguments:
 
     def __post_init__(self):
         check_seed(self.seed)
+        if self.device_map is not None and self.device_map not in DEVICE_MAPS:
+            try:
+                torch.device(self.device_map)  # one device for the whole model, as accelerate takes it
+            except RuntimeError:
+                raise UsageError(f"--device_map must be one of {', '.join(DEVICE_MAPS)} or a device such as cuda:0 "
+                                 f"(got {self.device_map!r})") from None
 
     def load(self):
         """The model (eval mode, on its device) and its tokenizer."""
@@ -71,6 +83,10 @@ class GenerateArguments:
         },
     )
 
+    def __post_init__(self):
+        if self.prompt is not None:
+            check_text(self.prompt, "--prompt")
+
 
 @dataclass
 class DataArguments:
@@ -90,8 +106,9 @@ class DataArguments:
     def __post_init__(self):
         if self.num_samples == 0 or self.num_samples < -1:
             raise UsageError(f"--num_samples must be >= 1, or -1 for all (got {self.num_samples})")
-        if self.n_shot < 0:
-            raise UsageError(f"--n_shot must be >= 0 (got {self.n_shot})")
+        check_range("--n_shot", self.n_shot, 0)
+        if self.template is not None:
+            check_text(self.template, "--template")
 
     def load(self, seed: int) -> list[Example]:
         options = DataOptions(self.data_path, self.n_shot, self.prompt_field, self.response_field, seed)
@@ -163,22 +180,39 @@ def given_flags(argv: list[str] | None = None) -> set[str]:
     return {item[2:].split("=", 1)[0].replace("-", "_") for item in argv if item.startswith("--")}
 
 
-def pop_option(argv: list[str], flag: str, default: str) -> str:
-    """Remove `flag VALUE` (or `flag=VALUE`) from argv and return VALUE: for a flag a script reads differently from
-    the shared dataclasses (benchmark.py's comma-separated --generation_strategy). Its dashed spelling
+def warn_ignored(argv: list[str] | None, names: tuple[str, ...], reason: str) -> None:
+    """One warning line for the flags among `names` that the command line gave and the script will not use."""
+    ignored = [f"--{name}" for name in names if name in given_flags(argv)]
+    if ignored:
+        print(f"warning: {', '.join(ignored)} ignored: {reason}", file=sys.stderr)
+
+
+SAMPLING = ("temperature", "top_k", "top_p")
+
+
+def pop_list(argv: list[str], flag: str, default: str) -> list[str]:
+    """Remove every `flag VALUE` (or `flag=VALUE`) from argv and return the comma-separated names they hold, in
+    order, each once: for a flag a script reads differently from the shared dataclasses (benchmark.py's
+    --generation_strategy a,b, also given as --generation_strategy a --generation_strategy b). Its dashed spelling
     (--generation-strategy) is the same flag, as for every other flag."""
     spellings = (flag, "--" + flag[2:].replace("_", "-"))
-    for i, item in enumerate(argv):
+    values, i = [], 0
+    while i < len(argv):
+        item = argv[i]
         if item in spellings:
             if i + 1 >= len(argv):
                 raise UsageError(f"{flag} needs a value")
-            value = argv[i + 1]
+            values.append(argv[i + 1])
             del argv[i : i + 2]
-            return value
-        if item.startswith(tuple(spelling + "=" for spelling in spellings)):
+        elif item.startswith(tuple(spelling + "=" for spelling in spellings)):
+            values.append(item.split("=", 1)[1])
             del argv[i]
-            return item.split("=", 1)[1]
-    return default
+        else:
+            i += 1
+    names = [name for value in values or [default] for name in value.split(",")]
+    if "" in names:
+        raise UsageError(f"{flag}: an empty name in {','.join(values)!r}")
+    return list(dict.fromkeys(names))
 
 
 def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from self_speculation.errors import UsageError
+from self_speculation.errors import UsageError, check_text
 from self_speculation.loading import hub_reachable
 from self_speculation.results import jsonl_records, read_text
 
@@ -146,23 +146,50 @@ def custom_jsonl(options: DataOptions) -> list[Example]:
 def chat_format(options: DataOptions) -> list[Example]:
     """A JSONL file of conversations: {"messages": [{"role": ..., "content": ...}, ...]}. The prompt is every
     message up to the last assistant turn, written as "Role: content" lines and ending with "Assistant:"; the
-    reference is that last assistant turn."""
+    reference is that last assistant turn. Content is a string or a list of text parts ({"type": "text", "text":
+    ...}, the multi-part form), joined by newlines; anything else is refused with the line."""
     path = _local_file(options, "chat_format")
     examples = []
-    for number, line in enumerate(read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            messages = json.loads(line)["messages"]
-            turns = [(m["role"], m["content"]) for m in messages]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise UsageError(f"{path} line {number}: expected {{\"messages\": [{{\"role\": ..., \"content\": ...}}]}}") from None
+    for number, record in jsonl_records(path, read_text(path), None):
+        turns = [_turn(message, f"{path} line {number}") for message in _messages(record, f"{path} line {number}")]
         reference = ""
-        if turns and turns[-1][0] == "assistant":
+        if turns[-1][0] == "assistant":
             reference = turns.pop()[1]
+        if not turns:
+            raise UsageError(f"{path} line {number}: no message before the assistant's answer")
         prompt = "".join(f"{role.capitalize()}: {content}\n" for role, content in turns) + "Assistant:"
         examples.append(Example(prompt, reference))
     return examples
+
+
+CHAT_SHAPE = '{"messages": [{"role": ..., "content": ...}]}'
+
+
+def _messages(record: dict, where: str) -> list:
+    messages = record.get("messages")
+    if not isinstance(messages, list):
+        raise UsageError(f"{where}: expected {CHAT_SHAPE}")
+    if not messages:
+        raise UsageError(f"{where}: the conversation is empty")
+    return messages
+
+
+def _turn(message, where: str) -> tuple[str, str]:
+    """(role, text) of one message."""
+    if not isinstance(message, dict) or "role" not in message or "content" not in message:
+        raise UsageError(f"{where}: expected {CHAT_SHAPE}")
+    role, content = message["role"], message["content"]
+    if not isinstance(role, str) or not role:
+        raise UsageError(f"{where}: a message's role must be a non-empty string (got {json.dumps(role)})")
+    if isinstance(content, list):  # the multi-part form: text parts only
+        kinds = {part.get("type") if isinstance(part, dict) else type(part).__name__ for part in content}
+        if kinds - {"text"} or not all(isinstance(part.get("text"), str) for part in content):
+            raise UsageError(f"{where}: the {role} message has parts that are not text "
+                             f"({', '.join(sorted(map(str, kinds - {'text'}))) or 'a text part without text'})")
+        content = "\n".join(part["text"] for part in content)
+    if not isinstance(content, str):
+        raise UsageError(f"{where}: the {role} message's content must be text (got {json.dumps(content)})")
+    return role, content
 
 
 DATASETS: dict[str, Callable[[DataOptions], list[Example]]] = {
@@ -186,6 +213,9 @@ def load_examples(
     examples = DATASETS[dataset](options)
     if not examples:
         raise UsageError(f"--dataset {dataset}: no examples")
+    for number, example in enumerate(examples, start=1):  # formats without lines (parquet, CSV, the hub)
+        check_text(example.prompt, f"--dataset {dataset} example {number}")
+        check_text(example.reference, f"--dataset {dataset} example {number}'s reference")
     if shuffle:
         random.Random(options.seed).shuffle(examples)
     if num_samples > 0:

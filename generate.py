@@ -6,8 +6,8 @@
 
 import sys
 
-from arguments import GenerateArguments, GenerationArguments, ModelArguments, parse, run
-from self_speculation import Generator
+from arguments import SAMPLING, GenerateArguments, GenerationArguments, ModelArguments, parse, run, warn_ignored
+from self_speculation import Generator, UsageError
 from self_speculation.distributed import rank
 from self_speculation.streamers import STREAMERS
 
@@ -24,12 +24,17 @@ def generate_once(generator: Generator, prompt: str, streamer_name: str) -> None
 
 
 def interactive(generator: Generator, streamer_name: str) -> None:
+    """Prompts until ctrl-d on an empty one; a prompt that cannot be generated from (empty, too long for the
+    model, not UTF-8) is named in one line and the next prompt is asked for."""
     while True:
         print(INSTRUCTIONS, flush=True)
         try:
             prompt = sys.stdin.read()
         except KeyboardInterrupt:  # as in a shell: the typed text is dropped and a new prompt begins
             print()
+            continue
+        except UnicodeDecodeError as error:
+            print(f"error: the prompt is not UTF-8 text (byte 0x{error.object[error.start]:02x})", file=sys.stderr)
             continue
         if not prompt:
             return
@@ -42,12 +47,16 @@ def interactive(generator: Generator, streamer_name: str) -> None:
             generate_once(generator, prompt, streamer_name)
         except KeyboardInterrupt:
             print("\n[generation interrupted]")
+        except UsageError as error:
+            print(f"error: {error}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     model_args, config, args = parse((ModelArguments, GenerationArguments, GenerateArguments), argv)
     if rank() != 0:
         return 0  # under torchrun only the first process talks to the terminal
+    if not config.sample:
+        warn_ignored(argv, SAMPLING, "greedy decoding (--sample False)")
     model, tokenizer = model_args.load()
     generator = Generator(model, tokenizer, config, seed=model_args.seed)
     if config.compile:

@@ -2,10 +2,9 @@
 values are checked here one by one; what they mean for a strategy and a model is the strategy's to check
 (`strategies.configured`)."""
 
-import math
 from dataclasses import dataclass, field
 
-from .errors import UsageError
+from .errors import UsageError, check_range, check_text
 
 
 @dataclass
@@ -42,18 +41,26 @@ class GenerationConfig:
     stop_token_ids: list[int] = field(default_factory=list, metadata={"help": "stop after any of these token ids"})
 
     def __post_init__(self):
-        if self.max_steps < 1:
-            raise UsageError(f"--max_steps must be >= 1 (got {self.max_steps})")
-        if self.exit_layer != -1 and self.exit_layer < 1:
-            raise UsageError(f"--exit_layer must be >= 1, or -1 for the full model (got {self.exit_layer})")
-        if self.num_speculations != -1 and self.num_speculations < 1:
-            raise UsageError(f"--num_speculations must be >= 1 (got {self.num_speculations})")
-        if self.sample:
-            if not 0 < self.temperature < math.inf:  # inf samples uniform noise; nan compares false
-                raise UsageError(f"--temperature must be a finite number > 0 when sampling (got {self.temperature})")
-            if not 0 < self.top_p <= 1:
-                raise UsageError(f"--top_p must be in (0, 1] when sampling (got {self.top_p})")
-            if self.top_k < 0:
-                raise UsageError(f"--top_k must be >= 0 (got {self.top_k})")
-        if self.no_repeat_ngram_size < 0:
-            raise UsageError(f"--no_repeat_ngram_size must be >= 0 (got {self.no_repeat_ngram_size})")
+        check_range("--max_steps", self.max_steps, 1)
+        if self.exit_layer != -1:
+            check_range("--exit_layer", self.exit_layer, 1)
+        if self.num_speculations != -1:
+            check_range("--num_speculations", self.num_speculations, 1)
+        # checked with --sample False too: a value refused when sampling is a mistake either way (0 is greedy)
+        check_range("--temperature", self.temperature, 0, low_open=self.sample)  # inf would sample uniform noise
+        check_range("--top_p", self.top_p, 0, 1, low_open=True)
+        check_range("--top_k", self.top_k, 0)
+        check_range("--no_repeat_ngram_size", self.no_repeat_ngram_size, 0)
+        if any(not word for word in self.stop_words):
+            raise UsageError("--stop_words: an empty stop word would stop at once; give non-empty strings")
+        for word in self.stop_words:
+            check_text(word, "--stop_words")
+        for token in self.stop_token_ids:
+            check_range("--stop_token_ids", token, 0)
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """Stop tokens the model can produce: an id outside its vocabulary would never stop anything."""
+        outside = [t for t in self.stop_token_ids if t >= vocab_size]
+        if outside:
+            raise UsageError(f"--stop_token_ids {', '.join(map(str, outside))}: outside the model's vocabulary of "
+                             f"{vocab_size} tokens")

@@ -8,7 +8,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import layers
 from .config import GenerationConfig
-from .errors import UsageError
+from .errors import UsageError, check_text
 from .sampling import processors
 from .stopping import StopCondition
 from .strategies import Decoding, configured
@@ -123,7 +123,7 @@ class Generator:
     def generate(self, prompt: str, streamer=None) -> GenerationResult:
         if not prompt.strip():
             raise UsageError("the prompt is empty")
-        prompt_ids = self.tokenizer(prompt).input_ids
+        prompt_ids = self.tokenizer(check_text(prompt, "the prompt")).input_ids
         result = self.generate_ids(prompt_ids, streamer)
         result.text = self.tokenizer.decode(result.tokens, skip_special_tokens=True)
         return result

@@ -364,6 +364,7 @@ def configured(config: GenerationConfig, model_config) -> tuple[Strategy, Genera
     if config.generation_strategy not in STRATEGIES:
         raise UsageError(f"--generation_strategy must be one of {', '.join(STRATEGIES)} "
                          f"(got {config.generation_strategy!r})")
+    config.check_vocabulary(model_config.vocab_size)
     strategy = STRATEGIES[config.generation_strategy]()
     completed = strategy.configure(config, model_config)
     if completed.generation_strategy != strategy.name:

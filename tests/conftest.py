@@ -105,6 +105,13 @@ def files(checkpoint, broken_checkpoints, tmp_path):
     (tmp_path / "long.jsonl").write_text(json.dumps({"prompt": "x = 1"}) + "\n" + json.dumps({"prompt": "y" * 300}) + "\n")
     (tmp_path / "corpus.txt").write_text("def f(x):\n    return x\n" * 50)
     (tmp_path / "file").write_text("")
+    (tmp_path / "surrogate.jsonl").write_text('{"prompt": "fine"}\n{"prompt": "a \\ud800 b"}\n')
+    chats = {"chat_role": [{"role": 3, "content": "hi"}], "chat_null": [{"role": "user", "content": None}],
+             "chat_image": [{"role": "user", "content": [{"type": "text", "text": "what is this?"},
+                                                         {"type": "image_url", "image_url": {"url": "x.png"}}]}],
+             "chat_empty": [], "chat_answer_only": [{"role": "assistant", "content": "yes"}]}
+    for name, messages in chats.items():
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps({"messages": messages}) + "\n")
     no_tokenizer = tmp_path / "no_tokenizer"
     no_tokenizer.mkdir()
     for name in ("config.json", "model.safetensors"):
@@ -112,4 +119,5 @@ def files(checkpoint, broken_checkpoints, tmp_path):
     return {"model": str(checkpoint), "out": str(tmp_path / "out"), "binary": str(tmp_path / "binary.jsonl"),
             "array": str(tmp_path / "array.jsonl"), "long": str(tmp_path / "long.jsonl"),
             "corpus": str(tmp_path / "corpus.txt"), "file": str(tmp_path / "file"), "empty": str(tmp_path / "empty"),
-            "no_tokenizer": str(no_tokenizer)} | broken_checkpoints
+            "no_tokenizer": str(no_tokenizer), "surrogate": str(tmp_path / "surrogate.jsonl")} | {
+        name: str(tmp_path / f"{name}.jsonl") for name in chats} | broken_checkpoints

@@ -8,9 +8,6 @@ which the second is longer than the model's context, {corpus} a small training t
 every case makes are in bad_input.py; tables beside this one (test_*_input.py) use them too.
 """
 
-import json
-from pathlib import Path
-
 import pytest
 
 import benchmark
@@ -85,15 +82,38 @@ CASES = [
     ("generate", ["--model", "{broken_code}", "--prompt", "hi", "--trust_remote_code", "True"],
      ["cannot load it", "AttributeError"]),
     ("exits", ["--models", "{more_layers}", "--num_samples", "1"], ["--models", "do not match its config.json"]),
+    # text that is not valid Unicode: bytes that are not UTF-8 on the command line, JSON's lone surrogates
+    ("generate", ["--model", "{model}", "--prompt", "abc\udcff\udcfe"], ["--prompt", "not valid UTF-8", "byte 0xff"]),
+    ("generate", ["--model", "{model}", "--prompt", "hi", "--stop_words", "\ud800"], ["--stop_words", "U+D800"]),
+    ("correctness", ["--model", "{model}", "--dataset", "custom_jsonl", "--data_path", "{surrogate}"] + GREEDY,
+     ["surrogate.jsonl line 2", "lone surrogate U+D800"]),
+    ("benchmark", ["--model", "{model}", "--template", "Q: {{message}}\udcff"], ["--template", "byte 0xff"]),
+    # chat_format messages: a role that is not text, content that is not text, an empty conversation
+    *[("benchmark", ["--model", "{model}", "--dataset", "chat_format", "--data_path", "{" + name + "}"] + GREEDY,
+       [f"{name}.jsonl line 1"] + fragments)
+      for name, fragments in [("chat_role", ["role must be a non-empty string (got 3)"]),
+                              ("chat_null", ["user message's content must be text (got null)"]),
+                              ("chat_image", ["parts that are not text (image_url)"]),
+                              ("chat_empty", ["the conversation is empty"]),
+                              ("chat_answer_only", ["no message before the assistant's answer"])]],
+    # sizes that fill memory or run forever, and numbers a mode would ignore
+    ("sweep", ["--model", "{model}", "--num_speculations_last", "1000000000"],
+     ["--num_speculations_last 1000000000", "more than the 10000 points"]),
+    ("sweep", ["--model", "{model}", "--warmup", "-1"], ["--warmup must be an integer in [0, 100]"]),
+    ("benchmark", ["--model", "{model}", "--warmup", "99999999999999999999"], ["--warmup", "[0, 100]"]),
+    ("correctness", ["--model", "{model}", "--tie_tolerance", "inf"], ["--tie_tolerance", "finite"]),
+    *[("generate", ["--model", "{model}", "--prompt", "hi", "--sample", "False", flag, value], [flag])
+      for flag, value in [("--top_p", "7"), ("--top_k", "-4"), ("--temperature", "-1")]],
+    ("generate", ["--model", "{model}", "--prompt", "hi", "--stop_token_ids", "5000"],
+     ["--stop_token_ids 5000", "outside the model's vocabulary of 258"]),
+    ("generate", ["--model", "{model}", "--prompt", "hi", "--stop_words", ""], ["--stop_words", "empty stop word"]),
+    ("generate", ["--model", "{model}", "--prompt", "hi", "--device_map", "banana"], ["--device_map", "'banana'"]),
+    ("exits", ["--models", "{model}", "--max_speculations", "1000"], ["--max_speculations", "[1, 64]"]),
+    ("exits", ["--models", "{model}", "--num_speculations", "9"], ["--num_speculations", "[1, 8]"]),
     # exits.py names its own flags
     ("exits", ["--models", "{empty}/nowhere"], ["--models", "does not exist"]),
     ("exits", ["--models", "{model}", "--exit_layers", "9", "--num_samples", "1"], ["--exit_layers", "[1, 5]"]),
 ]
-
-
-def case_id(case) -> str:
-    script, argv, _ = case
-    return f"{script} " + " ".join(a for a in argv if a not in ("--model", "{model}"))[:60]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])

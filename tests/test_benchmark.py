@@ -5,11 +5,12 @@ import json
 import pytest
 
 import benchmark
-from arguments import pop_option, run
+from arguments import pop_list, run
 from self_speculation.benchmarking import measure_pass_costs
 from self_speculation.costs import PassCosts
 from self_speculation.strategies import SelfSpeculative
 from self_speculation.loading import load
+from self_speculation.errors import UsageError
 
 STRATEGIES = "autoregressive,early_exit,self_speculative,hf_generate,hf_assistant_early_exit"
 
@@ -26,7 +27,8 @@ def test_benchmark_runs_every_strategy_and_writes_valid_json(checkpoint, prompts
     code = run(benchmark.main, ["--model", str(checkpoint), "--dataset", "custom_jsonl", "--data_path",
                                 str(prompts_file), "--max_steps", "16", "--sample", "False", "--exit_layer", "3",
                                 "--num_speculations", "3", "--output_dir", str(tmp_path),
-                                "--generation_strategy", STRATEGIES])
+                                "--generation_strategy", ",".join(STRATEGIES.split(",")[:3]),
+                                "--generation_strategy", ",".join(STRATEGIES.split(",")[2:])])  # given twice
     out = capsys.readouterr().out
     assert code == 0
     [result_path] = tmp_path.glob("benchmark_*.json")
@@ -79,13 +81,18 @@ def test_unknown_strategy(capsys):
     assert "medusa" in capsys.readouterr().err
 
 
-def test_pop_option():
+def test_pop_list():
     argv = ["--a", "1", "--generation_strategy", "x,y", "--b=2"]
-    assert pop_option(argv, "--generation_strategy", "z") == "x,y" and argv == ["--a", "1", "--b=2"]
-    assert pop_option(argv, "--b", "z") == "2" and argv == ["--a", "1"]
-    assert pop_option(argv, "--c", "z") == "z"
+    assert pop_list(argv, "--generation_strategy", "z") == ["x", "y"] and argv == ["--a", "1", "--b=2"]
+    assert pop_list(argv, "--b", "z") == ["2"] and argv == ["--a", "1"]
+    assert pop_list(argv, "--c", "z") == ["z"]
     for dashed in (["--generation-strategy", "x,y"], ["--generation-strategy=x,y"]):  # argparse's other spelling
-        assert pop_option(dashed, "--generation_strategy", "z") == "x,y" and dashed == []
+        assert pop_list(dashed, "--generation_strategy", "z") == ["x", "y"] and dashed == []
+    # given twice, the flag used to keep its first value only (and the JSON recorded both)
+    repeated = ["--generation_strategy", "x", "--n", "1", "--generation_strategy=y,x"]
+    assert pop_list(repeated, "--generation_strategy", "z") == ["x", "y"] and repeated == ["--n", "1"]
+    with pytest.raises(UsageError, match="an empty name"):
+        pop_list(["--generation_strategy", "x,,y"], "--generation_strategy", "z")
 
 
 def test_with_compile_the_hf_baseline_is_hugging_faces_compiled_decoding(checkpoint):

@@ -155,6 +155,24 @@ def test_interactive_loop_survives_an_interrupted_generation(checkpoint, capsys,
     assert out.count(generate.INSTRUCTIONS + "\n\n" + "-" * 40) == 1
 
 
+def test_interactive_prompts_that_cannot_be_generated_from_ask_again(checkpoint, monkeypatch, capsys):
+    """A prompt too long for the model, or bytes that are not UTF-8, used to end the session (exit 2 or a
+    traceback); now each is named in one line and the next prompt is read."""
+    reads = iter(["x" * 300, UnicodeDecodeError("utf-8", b"abc\xff", 3, 4, "invalid start byte"), "def f(x):", ""])
+
+    def read(self):
+        value = next(reads)
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    monkeypatch.setattr(sys, "stdin", type("Stdin", (), {"read": read})())
+    code, out, err = call(generate.main, ["--model", checkpoint, "--max_steps", "5", "--sample", "False"], capsys)
+    assert code == 0 and out.count("| 5 tokens |") == 1 and out.count(generate.INSTRUCTIONS) == 4
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and "301 tokens" in errors[0] and "not UTF-8 text (byte 0xff)" in errors[1], err
+
+
 def write_prompts(path: Path, lines: list[str]) -> Path:
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -234,7 +252,7 @@ def script(*argv, env=None):
 def test_script_bad_input_has_no_traceback(checkpoint):
     done = script("generate.py", "--model", checkpoint, "--prompt", "hi", "--top_p", "2")
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert done.stderr.strip().splitlines()[-1] == "error: --top_p must be in (0, 1] when sampling (got 2.0)"
+    assert done.stderr.strip().splitlines()[-1] == "error: --top_p must be a finite number in (0, 1] (got 2.0)"
 
 
 def test_script_runs_end_to_end(checkpoint):

@@ -73,6 +73,15 @@ def test_chat_format(tmp_path):
     assert example.prompt == "System: Be brief.\nUser: Hi?\nAssistant:" and example.reference == "Hello."
 
 
+def test_chat_format_joins_the_text_parts_of_multi_part_content(tmp_path):
+    """The multi-part form used to become its Python repr, and as a reference crashed the ROUGE step."""
+    parts = [{"type": "text", "text": "Look at this:"}, {"type": "text", "text": "x = 1"}]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [
+        {"role": "user", "content": parts}, {"role": "assistant", "content": [{"type": "text", "text": "A name."}]}]}])
+    [example] = load_examples("chat_format", DataOptions(path))
+    assert example.prompt == "User: Look at this:\nx = 1\nAssistant:" and example.reference == "A name."
+
+
 @pytest.mark.parametrize(
     "dataset, content, fragment",
     [

@@ -37,15 +37,18 @@ class BenchmarkArguments:
         check_range("--warmup", self.warmup, 0, MAX_WARMUP)
 
 
+ARGUMENTS = (ModelArguments, GenerationArguments, DataArguments, DatasetBatchArguments, BenchmarkArguments)
+HELP = {"--generation_strategy": f"strategies to compare, comma-separated (or the flag given again), from: "
+                                 f"{', '.join(RUNNERS)}"}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     strategies = pop_list(argv, "--generation_strategy", "autoregressive")
     unknown = [s for s in strategies if s not in RUNNERS]
     if unknown:
         raise UsageError(f"--generation_strategy: unknown {', '.join(unknown)} (choose from {', '.join(RUNNERS)})")
-    model_args, config, data_args, batching, args = parse(
-        (ModelArguments, GenerationArguments, DataArguments, DatasetBatchArguments, BenchmarkArguments), argv,
-        help={"--generation_strategy": f"strategies to compare, comma-separated, from: {', '.join(RUNNERS)}"})
+    model_args, config, data_args, batching, args = parse(ARGUMENTS, argv, help=HELP)
     if not config.sample and distributed.rank() == 0:
         warn_ignored(argv, SAMPLING, "greedy decoding (--sample False)")
     out = ensure_output_dir(model_args.output_dir)

@@ -38,9 +38,11 @@ class CorrectnessArguments:
         check_range("--tie_tolerance", self.tie_tolerance, 0)
 
 
+ARGUMENTS = (ModelArguments, GenerationArguments, DataArguments, DatasetBatchArguments, CorrectnessArguments)
+
+
 def main(argv: list[str] | None = None) -> int:
-    model_args, config, data_args, batching, args = parse(
-        (ModelArguments, GenerationArguments, DataArguments, DatasetBatchArguments, CorrectnessArguments), argv)
+    model_args, config, data_args, batching, args = parse(ARGUMENTS, argv)
     # Greedy on both sides: the invariant is token-for-token identity.
     if distributed.rank() == 0:
         warn_ignored(argv, ("generation_strategy", "sample") + SAMPLING,

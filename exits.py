@@ -66,8 +66,11 @@ class ExitsArguments:
             raise UsageError(f"--pass_costs {self.pass_costs}: no such file")
 
 
+ARGUMENTS = (ExitsArguments,)
+
+
 def main(argv=None) -> int:
-    (args,) = parse((ExitsArguments,), argv)
+    (args,) = parse(ARGUMENTS, argv)
     out = ensure_output_dir(args.output_dir)
     problems = humaneval_problems()[: args.num_samples]
     speculations = list(range(1, args.max_speculations + 1))

@@ -51,8 +51,11 @@ def interactive(generator: Generator, streamer_name: str) -> None:
             print(f"error: {error}", file=sys.stderr)
 
 
+ARGUMENTS = (ModelArguments, GenerationArguments, GenerateArguments)
+
+
 def main(argv: list[str] | None = None) -> int:
-    model_args, config, args = parse((ModelArguments, GenerationArguments, GenerateArguments), argv)
+    model_args, config, args = parse(ARGUMENTS, argv)
     if rank() != 0:
         return 0  # under torchrun only the first process talks to the terminal
     if not config.sample:

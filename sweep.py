@@ -43,8 +43,8 @@ class SweepArguments:
             check_range(f"--{name}_step", step, 1)
             if last < first:
                 raise UsageError(f"--{name}_last ({last}) must be >= --{name}_first ({first})")
-        drafts = len(range(self.num_speculations_first, self.num_speculations_last + 1, self.num_speculations_step))
-        if drafts > MAX_POINTS:
+        drafts = (self.num_speculations_last - self.num_speculations_first) // self.num_speculations_step + 1
+        if drafts > MAX_POINTS:  # counted without a range, whose len() overflows past 2**63
             raise UsageError(f"--num_speculations_last {self.num_speculations_last}: {drafts} draft lengths, more "
                              f"than the {MAX_POINTS} points a sweep may have (raise --num_speculations_step)")
         check_range("--warmup", self.warmup, 0, MAX_WARMUP)
@@ -53,9 +53,11 @@ class SweepArguments:
 IGNORED = ("generation_strategy", "exit_layer", "num_speculations")  # the sweep sets them at every point
 
 
+ARGUMENTS = (ModelArguments, GenerationArguments, DataArguments, DatasetBatchArguments, SweepArguments)
+
+
 def main(argv: list[str] | None = None) -> int:
-    model_args, config, data_args, batching, args = parse(
-        (ModelArguments, GenerationArguments, DataArguments, DatasetBatchArguments, SweepArguments), argv)
+    model_args, config, data_args, batching, args = parse(ARGUMENTS, argv)
     out = ensure_output_dir(model_args.output_dir)
     directory = SweepDirectory(out, {"model": dataclasses.asdict(model_args), "generation": dataclasses.asdict(config),
                                      "data": dataclasses.asdict(data_args),

@@ -11,8 +11,11 @@ from arguments import parse, run
 from self_speculation.training import TrainConfig, train
 
 
+ARGUMENTS = (TrainConfig,)
+
+
 def main(argv: list[str] | None = None) -> int:
-    (config,) = parse((TrainConfig,), argv)
+    (config,) = parse(ARGUMENTS, argv)
     final = train(config)
     print(f"model saved to {final}")
     return 0

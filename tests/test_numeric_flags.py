@@ -1,6 +1,6 @@
 """Every numeric flag of every script, against the values that broke them (nan, inf, negatives, zero, huge): a
 value is either accepted by the script's argument checks or refused there with one line naming the flag, never
-an exception of another kind. This runs the argument checks only (`arguments.parse` on each script's ARGUMENTS),
+an exception of another kind, and a float flag never accepts nan or an infinity. This runs the argument checks only (`arguments.parse` on each script's ARGUMENTS),
 so it stays fast; the bad-input tables run whole scripts."""
 
 import math
@@ -55,3 +55,5 @@ def test_a_numeric_flag_is_accepted_or_refused_by_name(script, flag, kind, value
     except UsageError as error:
         message = str(error)
         assert flag in message and "\n" not in message, message
+    else:  # no number of any flag means something when it is not finite (nan compares false with every bound)
+        assert kind is int or math.isfinite(float(value)), f"{script} {flag} {value} was accepted"

@@ -2,32 +2,46 @@
 
     python eval.py --tasks layerskip_stdlib --exit_layer 6                      # early-exit scores, offline
     python eval.py --model DIR --tasks layerskip_stdlib_line --generation_strategy self_speculative
+    python eval.py --tasks layerskip_stdlib_line --max_steps 16 --stop_words "):"  # the task's settings, changed
 
 Generation tasks run the chosen strategy; log-likelihood tasks score with the early exit when the strategy is
 autoregressive and --exit_layer is set, else with the full model (self-speculative decoding is lossless, so it
-cannot change those scores). Writes eval_<time>.json (lm-eval's results, speed figures, configuration) to
---output_dir, and eval_<time>_samples.jsonl with --log_samples.
+cannot change those scores).
+
+A generation task brings its own generation_kwargs; the generation flags given on the command line win over them,
+and a flag not given leaves the task's value: --max_steps replaces max_gen_toks; --sample, --temperature, --top_k,
+--top_p and --no_repeat_ngram_size replace the task's values (a sampling flag given samples unless --sample False
+is given too; sampling asked for on a greedy task samples at --temperature, 0.6 unless given); --stop_words are
+added to the task's `until` (its stop sequences are part of its definition). --stop_token_ids, --compile and the
+strategy flags are no task's business and always apply. The JSON records, per generation task, the configuration
+that ran (`generation`), besides the flags as parsed and which of them were given.
+
+Writes eval_<time>_<id>.json (the run id, lm-eval's results, speed figures, configuration) to --output_dir, and
+its _samples.jsonl with --log_samples, each record carrying the run id: runs started together never share files.
 """
 
 import dataclasses
+import math
 import os
 import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from arguments import BatchArguments, GenerationArguments, ModelArguments, parse, run
+from arguments import BatchArguments, GenerationArguments, ModelArguments, given_flags, parse, run
 from self_speculation import UsageError
+from self_speculation.errors import check_range
 from self_speculation.loading import hub_reachable
-from self_speculation.results import append_jsonl, ensure_output_dir, write_json
+from self_speculation.results import append_jsonl, ensure_output_dir, new_run, write_json
 
 LOCAL_TASKS = Path(__file__).resolve().parent / "tasks"
+GENERATION_FLAGS = {f.name for f in fields(GenerationArguments)}
 
 
 @dataclass
 class EvalArguments:
-    tasks: list[str] = field(default_factory=lambda: ["layerskip_stdlib"],
-                             metadata={"help": "lm-eval task, group or tag names"})
+    tasks: list[str] = field(default_factory=lambda: ["layerskip_stdlib"], metadata={
+        "help": "lm-eval task, group or tag names. A generation flag given on the command line wins over a task's "
+                "generation_kwargs (--stop_words are added to its until); one not given leaves the task's value"})
     limit: float | None = field(default=None, metadata={"help": "examples per task (a fraction if < 1)"})
     num_fewshot: int | None = field(default=None, metadata={"help": "few-shot examples (default: the task's)"})
     include_path: list[str] = field(default_factory=list,
@@ -39,49 +53,67 @@ class EvalArguments:
     )
 
     def __post_init__(self):
-        if self.limit is not None and self.limit <= 0:
-            raise UsageError(f"--limit must be > 0 (got {self.limit})")
-        if self.num_fewshot is not None and self.num_fewshot < 0:
-            raise UsageError(f"--num_fewshot must be >= 0 (got {self.num_fewshot})")
+        if self.limit is not None:
+            check_range("--limit", self.limit, 0, low_open=True)
+            if self.limit >= 1 and self.limit != math.floor(self.limit):
+                raise UsageError(f"--limit must be a fraction below 1 or a whole number of examples (got {self.limit})")
+        if self.num_fewshot is not None and self.num_fewshot < 0:  # an int: never nan, but maybe too big for floats
+            raise UsageError(f"--num_fewshot must be an integer >= 0 (got {self.num_fewshot})")
         for path in self.include_path:
             if not Path(path).is_dir():
                 raise UsageError(f"--include_path {path}: no such directory")
 
 
+def task_index(names: list[str], include_path: list[str]):
+    """An lm-eval TaskManager for `names`: this project's tasks and --include_path alone when they hold every name
+    as a task or tag (indexing lm-eval's own task files takes about 10 s), else with lm-eval's tasks too."""
+    from lm_eval.tasks import TaskManager
+
+    paths = [str(LOCAL_TASKS)] + include_path
+    local = TaskManager(include_path=paths, include_defaults=False)
+    if all(name in local.all_subtasks or name in local.all_tags for name in names):
+        return local
+    return TaskManager(include_path=paths)
+
+
+ARGUMENTS = (ModelArguments, GenerationArguments, BatchArguments, EvalArguments)
+
+
 def main(argv: list[str] | None = None) -> int:
-    model_args, config, batching, args = parse((ModelArguments, GenerationArguments, BatchArguments, EvalArguments), argv)
+    model_args, config, batching, args = parse(ARGUMENTS, argv)
+    given = given_flags(argv) & GENERATION_FLAGS
     out = ensure_output_dir(model_args.output_dir)
+    stem = new_run(out, "eval")
     online = hub_reachable()
     if not online:  # hub datasets fail at once instead of retrying
         os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
-    from lm_eval.tasks import TaskManager
     from lm_eval.utils import make_table
 
     from self_speculation.lm_eval_model import LayerSkipLM, evaluate
 
-    task_manager = TaskManager(include_path=[str(LOCAL_TASKS)] + args.include_path)
+    task_manager = task_index(args.tasks, args.include_path)
     unknown = [t for t in args.tasks if t not in task_manager.all_tasks]
     if unknown:
         raise UsageError(f"--tasks: unknown {', '.join(unknown)} (add their YAML directory with --include_path)")
     model, tokenizer = model_args.load()
     if args.apply_chat_template and not getattr(tokenizer, "chat_template", None):
         raise UsageError(f"--apply_chat_template: the model {model_args.model} has no chat template")
-    lm = LayerSkipLM(model, tokenizer, config.generation_strategy, config.exit_layer, config.num_speculations,
-                     seed=model_args.seed, batch_size=batching.batch_size)
+    lm = LayerSkipLM(model, tokenizer, config=config, given=given, seed=model_args.seed,
+                     batch_size=batching.batch_size)
     results = evaluate(lm, task_manager, args.tasks, online, num_fewshot=args.num_fewshot, limit=args.limit,
                        log_samples=args.log_samples, apply_chat_template=args.apply_chat_template,
                        random_seed=model_args.seed, numpy_random_seed=model_args.seed,
                        torch_random_seed=model_args.seed, fewshot_random_seed=model_args.seed,
                        confirm_run_unsafe_code=args.allow_code_execution)
-    stem = out / f"eval_{time.strftime('%Y%m%d_%H%M%S')}"
-    arguments = {"model": dataclasses.asdict(model_args), "generation": dataclasses.asdict(lm.generation),
-                 "eval": dataclasses.asdict(args) | batching.settings()}
-    write_json(stem.with_suffix(".json"), {"arguments": arguments} | lm.document(results))
+    run_id = stem.name
+    arguments = {"model": dataclasses.asdict(model_args), "generation": dataclasses.asdict(config),
+                 "generation_flags_given": sorted(given), "eval": dataclasses.asdict(args) | batching.settings()}
+    write_json(stem.with_suffix(".json"), {"run_id": run_id, "arguments": arguments} | lm.document(results))
     if args.log_samples:
-        samples_path = stem.with_name(stem.name + "_samples.jsonl")
+        samples_path = stem.with_name(run_id + "_samples.jsonl")
         for task, samples in results["samples"].items():
             for sample in samples:
-                append_jsonl(samples_path, {"task": task} | sample)
+                append_jsonl(samples_path, {"run_id": run_id, "task": task} | sample)
     print(make_table(results))
     print(lm.summary_line(stem.with_suffix(".json")))
     return 0

@@ -1,5 +1,6 @@
-"""Several processes under torchrun: each takes a share of the examples, rank 0 gathers and writes the results.
-Started with plain python, everything here is a no-op for a single process."""
+"""Several processes under torchrun: each takes a share of the examples, rank 0 gathers and writes the results;
+training joins the group with the backend its device needs and agrees on numbers across the processes. Started
+with plain python, everything here is a no-op for a single process."""
 
 import os
 from collections.abc import Callable
@@ -14,6 +15,11 @@ def rank() -> int:
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_rank() -> int:
+    """The process's index on its machine (torchrun's LOCAL_RANK): which GPU it takes."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def setup() -> None:
@@ -73,3 +79,30 @@ def mean(value: float) -> float:
     tensor = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(tensor)
     return tensor.item() / world_size()
+
+
+def join(backend: str) -> None:
+    """Join the process group torchrun describes with `backend`, gloo or nccl; once per process. With nccl, a
+    process first takes its own GPU, and the few numbers kept on the CPU (a mean loss, a flag) go over gloo."""
+    if world_size() > 1 and not dist.is_initialized():
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank())
+            backend = "cpu:gloo,cuda:nccl"
+        dist.init_process_group(backend=backend)
+
+
+def all_true(value: bool) -> bool:
+    """Whether `value` is true on every process (the value itself for one process)."""
+    if not dist.is_initialized():
+        return value
+    tensor = torch.tensor([0 if value else 1], dtype=torch.int64)
+    dist.all_reduce(tensor)
+    return tensor.item() == 0
+
+
+def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` (on the CPU) summed over the processes (itself for one process)."""
+    if dist.is_initialized():
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+    return tensor

@@ -18,6 +18,7 @@
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -101,12 +102,20 @@ def recipe_forward(
     generator: torch.Generator | None = None,
     distillation: Distillation | None = None,
     kept: torch.Tensor | None = None,
+    rows: slice | None = None,
+    run_layer: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
 ) -> RecipeOutput:
     """Next-token loss of `input_ids` (B, T) with per-sample layer dropout at `rates` (L,) and the early-exit loss
     at the layers where `weights` (L,) is non-zero, each exit's loss mixed with the KL from the last layer when
     `distillation` is given. With `weights` None (evaluation) every layer's loss is reported and `loss` is the
     last layer's. `kept` (L, B), when given, says which samples run each layer instead of drawing it here (a
-    process of several takes its rows of the draw for the whole batch)."""
+    process of several takes its rows of the draw for the whole batch).
+
+    With `rows`, `kept` is the draw for a whole batch of which `input_ids` are the rows `rows`: a layer then runs
+    when any sample of the whole batch runs it, the test one process makes, so that every process runs the same
+    layers (a sharded model gathers a layer's weights on all processes at once); rows that skip it keep their
+    input, and give its weights zero gradient. `run_layer(hidden, i)` runs layer i (by default
+    `layers.run_layers`; a sharded model runs it through its shard)."""
     num_layers = layers.num_layers(model)
     batch = input_ids.shape[0]
     targets = input_ids[:, 1:].reshape(-1)
@@ -114,11 +123,14 @@ def recipe_forward(
     if kept is None:
         kept = draw_kept(rates, batch, generator)
     kept = kept.to(hidden.device)
+    mine = kept if rows is None else kept[:, rows]  # (L, B): this batch's rows
+    if run_layer is None:
+        run_layer = lambda h, i: layers.run_layers(model, h, None, i, i + 1)  # noqa: E731
     exits: dict[int, torch.Tensor] = {}  # layer -> logits (B * (T-1), V)
     for i in range(num_layers):
         if kept[i].any():
-            out = layers.run_layers(model, hidden, None, i, i + 1)
-            hidden = out if kept[i].all() else torch.where(kept[i][:, None, None], out, hidden)
+            out = run_layer(hidden, i)
+            hidden = out if mine[i].all() else torch.where(mine[i][:, None, None], out, hidden)
         if weights is None or weights[i] > 0 or i == num_layers - 1:  # the last layer: the teacher, always
             exits[i] = layers.head(model, hidden[:, :-1]).flatten(0, 1)
     last = exits[num_layers - 1]
@@ -146,4 +158,4 @@ def recipe_forward(
         loss = loss + weights[i] * layer_loss
     if weights is None:
         loss = layer_losses[-1]
-    return RecipeOutput(loss, layer_losses, kept, agreement)
+    return RecipeOutput(loss, layer_losses, mine, agreement)

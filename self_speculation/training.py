@@ -1,11 +1,15 @@
 """Training with the LayerSkip recipe: data preparation, the optimisation loop, checkpoints that resume exactly,
 a CSV of the training curve and held-out per-layer early-exit losses, and a plot of both. A run that cannot go on
 (a non-finite loss, a failed write) stops in one line and keeps its last good checkpoint; the data cache and the
-checkpoint are each written whole or not at all."""
+checkpoint are each written whole or not at all.
+
+Under torchrun the processes are DistributedDataParallel replicas, or with --fsdp True shards of one model
+(sharding.py); either way N processes train as one process with the same --batch_size does."""
 
 import csv
 import json
 import math
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,7 +21,7 @@ from tqdm import tqdm
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig,
                           LlamaForCausalLM)
 
-from . import corpus, distributed, layers
+from . import corpus, distributed, layers, sharding
 from .errors import UsageError, check_range, check_seed
 from .loading import TOKENIZER_FILES, check_available, check_weights, model_source, resolve_device
 from .results import ensure_output_dir
@@ -36,6 +40,7 @@ from .recipe import (
 
 MAX_E_SCALE = 1e6  # beyond it the normalised early-exit weights change by less than a part in a million
 MAX_TEMPERATURE = 1e3  # τ²·KL is τ² times a difference of two near-equal entropies: far beyond, rounding noise
+BACKENDS = ("auto", "nccl", "gloo")  # the process group's under torchrun
 
 # Where every number of TrainConfig may lie, as check_range's bounds (which also refuse nan and infinities); --seed
 # has its own check.
@@ -97,7 +102,8 @@ class TrainConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clipping (0: off)"})
     dtype: str = field(default="float32", metadata={
         "help": "training precision: float32, or mixed precision (autocast) in bfloat16 or float16 (float16 with a "
-                "gradient scaler)", "choices": ("float32", "bfloat16", "float16")})
+                "gradient scaler); with --fsdp the gathered weights are in that dtype too, and gradients are reduced "
+                "in float32 into the float32 shards the optimizer updates", "choices": ("float32", "bfloat16", "float16")})
     device: str = field(default="auto", metadata={"help": "auto (CUDA when present; under torchrun one GPU per "
                                                           "process), cpu, cuda or cuda:N"})
     p_max: float = field(default=0.1, metadata={"help": "layer dropout of the last layer (0: no layer dropout)"})
@@ -127,6 +133,16 @@ class TrainConfig:
     recommend: bool = field(default=True, metadata={
         "help": "after training, measure the final model as exits.py does (10 HumanEval prompts) and write the "
                 "predicted best exit_layer and num_speculations into its config.json, which every script then uses"})
+    fsdp: bool = field(default=False, metadata={
+        "help": "under torchrun, shard the weights, gradients and optimizer state over the processes (FSDP2: every "
+                "decoder layer, then the rest of the model), for a model that does not fit one GPU; checkpoints are "
+                "then sharded too, and resume on any number of processes"})
+    activation_checkpointing: bool = field(default=False, metadata={
+        "help": "keep no activations inside the decoder layers for the backward pass and compute them again there "
+                "(less memory, about a third more compute; the same result)"})
+    backend: str = field(default="auto", metadata={
+        "help": "process group under torchrun: auto (nccl on GPUs, gloo on the CPU), nccl or gloo",
+        "choices": BACKENDS})
 
     def __post_init__(self):
         check_seed(self.seed)
@@ -142,6 +158,9 @@ class TrainConfig:
         if head_dim % 2:
             raise UsageError(f"--hidden_size {self.hidden_size} over --num_heads {self.num_heads} gives a head "
                              f"dimension of {head_dim}; rotary position embeddings need an even one")
+        if self.backend == "nccl" and self.device == "cpu":
+            raise UsageError("--backend nccl runs collectives between GPUs only, and --device cpu trains on the CPU; "
+                             "use --backend gloo (or auto)")
 
     def distillation(self) -> Distillation | None:
         return Distillation(self.distill_weight, self.distill_temperature) if self.distill_weight > 0 else None
@@ -308,53 +327,103 @@ def batch_indices(step: int, micro: int, config: TrainConfig, num_sequences: int
 
 
 @torch.no_grad()
-def evaluate(model, heldout: torch.Tensor, config: TrainConfig) -> tuple[list[float], list[float]]:
-    """Held-out loss at every layer's exit, and every exit's top-1 agreement with the last layer (no dropout)."""
-    model.eval()
-    num_layers = layers.num_layers(model)
-    losses, agreement = torch.zeros(num_layers), torch.zeros(num_layers)
+def evaluate(step: "_RecipeStep", heldout: torch.Tensor, config: TrainConfig, device: torch.device, parts: int = 1,
+             part: int = 0) -> tuple[list[float], list[float]]:
+    """Held-out loss at every layer's exit, and every exit's top-1 agreement with the last layer (no dropout): the
+    mean over batches of each batch's mean. A sharded model is run by all `parts` processes, each on its `part` of
+    every batch, and the parts are summed by rows: the numbers are one process's."""
+    step.eval()
+    num_layers = layers.num_layers(step.model)
     count = min(config.eval_batches, math.ceil(len(heldout) / config.batch_size))
+    sums = torch.zeros(count, 2, num_layers, dtype=torch.float64)  # per batch: rows × (loss, agreement) per layer
+    sizes = torch.zeros(count, 1, 1, dtype=torch.float64)
     for i in range(count):
-        ids = heldout[i * config.batch_size : (i + 1) * config.batch_size].long().to(model.lm_head.weight.device)
-        out = recipe_forward(model, ids, torch.zeros(num_layers), None)
-        losses += out.layer_losses.float().cpu()
-        agreement += out.agreement.float().cpu()
-    model.train()
-    return (losses / count).tolist(), (agreement / count).tolist()
+        batch = heldout[i * config.batch_size : (i + 1) * config.batch_size]
+        ids = batch.tensor_split(parts)[part]
+        sizes[i] = len(batch)
+        # a short last batch may leave a process no rows; it runs one anyway, as every process gathers the weights
+        _, losses, agreement = step((ids if len(ids) else batch[:1]).long().to(device), torch.zeros(num_layers),
+                                    None, None, None)
+        if len(ids):
+            sums[i] = len(ids) * torch.stack([losses, agreement]).double().cpu()
+    step.train()
+    means = (distributed.sum_over_processes(sums) if parts > 1 else sums).div(sizes).mean(0)
+    return means[0].tolist(), means[1].tolist()
+
+
+def make_optimizer(model, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW, with weight decay on the matrices only (not on norms and biases)."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr, betas=(0.9, 0.95),
+    )
 
 
 class _RecipeStep(torch.nn.Module):
-    """recipe_forward as a module, so that DistributedDataParallel runs it and reduces the gradients it leaves."""
+    """recipe_forward as a module, so that DistributedDataParallel runs it and reduces the gradients it leaves, or
+    FSDP shards it (the root of the sharded model). `run_layer` runs a decoder layer (None: layers.run_layers)."""
 
-    def __init__(self, model):
+    def __init__(self, model, run_layer: sharding.RunLayer | None = None):
         super().__init__()
         self.model = model
+        self.run_layer = run_layer
 
-    def forward(self, ids, rates, weights, kept, distillation):
-        result = recipe_forward(self.model, ids, rates, weights, None, distillation, kept)
+    def forward(self, ids, rates, weights, kept, distillation, rows=None):
+        result = recipe_forward(self.model, ids, rates, weights, None, distillation, kept, rows, self.run_layer)
         return result.loss, result.layer_losses, result.agreement
 
 
-NOT_COMPARED_ON_RESUME = ("resume", "device", "recommend")  # none changes the training: a run may continue on
-# another device or number of processes
+UNSHARDED_CHECKPOINT = "checkpoint.pt"  # one process's, or DistributedDataParallel's (written by rank 0)
+SHARDED_CHECKPOINT = "checkpoint"  # FSDP's: a torch.distributed.checkpoint directory, every process writing its shards
+
+# None changes the training: a run may continue on another device, number of processes or sharding, and from a
+# directory moved or copied elsewhere.
+NOT_COMPARED_ON_RESUME = ("output_dir", "resume", "device", "recommend", "fsdp", "activation_checkpointing",
+                          "backend")
+
+
+def check_launch(config: TrainConfig, device: torch.device, world: int) -> str:
+    """The flags checked against the launch (the processes torchrun started, the device): the process group's
+    backend, or a UsageError before any work."""
+    local_rank = distributed.local_rank()
+    if config.fsdp and world < 2:
+        raise UsageError(f"--fsdp True shards the model over the processes torchrun starts, and there is "
+                         f"{'1 process' if world == 1 else f'{world} processes'} here: run it as torchrun "
+                         "--nproc_per_node N train.py ... with N >= 2, or drop --fsdp")
+    if config.batch_size % world:
+        raise UsageError(f"--batch_size {config.batch_size} must be a multiple of the {world} processes (each takes "
+                         "an equal share of every batch)")
+    if world > 1 and device.type == "cuda" and config.device != "auto" and device.index not in (None, local_rank):
+        raise UsageError(f"--device {config.device}: under torchrun each process trains on the GPU of its local rank "
+                         f"(this is local rank {local_rank}); use --device cuda or auto")
+    backend = config.backend if config.backend != "auto" else "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise UsageError(f"--backend nccl runs collectives between GPUs only, and training runs on {device.type} "
+                         "here; use --backend gloo (or auto)")
+    if config.fsdp and device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--fsdp True shards over CPUs (gloo) or CUDA GPUs (nccl), not {device.type}")
+    if config.fsdp and device.type == "cuda" and backend == "gloo":
+        raise UsageError("--fsdp True on GPUs needs --backend nccl (or auto): over gloo every gathered layer would "
+                         "go through the host")
+    return backend
 
 
 def train(config: TrainConfig) -> Path:
     out = Path(config.output_dir)
-    checkpoint_path = out / "checkpoint.pt"
-    if checkpoint_path.exists() and not config.resume:
+    checkpoint_path = find_checkpoint(out)
+    if checkpoint_path is not None and not config.resume:
         raise UsageError(f"--output_dir {out} holds a checkpoint; pass --resume to continue it or choose another directory")
-    if config.resume and not checkpoint_path.exists():
+    if config.resume and checkpoint_path is None:
         raise UsageError(f"--resume: there is no checkpoint in {out} to continue; run without --resume to start")
+    rank, world = distributed.rank(), distributed.world_size()
+    device = resolve_device(config.device)
+    backend = check_launch(config, device, world)
     ensure_output_dir(config.output_dir)
     if config.init_from:  # checked before the minutes spent reading and tokenizing the data
         check_init_from(config.init_from)
-    distributed.setup()
-    rank, world = distributed.rank(), distributed.world_size()
-    if config.batch_size % world:
-        raise UsageError(f"--batch_size {config.batch_size} must be a multiple of the {world} processes (each takes "
-                         "an equal share of every batch)")
-    device = resolve_device(config.device)
+    distributed.join(backend)
     state = load_checkpoint(checkpoint_path, config, device) if config.resume else None  # other flags: refused now
     torch.manual_seed(config.seed)
     # a checkpoint to start from is loaded, and its weights checked, before the minutes spent on the data
@@ -364,21 +433,29 @@ def train(config: TrainConfig) -> Path:
     distributed.barrier()
     if rank != 0:
         dataset, tokenizer = prepare_data(config, out, resuming=config.resume)
-    model = (start if start is not None else build_model(config, tokenizer)).to(device)
+    model = start if start is not None else build_model(config, tokenizer)
+    step_module = _RecipeStep(model)
+    if config.fsdp:
+        step_module.run_layer = sharding.shard(model, step_module, device, AUTOCAST[config.dtype],
+                                               config.activation_checkpointing)
+    else:
+        model.to(device)
+        if config.activation_checkpointing:
+            step_module.run_layer = sharding.checkpointed(sharding.plain_runner(model))
+    held = distributed.gather([sharding.local_parameter_bytes(model)])
+    if config.fsdp and rank == 0:
+        print(f"FSDP over {world} processes: they hold {', '.join(f'{b:,}' for b in held)} bytes of the "
+              f"{sum(held):,} bytes of weights")
     num_layers = layers.num_layers(model)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr, betas=(0.9, 0.95),
-    )
+    optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(s, config))
     dropout_random = torch.Generator().manual_seed(config.seed + 1_000_003)
     step, elapsed = 0, 0.0
+    # float16: a gradient scaler; with FSDP each process checks its shards' gradients for overflow and the
+    # processes agree (DTensor reduces the check), so all of them skip the same steps
     scaler = torch.amp.GradScaler(device.type, enabled=config.dtype == "float16")
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        restore(checkpoint_path, state, model, optimizer, config.fsdp)
         scheduler.load_state_dict(state["scheduler"])
         dropout_random.set_state(state["dropout_random"])
         if state.get("scaler"):  # float16 runs only
@@ -399,11 +476,12 @@ def train(config: TrainConfig) -> Path:
     tokens_per_step = config.batch_size * config.grad_accum * config.seq_len
     share = config.batch_size // world  # this process's rows of every micro-batch
     rows = slice(rank * share, (rank + 1) * share)
-    # A layer that every sample of a process skips leaves its parameters without gradient there: DDP is told to
-    # expect unused parameters, and the gradients it averages count them as zero, as one process would.
-    step_module = _RecipeStep(model)
-    if world > 1:
-        step_module = torch.nn.parallel.DistributedDataParallel(step_module, find_unused_parameters=True)
+    evaluated_by = (world, rank) if config.fsdp else (1, 0)  # a sharded model is run by every process
+    # A layer that no sample of the batch runs leaves its parameters without gradient on every process: DDP is
+    # told to expect unused parameters (they stay without gradient, as in one process).
+    forward = step_module
+    if world > 1 and not config.fsdp:
+        forward = torch.nn.parallel.DistributedDataParallel(step_module, find_unused_parameters=True)
     model.train()
     # closed by the `with` when the run stops too, so that the error begins a line of its own
     with tqdm(total=config.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
@@ -416,11 +494,12 @@ def train(config: TrainConfig) -> Path:
             loss_sum, last_sum = 0.0, 0.0
             for micro in range(config.grad_accum):
                 # every process draws the whole micro-batch's indices and layer dropout, and takes its rows: the
-                # batches and the dropout are those of one process, whatever the number of processes
+                # batches and the dropout are those of one process, whatever the number of processes, and every
+                # process runs the layers that some sample of the batch runs
                 ids = dataset.train[batch_indices(step, micro, config, len(dataset.train))[rows]].long().to(device)
-                kept = draw_kept(rates, config.batch_size, dropout_random)[:, rows]
+                kept = draw_kept(rates, config.batch_size, dropout_random)
                 with autocast:
-                    loss, layer_losses, _ = step_module(ids, rates, weights, kept, distillation)
+                    loss, layer_losses, _ = forward(ids, rates, weights, kept, distillation, rows)
                 scaler.scale(loss / config.grad_accum).backward()
                 loss_sum += loss.item() / config.grad_accum
                 last_sum += layer_losses[-1].item() / config.grad_accum
@@ -444,22 +523,33 @@ def train(config: TrainConfig) -> Path:
             progress.set_postfix(loss=f"{loss_sum:.3f}", last=f"{last_sum:.3f}",
                                  tok_s=f"{tokens_per_step / seconds:.0f}")
             saving = step % config.save_every == 0 or step == config.max_steps
-            if saving:  # in every process: they hold the same weights, and stop together
+            if saving:  # in every process: they hold the same weights, or the shards of one model, and stop together
                 check_finite_weights(model, step, out)
-            if rank != 0:
-                continue
-            curve.write([step, step * tokens_per_step, scheduler.get_last_lr()[0], loss_sum, last_sum,
-                         tokens_per_step / seconds, elapsed])
-            if step % config.eval_every == 0 or step == config.max_steps:
-                losses, agreement = evaluate(model, dataset.heldout, config)
-                heldout_log.write([step, step * tokens_per_step] + losses)
-                agreement_log.write([step, step * tokens_per_step] + agreement)
-            if saving:
-                save_checkpoint(checkpoint_path, model, optimizer, scheduler, dropout_random, step, elapsed, config,
-                                scaler)
+            if rank == 0:
+                curve.write([step, step * tokens_per_step, scheduler.get_last_lr()[0], loss_sum, last_sum,
+                             tokens_per_step / seconds, elapsed])
+            if (step % config.eval_every == 0 or step == config.max_steps) and (config.fsdp or rank == 0):
+                losses, agreement = evaluate(step_module, dataset.heldout, config, device, *evaluated_by)
+                if config.fsdp:
+                    step_module.reshard()  # the root's weights, left gathered by a forward without backward
+                if rank == 0:
+                    heldout_log.write([step, step * tokens_per_step] + losses)
+                    agreement_log.write([step, step * tokens_per_step] + agreement)
+            if saving and config.fsdp:  # every process writes its shards
+                save_sharded_checkpoint(out, model, optimizer, scheduler, dropout_random, step, elapsed, config,
+                                        scaler)
+            elif saving and rank == 0:
+                save_checkpoint(out / UNSHARDED_CHECKPOINT, model, optimizer, scheduler, dropout_random, step, elapsed,
+                                config, scaler)
+                drop_checkpoint(sharding.existing(out / SHARDED_CHECKPOINT))  # one left by an earlier sharded run
     final = out / "model"
+    layout = {"processes": world, "fsdp": config.fsdp, "parameter_bytes_per_process": held,
+              "optimizer_state_bytes_per_process": distributed.gather([sharding.local_state_bytes(optimizer)])}
+    whole = sharding.full_state_dict(model) if config.fsdp else None  # gathered by every process, onto the first
+    optimizer.state.clear()  # not needed any more: room for the model the recommendation loads
     if rank == 0:
-        save_model(model, tokenizer, final, dataset.info, config, step, elapsed)
+        saved = model if whole is None else sharding.unsharded(model, whole)
+        save_model(saved, tokenizer, final, dataset.info, config, step, elapsed, layout)
         with writing(out / "training_curve.png"):
             plot(out)
         if config.recommend:
@@ -470,13 +560,52 @@ def train(config: TrainConfig) -> Path:
     return final
 
 
+def find_checkpoint(out: Path) -> Path | None:
+    """The checkpoint to continue in `out`: checkpoint.pt, a sharded checkpoint directory, or the later of the two
+    (a run that changed between sharded and unsharded and stopped before it removed the other)."""
+    found = [path for path in (out / UNSHARDED_CHECKPOINT, sharding.existing(out / SHARDED_CHECKPOINT))
+             if path is not None and path.exists()]
+    return max(found, key=checkpoint_step) if found else None
+
+
+def checkpoint_step(path: Path) -> int:
+    if path.is_dir():
+        return torch.load(path / sharding.TRAINER_STATE, weights_only=False)["step"]
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)["step"]  # the tensors stay on disk
+
+
+def drop_checkpoint(path: Path | None) -> None:
+    if path is None:
+        return
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def load_checkpoint(path: Path, config: TrainConfig, device: torch.device) -> dict:
-    """The state to resume from, refused unless it was trained with the same flags."""
-    state = torch.load(path, weights_only=False, map_location=device)
+    """The state to resume from (for a sharded checkpoint, all but the model and optimizer state, which `restore`
+    reads once they are built), refused unless it was trained with the same flags."""
+    if path.is_dir():
+        state = torch.load(path / sharding.TRAINER_STATE, weights_only=False, map_location="cpu")
+    else:
+        state = torch.load(path, weights_only=False, map_location=device)
     compared = {k: v for k, v in state["config"].items() if k not in NOT_COMPARED_ON_RESUME}
     if compared != {k: v for k, v in asdict(config).items() if k not in NOT_COMPARED_ON_RESUME}:
         raise UsageError(f"--resume: the flags differ from those the checkpoint in {path.parent} was trained with")
     return state
+
+
+def restore(path: Path, state: dict, model, optimizer, sharded: bool) -> None:
+    """The model and optimizer state of the checkpoint at `path` into `model` and `optimizer`, sharded or not, from
+    a checkpoint written by any number of processes, sharded or not."""
+    if path.is_dir():
+        sharding.load_checkpoint(path, model, optimizer)
+    elif sharded:
+        sharding.load_whole(model, optimizer, state["model"], state["optimizer"])
+    else:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
 
 
 class RunStopped(UsageError):
@@ -486,11 +615,10 @@ class RunStopped(UsageError):
 
 def kept_checkpoint(out: Path) -> str:
     """What a stopped run leaves to continue from, for its message."""
-    path = out / "checkpoint.pt"
-    if not path.exists():
+    path = find_checkpoint(out)
+    if path is None:
         return "no checkpoint had been saved"
-    step = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["step"]  # the tensors stay on disk
-    return f"the checkpoint of step {step} is kept in {path} (--resume continues it)"
+    return f"the checkpoint of step {checkpoint_step(path)} is kept in {path} (--resume continues it)"
 
 
 @contextmanager
@@ -524,8 +652,9 @@ def save(obj, path: Path) -> None:
 
 
 def check_finite_weights(model, step: int, out: Path) -> None:
-    """Refuse to save weights that an update made nan or inf (a finite loss can still have an overflowing gradient)."""
-    if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
+    """Refuse to save weights that an update made nan or inf (a finite loss can still have an overflowing gradient).
+    Every process checks its weights (its shards, for a sharded model), and all get the same answer."""
+    if not sharding.all_finite(model):
         raise RunStopped(f"step {step}: its update left weights that are not finite (nan or inf); the run stopped "
                          f"without saving them, and {kept_checkpoint(out)}; a lower --lr or a --grad_clip may help")
 
@@ -587,6 +716,19 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, dropout_random, ste
     )
 
 
+def save_sharded_checkpoint(out: Path, model, optimizer, scheduler, dropout_random, step, elapsed, config,
+                            scaler) -> None:
+    """A sharded checkpoint (every process writes its shards), then no checkpoint.pt left by an earlier unsharded
+    run to be taken for a later one."""
+    directory = out / SHARDED_CHECKPOINT
+    trainer_state = {"scheduler": scheduler.state_dict(), "dropout_random": dropout_random.get_state(),
+                     "scaler": scaler.state_dict(), "step": step, "elapsed": elapsed, "config": asdict(config)}
+    with writing(directory):
+        sharding.save_checkpoint(directory, model, optimizer, trainer_state, save)
+    if distributed.rank() == 0:
+        drop_checkpoint(out / UNSHARDED_CHECKPOINT)
+
+
 def model_shape(model_config) -> dict:
     """The shape actually trained (the shape flags only apply from scratch; --init_from keeps the checkpoint's)."""
     names = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
@@ -594,13 +736,17 @@ def model_shape(model_config) -> dict:
     return {name: getattr(model_config, name) for name in names}
 
 
-def save_model(model, tokenizer, directory: Path, corpus_info: dict, config: TrainConfig, step: int, elapsed: float):
-    """Hugging Face format in bfloat16, with the tokenizer, a generation config and the training facts."""
+def save_model(model, tokenizer, directory: Path, corpus_info: dict, config: TrainConfig, step: int, elapsed: float,
+               layout: dict | None = None):
+    """Hugging Face format in bfloat16, with the tokenizer, a generation config and the training facts (with
+    `layout`: how the processes held the model)."""
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
     facts = {"corpus": corpus_info, "recipe": asdict(config), "model_shape": model_shape(model.config), "steps": step,
              "tokens": step * config.batch_size * config.grad_accum * config.seq_len, "wall_time_seconds": elapsed}
+    if layout is not None:
+        facts["processes"] = layout
     try:
         with writing(directory):
             model.to(torch.bfloat16).save_pretrained(directory)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -9,6 +10,25 @@ import pytest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def kill_torchrun(process: subprocess.Popen) -> None:
+    """SIGKILL a torchrun and its workers, as a crash or a preempted job would end them. torchrun starts every
+    worker in a session of its own, so killing torchrun's process group alone would leave them training."""
+    workers = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == process.pid:
+                workers.append(int(entry.name))
+        except OSError:  # a process that ended meanwhile
+            continue
+    for pid in workers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def launch(nproc: int, script: str, args: list[str]):
@@ -76,7 +96,6 @@ def test_training_under_torchrun_resumes_exactly(tmp_path, corpus_file):
     """Two processes killed after their first checkpoint, then resumed (under torchrun again), end with the weights
     and loss curve of an uninterrupted two-process run."""
     import csv
-    import signal
     import time
 
     import torch
@@ -95,8 +114,7 @@ def test_training_under_torchrun_resumes_exactly(tmp_path, corpus_file):
     deadline = time.time() + 120
     while not (interrupted / "checkpoint.pt").exists() and time.time() < deadline and process.poll() is None:
         time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_torchrun(process)
     stopped_at = torch.load(interrupted / "checkpoint.pt", weights_only=False)["step"]
     assert stopped_at < 40, "the run finished before it could be interrupted"
     launch(2, "train.py", args + ["--output_dir", str(interrupted), "--resume", "True"])

@@ -60,6 +60,9 @@ CASES = [
     ("train", SMALL + ["--init_from", "{no_tokenizer}"], ["--init_from", "no tokenizer"]),
     # a checkpoint whose config disagrees with its weights would train the missing layers from noise
     ("train", SMALL + ["--init_from", "{more_layers}"], ["--init_from", "do not match its config.json", "18 missing"]),
+    # sharding needs the processes torchrun starts, and nccl needs GPUs
+    ("train", SMALL + ["--fsdp", "True"], ["--fsdp True", "torchrun", "1 process", "drop --fsdp"]),
+    ("train", SMALL + ["--backend", "nccl", "--device", "cpu"], ["--backend nccl", "--device cpu", "gloo"]),
 ]
 
 
@@ -92,6 +95,42 @@ def case_id(case) -> str:
 @pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
 def test_bad_training_input_gets_one_line(case, train_files, capsys, monkeypatch):
     assert_refused(*case, train_files, capsys, monkeypatch)
+
+
+@pytest.fixture
+def two_processes(monkeypatch):
+    """The environment torchrun gives the first of two processes, without a rendezvous address: a command that
+    got past the checks would fail at once joining the group, not wait for a second process."""
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+
+
+LAUNCH_CASES = [
+    ("train", SMALL + ["--fsdp", "True", "--batch_size", "3"], ["--batch_size 3", "multiple of the 2 processes"]),
+    ("train", SMALL + ["--batch_size", "3"], ["--batch_size 3", "multiple of the 2 processes"]),  # replicas too
+    ("train", SMALL + ["--fsdp", "True", "--device", "cpu", "--backend", "nccl"], ["--backend nccl", "--device cpu"]),
+]
+
+
+@pytest.mark.parametrize("case", LAUNCH_CASES, ids=[case_id(c) for c in LAUNCH_CASES])
+def test_bad_input_under_torchrun_gets_one_line(case, two_processes, train_files, capsys, monkeypatch):
+    assert_refused(*case, train_files, capsys, monkeypatch)
+
+
+def test_only_the_first_process_says_why(two_processes, train_files, capsys, monkeypatch):
+    """Every process refuses the same command before they meet; the others exit as the first does, silently, so a
+    torchrun of N processes prints the error once."""
+    monkeypatch.setenv("RANK", "1")
+    argv = [a.format(**train_files) for a in SMALL + ["--fsdp", "True", "--batch_size", "3"]]
+    assert run(train.main, argv) == 2
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="--device auto is a GPU here")
+def test_nccl_is_refused_where_training_runs_on_the_cpu(train_files, capsys, monkeypatch):
+    assert_refused("train", SMALL + ["--backend", "nccl"], ["--backend nccl", "on cpu", "gloo"], train_files, capsys,
+                   monkeypatch)
 
 
 NUMERIC = [f.name for f in fields(TrainConfig) if f.type in (int, float)]

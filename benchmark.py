@@ -18,7 +18,8 @@ from arguments import (MAX_WARMUP, SAMPLING, DatasetBatchArguments, DataArgument
                        pop_list, run, warn_ignored)
 from self_speculation import UsageError
 from self_speculation.errors import check_range
-from self_speculation.benchmarking import RUNNERS, compare, profile, record, report
+from self_speculation.benchmarking import RUNNERS, profile, record
+from self_speculation.reporting import compare, report
 from self_speculation.generator import check_prompt_lengths
 from self_speculation import distributed
 from self_speculation.results import append_jsonl, ensure_output_dir, new_run, write_json

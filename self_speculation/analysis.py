@@ -10,20 +10,18 @@ predicted speedup (the same ideal model benchmark.py reports)."""
 
 import dataclasses
 import json
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import layers
-from .benchmarking import PassTimer
-from .costs import PassCosts
+from .costs import PassCosts, PassTimer, typical_context
 from .errors import UsageError
 from .config import GenerationConfig
 from .generator import Generator
 from .results import write_json
-from .strategies import SelfSpeculative
+from .strategies import SelfSpeculative, draft_share
 
 
 def humaneval_problems() -> list[dict]:
@@ -37,16 +35,15 @@ def humaneval_problems() -> list[dict]:
 def exit_agreement(model, sequences: list[list[int]]) -> list[float]:
     """For each layer l = 1..L, the share of positions where the exit after layer l predicts the same next token as
     the full model. Sequences are run one at a time (no padding)."""
-    num_layers = layers.num_layers(model)
-    agree = torch.zeros(num_layers)
+    decoder = layers.Decoder(model)
+    agree = torch.zeros(decoder.num_layers)
     total = 0
-    device = model.lm_head.weight.device
     for sequence in sequences:
-        hidden = layers.embed(model, torch.tensor([sequence], device=device))
+        hidden = decoder.embed(torch.tensor([sequence], device=decoder.device))
         predictions = []
-        for i in range(num_layers):
-            hidden = layers.run_layers(model, hidden, None, i, i + 1)
-            predictions.append(layers.head(model, hidden).argmax(dim=-1))  # (1, T)
+        for i in range(decoder.num_layers):
+            hidden = decoder.run_layers(hidden, None, i, i + 1)
+            predictions.append(decoder.head(hidden).argmax(dim=-1))  # (1, T)
         final = predictions[-1]
         agree += torch.stack([(p == final).sum() for p in predictions]).float().cpu()
         total += final.numel()
@@ -85,17 +82,16 @@ class GreedyTrace:
 def greedy_traces(model, tokenizer, prompts: list[str], max_steps: int) -> list[GreedyTrace]:
     generator = Generator(model, tokenizer, GenerationConfig(generation_strategy="autoregressive", sample=False,
                                                              max_steps=max_steps))
-    traces = []
-    device = model.lm_head.weight.device
+    traces, decoder = [], generator.decoder
     for prompt in prompts:
         prompt_ids = tokenizer(prompt).input_ids
         result = generator.generate_ids(prompt_ids)
-        ids = torch.tensor([prompt_ids + result.tokens[:-1]], device=device)  # (1, T): every token's context
-        hidden = layers.embed(model, ids)
+        ids = torch.tensor([prompt_ids + result.tokens[:-1]], device=decoder.device)  # (1, T): every token's context
+        hidden = decoder.embed(ids)
         choices = []
-        for i in range(layers.num_layers(model) - 1):
-            hidden = layers.run_layers(model, hidden, None, i, i + 1)
-            choices.append(layers.head(model, hidden[:, len(prompt_ids) - 1 :]).argmax(dim=-1)[0])  # (n,)
+        for i in range(decoder.num_layers - 1):
+            hidden = decoder.run_layers(hidden, None, i, i + 1)
+            choices.append(decoder.head(hidden[:, len(prompt_ids) - 1 :]).argmax(dim=-1)[0])  # (n,)
         budget = min(max_steps, (generator.context_length or max_steps + len(prompt_ids)) - len(prompt_ids))
         traces.append(GreedyTrace(len(prompt_ids), result.tokens, torch.stack(choices).cpu(), budget,
                                   frozenset(generator.stop.token_ids)))
@@ -117,7 +113,7 @@ def simulate(trace: GreedyTrace, exit_layer: int, num_speculations: int) -> Repl
     choices, tokens, n = trace.exit_choices[exit_layer - 1].tolist(), trace.tokens, len(trace.tokens)
     done, steps, drafted, accepted = 1, 0, 0, 0  # `done` tokens are out; tokens[done - 1] is the newest
     while done < n:
-        limit = min(num_speculations, trace.budget - done - 1)
+        limit = draft_share(num_speculations, trace.budget - done)
         run, stopped = 0, False
         while run < limit and done + run < n and choices[done + run] == tokens[done + run]:
             run += 1
@@ -151,7 +147,7 @@ def measure_costs(model, traces: list[GreedyTrace], exit_layers: list[int], max_
     """Pass costs for every exit layer, at the middle of the traces' typical context; one full pass, timed once,
     is every exit layer's baseline. Measure them on a quiet machine: another process's load changes pass times by
     more than the differences between neighbouring exit layers."""
-    context = int(statistics.median(t.prompt_tokens for t in traces)) + max(t.budget for t in traces) // 2
+    context = typical_context([t.prompt_tokens for t in traces], max(t.budget for t in traces))
     timer = PassTimer(model, context, max_speculations + 1, repeats=repeats)
     full = timer.median_time(0, layers.num_layers(model), 1)[0]
     return {e: timer.costs(e, max_speculations + 1, full) for e in exit_layers}

@@ -115,10 +115,10 @@ class _RecordingVerifier(SelfSpeculative):
     def __init__(self):
         self.rows: dict[int, torch.Tensor] = {}
 
-    def verify(self, d, drafts, draft_scores, logits):
-        accepted, final = super().verify(d, drafts, draft_scores, logits)
+    def verify(self, d, b, drafts, draft_scores, logits):
+        accepted, final = super().verify(d, b, drafts, draft_scores, logits)
         for j in range(accepted + 1):  # row j chose the token after sequence + drafts[:j]
-            self.rows[len(d.sequence) + j] = logits[j].clone()
+            self.rows[len(d.sequences[b]) + j] = logits[j].clone()
         return accepted, final
 
 
@@ -137,10 +137,7 @@ def judge(model, tokenizer, reference: Generator, candidate: Generator, ids: lis
     """Prompts through both generators (greedy; the candidate self-speculative), together when there are several,
     and each one's verdict, as the records correctness.py writes. A lone prompt's mismatch is also judged under
     the verifier's logits (a replay of it alone); a batch's, on the full model's margin."""
-    if len(prompts) == 1:
-        refs, cands = [reference.generate_ids(prompts[0])], [candidate.generate_ids(prompts[0])]
-    else:
-        refs, cands = reference.generate_batch(prompts), candidate.generate_batch(prompts)
+    refs, cands = reference.generate_batch(prompts), candidate.generate_batch(prompts)
     records = []
     for row, (prompt, ref, cand) in enumerate(zip(prompts, refs, cands)):
         replay = len(prompts) == 1 and ref.tokens != cand.tokens

@@ -8,6 +8,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import layers
 from .config import GenerationConfig
+from .costs import sync_device
 from .errors import UsageError, check_text
 from .sampling import processors
 from .stopping import StopCondition
@@ -54,11 +55,6 @@ class GenerationResult:
         return line
 
 
-def sync_device(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # Finished rows leave the batch (their cache rows dropped) rather than being held in it: measured on the embedded
 # model with HumanEval's stop words, 25 of 32 rows stopping early, dropping was 1.3-1.6x faster (README).
 SHRINK_BATCHES = True
@@ -91,7 +87,8 @@ def _token_ids(value) -> set[int]:
 
 class Generator:
     """Runs one strategy on one model. Validates the configuration against the model once, and holds what is
-    derived from both: the strategy and, with --compile, its compiled passes."""
+    derived from both: the strategy, the model's decoder (its layers' weights) and, with --compile, its compiled
+    passes."""
 
     def __init__(
         self,
@@ -105,9 +102,10 @@ class Generator:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
-        passes = self.strategy.passes(config, layers.num_layers(model)) if config.compile else ()
-        self.compiled = layers.CompiledPasses(model, passes) if passes else None
-        self.device = model.lm_head.weight.device
+        self.decoder = layers.Decoder(model)
+        passes = self.strategy.passes(config, self.decoder.num_layers) if config.compile else ()
+        self.compiled = layers.CompiledPasses(self.decoder, passes) if passes else None
+        self.device = self.decoder.device
         self.random = torch.Generator(device=self.device).manual_seed(seed)
         self.context_length = context_length(model)
         eos = _token_ids(model.generation_config.eos_token_id if model.generation_config else None)
@@ -129,56 +127,10 @@ class Generator:
         return result
 
     def generate_ids(self, prompt_ids: list[int], streamer=None) -> GenerationResult:
-        """Generate from token ids; `result.text` stays empty (no tokenizer involved)."""
-        if not prompt_ids:
-            raise UsageError("the prompt is empty")
-        budget = self.config.max_steps
-        if (reason := _too_long(len(prompt_ids), self.context_length)) is not None:
+        """Generate from token ids; `result.text` stays empty (no tokenizer involved). A batch of one."""
+        if prompt_ids and (reason := _too_long(len(prompt_ids), self.context_length)) is not None:
             raise UsageError(reason)
-        if self.context_length is not None:
-            budget = min(budget, self.context_length - len(prompt_ids))
-        with torch.inference_mode():
-            return self._decode(list(prompt_ids), budget, streamer)
-
-    def _decode(self, prompt_ids: list[int], budget: int, streamer) -> GenerationResult:
-        d = Decoding(
-            model=self.model,
-            config=self.config,
-            # room for the whole generation and what a step writes past it, so the cache never reallocates
-            cache=layers.new_cache(len(prompt_ids) + budget + self.strategy.cache_room(self.config, budget)),
-            sequence=list(prompt_ids),
-            processors=processors(self.config),
-            generator=self.random,
-            stop_ids=self.stop.token_ids,
-            on_draft=getattr(streamer, "put_draft", None),
-            compiled=self.compiled,
-        )
-        result = self._new_result(len(prompt_ids))
-        generated = result.tokens
-        sync_device(self.device)
-        start = time.perf_counter()
-        try:
-            logits = self.strategy.prefill(d, torch.tensor([prompt_ids], device=self.device))
-            new_tokens = [d.choose(d.scores(logits, []))]
-            while True:
-                taken = self._extend(result, d.sequence, new_tokens, budget)
-                if result.steps == 0:
-                    sync_device(self.device)
-                    result.time_to_first_token = time.perf_counter() - start
-                if streamer is not None:
-                    streamer.put(torch.tensor(taken))
-                if result.stop_reason != "running":
-                    break
-                step = self.strategy.step(d, budget - len(generated))
-                self._count(result, step)
-                new_tokens = step.tokens
-        finally:
-            sync_device(self.device)
-            result.total_time = time.perf_counter() - start
-            result.cache_bytes = layers.cache_bytes(d.cache)
-            if streamer is not None:
-                streamer.end()
-        return result
+        return self.generate_batch([prompt_ids], streamer=streamer)[0]
 
     @staticmethod
     def _new_result(prompt_tokens: int) -> GenerationResult:
@@ -199,74 +151,77 @@ class Generator:
                 return new_tokens[: i + 1]
         return new_tokens
 
-    @staticmethod
-    def _count(result: GenerationResult, step) -> None:
-        result.steps += 1
-        result.drafted += step.drafted
-        result.accepted += step.accepted
-
     def _kept_rows(self, running: list[bool]) -> list[int]:
         """The rows a shrinking batch keeps: those still running, and with --compile at least two, a finished row
-        held beside a lone running one (a compiled pass serves every batch size but one: a lone row would compile
+        held beside a lone running one (a compiled pass serves every batch size from 2: a lone row would compile
         again, in the middle of a timed run)."""
         kept = [b for b, go in enumerate(running) if go]
-        if len(kept) == 1 and self.compiled is not None:
+        if len(kept) == 1 and self.compiled is not None and len(running) > 1:
             kept = sorted(kept + [running.index(False)])
         return kept
 
-    def generate_batch(self, prompts: list[list[int]], shrink: bool = SHRINK_BATCHES) -> list[GenerationResult]:
-        """Generate from several prompts (token ids) at once, in one ragged cache; each row's tokens are what
-        `generate_ids` gives it alone. Every result's `total_time` is the batch's wall time (throughput is the
-        tokens of all rows over it). A row that has stopped leaves the batch (`shrink`), or is held in place, its
-        advance rolled back, until the others stop. With --compile a pass is compiled once for every batch size
-        from 2. A single prompt is `generate_ids`'s."""
+    def generate_batch(self, prompts: list[list[int]], shrink: bool = SHRINK_BATCHES,
+                       streamer=None) -> list[GenerationResult]:
+        """Generate from prompts (token ids) at once, in one cache: the one decoding loop (one prompt is a batch
+        of one). Each row's tokens are what it gets alone. Every result's `total_time` is the batch's wall time
+        (throughput is the tokens of all rows over it). A row that has stopped leaves the batch (`shrink`), or is
+        held in place, its advance rolled back, until the others stop. A `streamer` shows a single prompt's
+        tokens (and drafts) as they come."""
         if not prompts or any(not p for p in prompts):
             raise UsageError("the prompt is empty")
+        if streamer is not None and len(prompts) > 1:
+            raise ValueError("a streamer shows one prompt's generation")
         check_prompt_lengths(self.model, prompts)
-        if len(prompts) == 1:
-            return [self.generate_ids(prompts[0])]
         budgets = [self.config.max_steps if self.context_length is None
                    else min(self.config.max_steps, self.context_length - len(p)) for p in prompts]
-        lengths = torch.tensor([len(p) for p in prompts])  # on the host: see layers.RaggedLayer
-        capacity = int(lengths.max()) + max(budgets) + self.strategy.cache_room(self.config, max(budgets))
-        cache = layers.RaggedCache(capacity, len(prompts))
-        rows = [Decoding(model=self.model, config=self.config, cache=cache, sequence=list(p),
-                         processors=processors(self.config), generator=self.random, stop_ids=self.stop.token_ids,
-                         compiled=self.compiled)
-                for p in prompts]
+        lengths = [len(p) for p in prompts]
+        # room for the whole generation and what a step writes past it, so the cache never reallocates
+        capacity = max(lengths) + max(budgets) + self.strategy.cache_room(self.config, max(budgets))
+        d = Decoding(decoder=self.decoder, config=self.config, cache=layers.new_cache(capacity, len(prompts)),
+                     sequences=[list(p) for p in prompts], processors=processors(self.config), generator=self.random,
+                     stop_ids=self.stop.token_ids, on_draft=getattr(streamer, "put_draft", None),
+                     compiled=self.compiled)
         results = all_results = [self._new_result(len(p)) for p in prompts]
-        padded = torch.tensor([p + [p[-1]] * (int(lengths.max()) - len(p)) for p in prompts], device=self.device)
+        padded = torch.tensor([p + [p[-1]] * (max(lengths) - len(p)) for p in prompts], device=self.device)
+        first, largest = None, 0
         with torch.inference_mode():
             sync_device(self.device)
             start = time.perf_counter()
-            logits = self.strategy.prefill_rows(rows, padded, lengths)  # (B, V)
-            new_tokens = [[row.choose(row.scores(logits[b], []))] for b, row in enumerate(rows)]
-            first, largest = None, 0
-            while True:
-                for b, (row, result) in enumerate(zip(rows, results)):
-                    if result.stop_reason == "running":
-                        self._extend(result, row.sequence, new_tokens[b], budgets[b])
-                if first is None:
-                    sync_device(self.device)
-                    first = time.perf_counter() - start
-                running = [r.stop_reason == "running" for r in results]
-                if not any(running):
-                    break
-                if shrink and (kept := self._kept_rows(running)) != list(range(len(rows))):
-                    largest = max(largest, layers.cache_bytes(cache))
-                    cache.keep_rows(kept)
-                    rows, results, budgets, running = ([xs[b] for b in kept] for xs in (rows, results, budgets, running))
-                remaining = [budget - len(r.tokens) if go else 1 for budget, r, go in zip(budgets, results, running)]
-                steps = self.strategy.step_rows(rows, cache, remaining)
-                if not all(running):  # stopped rows (when kept) stay where they are
-                    cache.rollback_rows(torch.tensor([0 if go else len(step.tokens) for step, go in zip(steps, running)]))
-                for step, result, go in zip(steps, results, running):
-                    if go:
-                        self._count(result, step)
-                new_tokens = [step.tokens for step in steps]
-            sync_device(self.device)
-            elapsed = time.perf_counter() - start
+            try:
+                logits = self.strategy.prefill(d, padded, lengths)  # (B, V)
+                new_tokens = [[token] for token in d.choose_rows(logits, [[] for _ in prompts])[0]]
+                while True:
+                    for b, result in enumerate(results):
+                        if result.stop_reason == "running":
+                            taken = self._extend(result, d.sequences[b], new_tokens[b], budgets[b])
+                            if streamer is not None:
+                                streamer.put(torch.tensor(taken))
+                    if first is None:
+                        sync_device(self.device)
+                        first = time.perf_counter() - start
+                    running = [r.stop_reason == "running" for r in results]
+                    if not any(running):
+                        break
+                    if shrink and (kept := self._kept_rows(running)) != list(range(len(results))):
+                        largest = max(largest, layers.cache_bytes(d.cache))
+                        d.keep_rows(kept)
+                        results, budgets, running = ([xs[b] for b in kept] for xs in (results, budgets, running))
+                    remaining = [budget - len(r.tokens) if go else 1 for budget, r, go in zip(budgets, results, running)]
+                    steps = self.strategy.step(d, remaining)
+                    if not all(running):  # stopped rows (when kept) stay where they are
+                        d.cache.rollback([0 if go else len(step.tokens) for step, go in zip(steps, running)])
+                    for step, result, go in zip(steps, results, running):
+                        if go:
+                            result.steps += 1
+                            result.drafted += step.drafted
+                            result.accepted += step.accepted
+                    new_tokens = [step.tokens for step in steps]
+            finally:
+                sync_device(self.device)
+                elapsed = time.perf_counter() - start
+                if streamer is not None:
+                    streamer.end()
         for result in all_results:
             result.total_time, result.time_to_first_token = elapsed, first
-            result.cache_bytes = max(largest, layers.cache_bytes(cache))
+            result.cache_bytes = max(largest, layers.cache_bytes(d.cache))
         return all_results

@@ -236,7 +236,7 @@ class LayerSkipLM(HFLM):
         generator = self.generator(config)
         contexts = context.tolist()
         prompts = contexts if mask is None else [row[m.bool()].tolist() for row, m in zip(context, mask)]
-        results = generator.generate_batch(prompts) if len(prompts) > 1 else [generator.generate_ids(prompts[0])]
+        results = generator.generate_batch(prompts)
         self.speed.add(results)
         rows = [row + result.tokens for row, result in zip(contexts, results)]  # lm-eval cuts the context width off
         width = max(len(r) for r in rows)

@@ -10,43 +10,57 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers import Cache, LogitsProcessorList, PreTrainedModel
+from transformers import LogitsProcessorList
 
 from . import layers
 from .config import GenerationConfig
-from .costs import PassCosts
+from .costs import PassCosts, measure_pass_costs
 from .errors import UsageError
 from .sampling import accept_draft, greedy, probabilities, residual, sample
 
 
 @dataclass
 class Decoding:
-    """The state of one generation, shared by the decoding loop and the strategy."""
+    """The state of one generation of B rows (one prompt: B = 1), shared by the decoding loop and the strategy:
+    the model's decoder, the configuration, one cache, and per row its sequence."""
 
-    model: PreTrainedModel
+    decoder: layers.Decoder
     config: GenerationConfig
-    cache: Cache
-    sequence: list[int]  # prompt and generated tokens; the last one is not in the cache yet
+    cache: layers.KVCache
+    sequences: list[list[int]]  # per row: prompt and generated tokens; the last one is not in the cache yet
     processors: LogitsProcessorList
     generator: torch.Generator | None
     stop_ids: frozenset[int]  # drafting ends at these
-    on_draft: Callable[[int], None] | None = None
+    on_draft: Callable[[int], None] | None = None  # one row only: shown as drafted
     compiled: layers.CompiledPasses | None = None  # --compile: the passes run through torch.compile
 
-    def ids(self, token: int) -> torch.Tensor:
-        return torch.tensor([[token]], device=self.model.lm_head.weight.device)  # (1, 1)
+    def newest(self) -> torch.Tensor:
+        return torch.tensor([[s[-1]] for s in self.sequences], device=self.decoder.device)  # (B, 1)
 
-    def scores(self, logits: torch.Tensor, drafts: list[int]) -> torch.Tensor:
-        """Processed scores (V,) for the position after `sequence + drafts`."""
+    def keep_rows(self, rows: list[int]) -> None:
+        """Only `rows` go on (the others have stopped): in the cache and here."""
+        self.cache.keep_rows(rows)
+        self.sequences = [self.sequences[b] for b in rows]
+
+    def scores(self, b: int, logits: torch.Tensor, drafts: list[int]) -> torch.Tensor:
+        """Row b's processed scores (V,) for the position after its sequence and `drafts`."""
         if not self.processors:
             return logits
-        context = torch.tensor([self.sequence + drafts], device=logits.device)  # (1, T)
+        context = torch.tensor([self.sequences[b] + drafts], device=logits.device)  # (1, T)
         return self.processors(context, logits[None])[0]
 
     def choose(self, scores: torch.Tensor) -> int:
         if self.config.sample:
             return sample(probabilities(scores), self.generator)
         return int(greedy(scores))
+
+    def choose_rows(self, logits: torch.Tensor, drafts: list[list[int]]) -> tuple[list[int], list]:
+        """Each row's token from its logits (B, V) after its drafts so far, and the scores it was chosen from
+        (None where greedy decoding needs none: one argmax for the whole batch, one read of the device)."""
+        if not self.config.sample and not self.processors:
+            return greedy(logits).tolist(), [None] * len(self.sequences)
+        scores = [self.scores(b, logits[b], drafts[b]) for b in range(len(self.sequences))]
+        return [self.choose(s) for s in scores], scores
 
 
 @dataclass
@@ -75,12 +89,11 @@ class Strategy:
     - `step_seconds(costs, drafts)`: the cost model: the time of one step from measured pass costs, `drafts`
       being the mean number of tokens drafted per step. `ideal_speedup` turns it into a speedup.
 
-    Decoding:
-    - `prefill(decoding, prompt)` runs the prompt (1, T) and returns the logits (V,) of the first new token.
-    - `step(decoding, budget)` takes the newest token (not yet in the cache) and returns between 1 and `budget`
-      new tokens.
-    - `prefill_rows(rows, padded, lengths)` and `step_rows(rows, cache, budgets)` do the same for a batch: one
-      `Decoding` per row over one shared `layers.RaggedCache`; every row's tokens are what it gets alone.
+    Decoding, over the rows of a `Decoding` (one prompt is a batch of one):
+    - `prefill(decoding, padded, lengths)` runs the right-padded prompts (B, T) and returns the logits (B, V) of
+      each row's first new token.
+    - `step(decoding, budgets)` takes each row's newest token (not yet in the cache) and returns per row between
+      1 and budgets[b] new tokens; every row's tokens, drafts and acceptances are what it gets alone.
 
     `lossless`: the greedy output equals greedy autoregressive output token for token, and sampling draws from the
     full model's distribution."""
@@ -106,21 +119,21 @@ class Strategy:
     def step_seconds(self, costs: PassCosts, drafts: float) -> float:
         raise NotImplementedError
 
-    def prefill(self, d: Decoding, prompt: torch.Tensor) -> torch.Tensor:
+    def prefill(self, d: Decoding, padded: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """Every strategy's prefill is one pass through the layers its output comes from."""
+        return d.decoder.prefill(padded, d.cache, self.output_layer(d.config, d.decoder.num_layers), lengths)
+
+    def step(self, d: Decoding, budgets: list[int]) -> list[StepResult]:
         raise NotImplementedError
 
-    def step(self, d: Decoding, budget: int) -> StepResult:
-        raise NotImplementedError
+    def metrics(self, model, metrics: dict, samples: list, settings: dict, context: int) -> dict:
+        """What a benchmark reports of this strategy beyond the common metrics (`metrics` holds every strategy's),
+        from its samples and effective settings; pass costs are measured at `context` cached positions."""
+        return {}
 
-    def prefill_rows(self, rows: list[Decoding], padded: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Right-padded prompts through the layers the strategy's output comes from (every strategy's prefill is
-        that pass): the logits (B, V) after each row's prompt."""
-        first = rows[0]
-        return layers.ragged_prefill(first.model, padded, first.cache,
-                                     self.output_layer(first.config, layers.num_layers(first.model)), lengths)
-
-    def step_rows(self, rows: list[Decoding], cache: layers.RaggedCache, budgets: list[int]) -> list[StepResult]:
-        raise NotImplementedError
+    def report_lines(self, m: dict) -> list[str]:
+        """Lines under the benchmark's table for this strategy's metrics `m`."""
+        return []
 
     def ideal_speedup(self, costs: PassCosts, steps: int, drafted: int, accepted: int) -> float:
         """The speedup over autoregressive decoding with no overhead beyond the passes, for the measured counts:
@@ -131,18 +144,9 @@ class Strategy:
         return (accepted + steps) * token / (steps * self.step_seconds(costs, drafted / steps))
 
 
-def _choose_rows(rows: list[Decoding], logits: torch.Tensor, drafts: list[list[int]]) -> tuple[list[int], list]:
-    """Each row's token from its logits (B, V) after its drafts so far, and the scores it was chosen from (None
-    where greedy decoding needs none: one argmax for the whole batch)."""
-    first = rows[0]
-    if not first.config.sample and not first.processors:
-        return greedy(logits).tolist(), [None] * len(rows)
-    scores = [row.scores(logits[b], drafts[b]) for b, row in enumerate(rows)]
-    return [row.choose(s) for row, s in zip(rows, scores)], scores
-
-
-def _newest(rows: list[Decoding]) -> torch.Tensor:
-    return torch.tensor([[row.sequence[-1]] for row in rows], device=rows[0].model.lm_head.weight.device)  # (B, 1)
+def draft_share(num_speculations: int, budget: int) -> int:
+    """How many tokens a step drafts with `budget` tokens left: never past the budget, since the verifier adds one."""
+    return min(num_speculations, budget - 1)
 
 
 def _flag_or_recommended(config: GenerationConfig, model_config, name: str) -> int:
@@ -181,22 +185,10 @@ class Autoregressive(Strategy):
     def step_seconds(self, costs, drafts):
         return costs.full + costs.head[1]
 
-    def logits(self, d: Decoding, token_ids: torch.Tensor, cache: Cache) -> torch.Tensor:
-        """(B, V) after the last of `token_ids` (B, T), from the strategy's layers."""
-        num_layers = layers.num_layers(d.model)
-        depth = self.depth(d.config, num_layers)
-        if depth < num_layers:
-            return layers.early_exit(d.model, token_ids, cache, depth, last_only=True, compiled=d.compiled).logits[:, -1]
-        return layers.full_forward(d.model, token_ids, cache, last_only=True, compiled=d.compiled)[:, -1]
-
-    def prefill(self, d, prompt):
-        return self.logits(d, prompt, d.cache)[0]
-
-    def step(self, d, budget):
-        return StepResult([d.choose(d.scores(self.logits(d, d.ids(d.sequence[-1]), d.cache)[0], []))])
-
-    def step_rows(self, rows, cache, budgets):
-        tokens, _ = _choose_rows(rows, self.logits(rows[0], _newest(rows), cache), [[] for _ in rows])
+    def step(self, d, budgets):
+        depth = self.depth(d.config, d.decoder.num_layers)
+        hidden = d.decoder.run_layers(d.decoder.embed(d.newest()), d.cache, 0, depth, d.compiled)
+        tokens, _ = d.choose_rows(d.decoder.head(hidden)[:, -1], [[] for _ in d.sequences])
         return [StepResult([token]) for token in tokens]
 
 
@@ -266,72 +258,82 @@ class SelfSpeculative(Strategy):
         k = drafts
         return (k + 1) * costs.draft + costs.at(costs.verify, k + 1) + k * costs.head[1] + costs.at(costs.head, k + 1)
 
-    def prefill(self, d, prompt):
-        return layers.full_forward(d.model, prompt, d.cache, last_only=True, compiled=d.compiled)[0, -1]
-
-    def step(self, d, budget):
-        exit_layer = d.config.exit_layer
-        drafts, draft_scores, exit_hiddens = [], [], []
-        token = d.sequence[-1]
-        for _ in range(min(d.config.num_speculations, budget - 1)):
-            out = layers.early_exit(d.model, d.ids(token), d.cache, exit_layer, compiled=d.compiled)
-            exit_hiddens.append(out.hidden)
-            scores = d.scores(out.logits[0, -1], drafts)
-            token = d.choose(scores)
-            drafts.append(token)
-            draft_scores.append(scores)
-            if d.on_draft is not None:
-                d.on_draft(token)
-            if token in d.stop_ids:
-                break
-        # The last draft (or, with no drafts, the newest token) has not been through layers [0, E) yet.
-        exit_hiddens.append(layers.exit_hidden(d.model, d.ids(token), d.cache, exit_layer, d.compiled))
-        logits = layers.remainder(d.model, torch.cat(exit_hiddens, dim=1), d.cache, exit_layer, d.compiled)[0]  # (D+1, V)
-        accepted, final = self.verify(d, drafts, draft_scores, logits)
-        layers.rollback(d.cache, len(drafts) - accepted)
-        return StepResult(drafts[:accepted] + [final], drafted=len(drafts), accepted=accepted)
-
-    def step_rows(self, rows, cache, budgets):
-        """`step` for a batch: every row drafts as many tokens (up to the largest budget; a row's tokens past its
-        own budget or a stop token are dropped by the caller), one verification pass over all rows, and each row
-        keeps its own agreeing prefix."""
-        model, exit_layer, compiled = rows[0].model, rows[0].config.exit_layer, rows[0].compiled
-        count = min(rows[0].config.num_speculations, max(budgets) - 1)
+    def step(self, d, budgets):
+        """Every row drafts with layers [0, E) until it has drafted its own share (up to `num_speculations`, never
+        past its budget, ending after a stop token) or all rows have; one pass of layers [E, L) verifies every
+        row's drafts over their cached exit-layer hidden states; each row keeps its own agreeing prefix. A row's
+        drafts past its share (drafted alongside others) are not counted, and the caller drops its tokens past
+        its budget or a stop token: it gets what it gets alone."""
+        decoder, exit_layer, rows = d.decoder, d.config.exit_layer, range(len(d.sequences))
+        shares = [draft_share(d.config.num_speculations, budget) for budget in budgets]
         drafts, draft_scores, exit_hiddens = [[] for _ in rows], [[] for _ in rows], []
-        current = _newest(rows)
-        for _ in range(count):
-            out = layers.early_exit(model, current, cache, exit_layer, compiled=compiled)
+        current, drafting = d.newest(), [share > 0 for share in shares]
+        while any(drafting):
+            out = decoder.early_exit(current, d.cache, exit_layer, compiled=d.compiled)
             exit_hiddens.append(out.hidden)
-            tokens, scores = _choose_rows(rows, out.logits[:, -1], drafts)
+            tokens, scores = d.choose_rows(out.logits[:, -1], drafts)
             for b, (token, score) in enumerate(zip(tokens, scores)):
                 drafts[b].append(token)
                 draft_scores[b].append(score)
+                drafting[b] = drafting[b] and len(drafts[b]) < shares[b] and token not in d.stop_ids
+            if d.on_draft is not None:
+                d.on_draft(tokens[0])
             current = torch.tensor([[t] for t in tokens], device=current.device)
-        exit_hiddens.append(layers.exit_hidden(model, current, cache, exit_layer, compiled))
-        hiddens = torch.cat(exit_hiddens, dim=1)  # (B, count + 1, H)
-        logits = layers.remainder(model, hiddens, cache, exit_layer, compiled)  # (B, count + 1, V)
+        # The last draft (or, with no drafts, the newest token) has not been through layers [0, E) yet.
+        exit_hiddens.append(decoder.exit_hidden(current, d.cache, exit_layer, d.compiled))
+        logits = decoder.remainder(torch.cat(exit_hiddens, dim=1), d.cache, exit_layer, d.compiled)  # (B, D+1, V)
         results, rejected = [], []
-        for b, row in enumerate(rows):
-            accepted, final = self.verify(row, drafts[b], draft_scores[b], logits[b])
-            rejected.append(count - accepted)
-            # counted as alone: the drafts up to its budget and its first stop token (the rest is dropped)
-            own = self._own_drafts(drafts[b], budgets[b], row.stop_ids)
+        for b in rows:
+            accepted, final = self.verify(d, b, drafts[b], draft_scores[b], logits[b])
+            rejected.append(len(drafts[b]) - accepted)
+            own = self._own_drafts(drafts[b], shares[b], d.stop_ids)
             results.append(StepResult(drafts[b][:accepted] + [final], drafted=own, accepted=min(accepted, own)))
-        cache.rollback_rows(torch.tensor(rejected))
+        d.cache.rollback(rejected)
         return results
 
+    def metrics(self, model, metrics, samples, settings, context):
+        """The ideal speedup for the measured acceptance and this machine's pass costs, the measured speedup over
+        our autoregressive decoding (same layer code, so the ratio is the speculation's own gain), the efficiency
+        (measured / ideal) and the KV cache against autoregressive decoding's."""
+        drafts = draft_share(settings["num_speculations"], settings["max_steps"])
+        costs = measure_pass_costs(model, context, settings["exit_layer"], drafts + 1,
+                                   compiled=settings.get("compile", False))
+        ideal = self.ideal_speedup(costs, steps=sum(s.passes - 1 for s in samples),
+                                   drafted=sum(s.drafted for s in samples), accepted=sum(s.accepted for s in samples))
+        report = {"ideal_speedup_vs_autoregressive": ideal,
+                  "pass_costs_seconds": dataclasses.asdict(costs) | {"context": context}}
+        plain, mine = metrics.get(Autoregressive.name), metrics[self.name]
+        if plain:
+            speedup = mine["tokens_per_second_median"] / plain["tokens_per_second_median"]
+            report |= {"speedup_vs_autoregressive": speedup, "efficiency": speedup / ideal}
+            for key, name in (("kv_cache_bytes_max", "kv_cache"), ("peak_gpu_bytes_max", "peak_gpu_memory")):
+                if mine[key] and plain[key]:
+                    report[f"{name}_vs_autoregressive"] = mine[key] / plain[key]
+        return report
+
+    def report_lines(self, m):
+        """The speculation's own gain against its ideal, and its memory."""
+        lines = [f"{self.name}: ideal speedup over autoregressive {m['ideal_speedup_vs_autoregressive']:.2f}x "
+                 "(acceptance and pass costs measured here; model in README)"]
+        if "speedup_vs_autoregressive" in m:
+            lines[0] += f", measured {m['speedup_vs_autoregressive']:.2f}x, efficiency {100 * m['efficiency']:.0f}%"
+        if "kv_cache_vs_autoregressive" in m:
+            lines.append(f"{self.name}: KV cache {m['kv_cache_bytes_max'] / 2**20:.2f} MiB, "
+                         f"{m['kv_cache_vs_autoregressive']:.2f}x autoregressive's")
+        if "peak_gpu_memory_vs_autoregressive" in m:
+            lines.append(f"{self.name}: peak GPU memory {m['peak_gpu_memory_vs_autoregressive']:.2f}x "
+                         "autoregressive's")
+        return lines
+
     @staticmethod
-    def _own_drafts(drafts: list[int], budget: int, stop_ids: frozenset[int]) -> int:
-        """How many of a batch row's drafts it would have drafted alone (`step` stops at its budget and after a
-        stop token)."""
-        own = min(len(drafts), budget - 1)
+    def _own_drafts(drafts: list[int], share: int, stop_ids: frozenset[int]) -> int:
+        """How many of a row's drafts it would have drafted alone: its share, ending after a stop token."""
+        own = min(len(drafts), share)
         return next((i + 1 for i, token in enumerate(drafts[:own]) if token in stop_ids), own)
 
     @staticmethod
-    def verify(
-        d: Decoding, drafts: list[int], draft_scores: list[torch.Tensor], logits: torch.Tensor
-    ) -> tuple[int, int]:
-        """How many drafts the full model accepts, and the token it puts after them."""
+    def verify(d: Decoding, b: int, drafts: list[int], draft_scores: list, logits: torch.Tensor) -> tuple[int, int]:
+        """How many of row b's drafts the full model accepts, and the token it puts after them."""
         if not d.config.sample and not d.processors:
             targets = greedy(logits).tolist()
             n = 0
@@ -339,7 +341,7 @@ class SelfSpeculative(Strategy):
                 n += 1
             return n, targets[n]
         for i, draft in enumerate(drafts):
-            scores = d.scores(logits[i], drafts[:i])
+            scores = d.scores(b, logits[i], drafts[:i])
             if not d.config.sample:
                 target = int(greedy(scores))
                 if target != draft:
@@ -348,7 +350,7 @@ class SelfSpeculative(Strategy):
             p, q = probabilities(scores), probabilities(draft_scores[i])
             if not accept_draft(p, q, draft, d.generator):  # q <= p: always accepted
                 return i, sample(residual(p, q), d.generator)
-        return len(drafts), d.choose(d.scores(logits[len(drafts)], drafts))
+        return len(drafts), d.choose(d.scores(b, logits[len(drafts)], drafts))
 
 
 STRATEGIES: dict[str, type[Strategy]] = {

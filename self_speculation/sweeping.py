@@ -8,7 +8,8 @@ import json
 from pathlib import Path
 
 from . import distributed
-from .benchmarking import RUNNERS, Batch, summarize
+from .benchmarking import RUNNERS, Batch
+from .reporting import summarize
 from .equivalence import tally
 from .errors import UsageError
 from .results import append_line, write_json

@@ -6,7 +6,7 @@ import pytest
 
 import benchmark
 from arguments import pop_list, run
-from self_speculation.benchmarking import measure_pass_costs
+from self_speculation.costs import measure_pass_costs
 from self_speculation.costs import PassCosts
 from self_speculation.strategies import SelfSpeculative
 from self_speculation.loading import load

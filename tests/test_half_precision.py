@@ -61,14 +61,14 @@ def shift_verification_by_one(monkeypatch):
     """Verify every draft against the logits of the position before it."""
     real = strategies.SelfSpeculative.verify
     monkeypatch.setattr(strategies.SelfSpeculative, "verify", staticmethod(
-        lambda d, drafts, scores, logits: real(d, drafts, scores, torch.cat([logits[:1], logits[:-1]]))))
+        lambda d, b, drafts, scores, logits: real(d, b, drafts, scores, torch.cat([logits[:1], logits[:-1]]))))
 
 
 def verify_from_the_wrong_layer(monkeypatch):
     """Run the verification from one layer after the exit, skipping a layer."""
-    real = layers.remainder
-    monkeypatch.setattr(strategies.layers, "remainder", lambda model, hidden, cache, exit_layer, compiled=None:
-                        real(model, hidden, cache, exit_layer + 1, compiled))
+    real = layers.Decoder.remainder
+    monkeypatch.setattr(layers.Decoder, "remainder", lambda decoder, hidden, cache, exit_layer, compiled=None:
+                        real(decoder, hidden, cache, exit_layer + 1, compiled))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -194,7 +194,12 @@ def test_a_batch_in_half_precision_leaves_its_rows_only_at_near_ties(request, na
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_a_batch_with_rows_one_position_off_is_a_divergence(gqa_tied, monkeypatch, dtype):
     model = copy.deepcopy(gqa_tied).to(DTYPES[dtype])
-    real = layers._ragged_geometry
-    monkeypatch.setattr(layers, "_ragged_geometry", lambda lengths, *rest: real(lengths + 1, *rest))
+    real = layers.KVCache.begin
+
+    def one_position_off(cache, start, T, device, ragged=False):  # a batch's rows rotated and masked one late
+        positions = real(cache, start, T, device, ragged)
+        return positions + 1 if cache.slots is not None else positions
+
+    monkeypatch.setattr(layers.KVCache, "begin", one_position_off)
     counts = batch_statuses(model, speculative(2, 3))
     assert counts["divergence"] > counts["near_tie"]

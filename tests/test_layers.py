@@ -50,11 +50,11 @@ def test_early_exit_is_norm_and_head_of_that_layer(model, exit_layer):
 def test_remainder_over_exit_hiddens_completes_the_full_model(model, exit_layer):
     """Prefill 8 tokens, run 4 more through the first E layers one by one (as drafting does), then the rest of
     the layers over their cached exit-layer hidden states at once (as verification does)."""
-    cache = layers.new_cache()
-    layers.full_forward(model, IDS[:, :8], cache)
-    hiddens = [layers.exit_hidden(model, IDS[:, i : i + 1], cache, exit_layer) for i in range(8, 12)]
+    cache, decoder = layers.new_cache(), layers.Decoder(model)
+    decoder.full_forward(IDS[:, :8], cache)
+    hiddens = [decoder.exit_hidden(IDS[:, i : i + 1], cache, exit_layer) for i in range(8, 12)]
     assert cache.get_seq_length(0) == 12 and cache.get_seq_length(exit_layer) == 8
-    logits = layers.remainder(model, torch.cat(hiddens, dim=1), cache, exit_layer)
+    logits = decoder.remainder(torch.cat(hiddens, dim=1), cache, exit_layer)
     torch.testing.assert_close(logits, reference_logits(model)[:, 8:], atol=ATOL, rtol=RTOL)
 
 
@@ -64,7 +64,7 @@ def test_rollback_then_continue_equals_fresh_run(model, capacity):
     cache = layers.new_cache(capacity)
     layers.full_forward(model, IDS[:, :6], cache)
     layers.full_forward(model, torch.tensor([[90, 91, 92]]), cache)  # to be rejected
-    layers.rollback(cache, 3)
+    cache.rollback([3])
     assert cache.get_seq_length(0) == 6
     logits = layers.full_forward(model, IDS[:, 6:], cache)
     torch.testing.assert_close(logits, reference_logits(model)[:, 6:], atol=ATOL, rtol=RTOL)
@@ -95,10 +95,10 @@ def test_other_llama_layout_models(build, compiled):
     model = build()
     layers.check_forward(model)
     ids = torch.randint(0, 96, (1, 20), generator=torch.Generator().manual_seed(0))
-    cache = layers.new_cache(32)
-    passes = layers.CompiledPasses(model, {(0, 3, 1)}) if compiled else None
-    pieces = [layers.full_forward(model, ids[:, :12], cache, compiled=passes)]
-    pieces += [layers.full_forward(model, ids[:, i : i + 1], cache, compiled=passes) for i in range(12, 20)]
+    cache, decoder = layers.new_cache(32), layers.Decoder(model)
+    passes = layers.CompiledPasses(decoder, {(0, 3, 1)}) if compiled else None
+    pieces = [decoder.full_forward(ids[:, :12], cache, compiled=passes)]
+    pieces += [decoder.full_forward(ids[:, i : i + 1], cache, compiled=passes) for i in range(12, 20)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), reference_logits(model, ids), atol=ATOL, rtol=RTOL)
     assert not compiled or passes.shapes_run == {(0, 3, 1)}  # the one-token passes did run compiled
 
@@ -125,15 +125,21 @@ def test_model_with_the_layout_but_other_maths_is_refused(build, reason):
 
 
 def test_frozen_projections_are_joined_without_a_copy_and_trainable_ones_are_not():
+    """The parameters stay the same objects with the same values; their data becomes rows of the joined matrix,
+    and a second holder of the same model finds them joined (no copy)."""
     frozen = small(MistralConfig, MistralForCausalLM)
     trainable = small(MistralConfig, MistralForCausalLM).requires_grad_(True)
-    before = sum(p.numel() for p in frozen.parameters())
-    w = layers.layer_weights(frozen)[0]
+    parameters = dict(frozen.named_parameters())
+    values = {name: p.detach().clone() for name, p in parameters.items()}
+    w = layers.Weights(frozen)(0, 1)[0]
     attn = frozen.model.layers[0].self_attn
     assert w.qkv[0].shape == (64 + 2 * 32, 64) and w.gate_up[0].shape == (2 * 128, 64)
     assert attn.k_proj.weight.untyped_storage().data_ptr() == w.qkv[0].untyped_storage().data_ptr()
-    assert sum(p.numel() for p in frozen.parameters()) == before
-    assert layers.layer_weights(trainable)[0].qkv is None
+    assert dict(frozen.named_parameters()) == parameters  # the same Parameter objects, none added
+    assert all(torch.equal(p, values[name]) for name, p in frozen.named_parameters())
+    again = layers.Weights(frozen)(0, 1)[0]
+    assert again.qkv[0].data_ptr() == w.qkv[0].data_ptr() and again.gate_up[0].data_ptr() == w.gate_up[0].data_ptr()
+    assert layers.Weights(trainable)(0, 1)[0].qkv is None
     with torch.inference_mode():
         joined = layers.full_forward(frozen, IDS, layers.new_cache())
         torch.testing.assert_close(joined, reference_logits(frozen), atol=ATOL, rtol=RTOL)  # the modules still work
@@ -208,12 +214,12 @@ def test_ragged_batch_rows_equal_their_own_forward(model):
     rollbacks of different sizes per row; every row's logits are those of the row alone."""
     prompts = [IDS[0, :5].tolist(), IDS[0].tolist(), IDS[0, :8].tolist()]
     width = max(len(p) for p in prompts)
-    cache = layers.RaggedCache(16, batch=3)  # small: the buffers grow on the way
+    cache = layers.new_cache(16, batch=3)  # small: the buffers grow on the way
     logits = layers.full_forward(model, torch.tensor([p + [0] * (width - len(p)) for p in prompts]), cache)
     for row, prompt in enumerate(prompts):
         torch.testing.assert_close(logits[row, : len(prompt)], reference_logits(model, torch.tensor([prompt]))[0],
                                    atol=ATOL, rtol=RTOL)
-    cache.set_row_lengths(torch.tensor([len(p) for p in prompts]))
+    cache.set_row_lengths([len(p) for p in prompts])
     sequences = [list(p) for p in prompts]
     for new, rollback in (([[7], [8], [9]], None), ([[1, 2, 3], [4, 5, 6], [70, 80, 90]], [0, 2, 1]),
                           ([[10], [11], [12]], None), ([[13, 14, 15], [16, 17, 18], [19, 20, 21]], [3, 0, 2])):
@@ -223,5 +229,21 @@ def test_ragged_batch_rows_equal_their_own_forward(model):
             expected = reference_logits(model, torch.tensor([sequences[row]]))[0, -len(new[row]):]
             torch.testing.assert_close(out[row], expected, atol=ATOL, rtol=RTOL)
         if rollback:
-            cache.rollback_rows(torch.tensor(rollback))
+            cache.rollback(rollback)
             sequences = [s[: len(s) - r] for s, r in zip(sequences, rollback)]
+
+
+def test_a_model_saved_after_generating_reloads_with_the_same_logits(tmp_path):
+    """Generating joins the projections (the parameters read rows of one matrix); save_pretrained must still write
+    every weight whole, and AutoModelForCausalLM read them back."""
+    from transformers import AutoModelForCausalLM
+
+    from self_speculation import GenerationConfig, Generator
+
+    model = tiny_llama(num_layers=3, tied=False)
+    Generator(model, None, GenerationConfig(sample=False, max_steps=4)).generate_ids([0, 5, 17])
+    assert layers.Weights(model)(0, 1)[0].qkv is not None  # joined
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(reloaded(input_ids=IDS).logits, reference_logits(model), atol=0, rtol=0)

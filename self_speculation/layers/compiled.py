@@ -1,0 +1,106 @@
+"""Compiled passes: `runner.layer_pass` through torch.compile, over a cache's whole buffers.
+
+A pass compiled for (start, end, T) attends over its layers' whole buffers with what is not written yet masked,
+and writes at tensor positions, so one compilation serves every step and, the buffer length being marked dynamic,
+every cache capacity; for a batch, the batch size is marked dynamic too, so one compilation serves every batch
+size from 2 as rows leave.
+"""
+
+from collections.abc import Iterable
+from functools import partial
+
+import torch
+
+from .cache import KVCache, unseen
+from .runner import Decoder, layer_pass
+
+
+class _Buffers:
+    """What `layer_pass` needs of a cache inside a compiled pass: write keys and values at `positions`, return
+    the whole buffers, and mask what is not written yet (by the same rule as the eager cache)."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], positions: torch.Tensor, start: int):
+        self.keys, self.values, self.positions, self.start = keys, values, positions, start
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, index: int):
+        keys, values = self.keys[index - self.start], self.values[index - self.start]
+        if self.positions.dim() == 1:
+            keys.index_copy_(2, self.positions, key_states)
+            values.index_copy_(2, self.positions, value_states)
+        else:  # a batch: row b's tokens at its own positions (B, T)
+            slots = self.positions[:, None, :, None].expand_as(key_states)
+            keys.scatter_(2, slots, key_states)
+            values.scatter_(2, slots, value_states)
+        return keys, values
+
+    def mask(self, positions: torch.Tensor, window: int | None, hidden: torch.Tensor):
+        seen = ~unseen(positions, torch.arange(self.keys[0].shape[2], device=hidden.device), window)
+        return (seen if positions.dim() == 1 else seen[:, None]), 0
+
+
+def _over_buffers(model, weights, start, hidden, positions, keys, values):
+    return layer_pass(model, weights, start, hidden, positions, _Buffers(keys, values, positions, start))
+
+
+class _CompiledPass:
+    """One pass through torch.compile. All passes share `layer_pass`'s code, so its first call (which compiles)
+    keeps every value static but the marked ones: otherwise dynamo would take what differs between passes (layer
+    range, token count, another model's head counts) for dynamic values."""
+
+    def __init__(self, decoder: Decoder, start: int, end: int):
+        options = {"cpp_wrapper": True} if decoder.device.type == "cpu" else None  # less Python per call
+        self.run = torch.compile(partial(_over_buffers, decoder.model, tuple(decoder.weights(start, end)), start),
+                                 fullgraph=True, options=options)
+        self.compiled = False
+
+    def __call__(self, *args) -> torch.Tensor:
+        if self.compiled:
+            return self.run(*args)
+        with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=64):
+            out = self.run(*args)
+        self.compiled = True
+        return out
+
+
+class CompiledPasses:
+    """The passes a decoder runs through torch.compile, (start layer, end layer, new tokens), each compiled on its
+    first use. Whoever runs the passes holds this object (a Generator, a PassTimer): compiled code lives as long as
+    its holder, and a new holder compiles for its own model."""
+
+    def __init__(self, decoder: Decoder, shapes: Iterable[tuple[int, int, int]]):
+        self.decoder = decoder
+        self.shapes = frozenset(shapes)
+        self.passes: dict[tuple[int, int, int, bool], _CompiledPass] = {}  # (start, end, T, batch) -> its pass
+
+    @property
+    def shapes_run(self) -> set[tuple[int, int, int]]:
+        """The shapes (start layer, end layer, new tokens) that have run compiled."""
+        return {key[:3] for key in self.passes}
+
+    def run(self, hidden: torch.Tensor, cache: KVCache, start: int, end: int) -> torch.Tensor | None:
+        """The pass over `hidden` (B, T, H) compiled, or None where this shape is not compiled or cannot run yet
+        (the first pass allocates the cache's buffers; a full buffer would have to grow): the caller then runs
+        the layers op by op."""
+        B, T = hidden.shape[:2]
+        run = cache.layers[start:end]
+        if (start, end, T) not in self.shapes or len(run) < end - start or not all(l.is_initialized for l in run):
+            return None
+        if run[0].longest + T > run[0].keys.shape[2]:
+            return None
+        many = B > 1  # a batch always at (B, T) positions: one compilation whether its rows' lengths agree or not
+        positions = cache.begin(start, T, hidden.device, ragged=many)
+        keys, values = [layer.keys for layer in run], [layer.values for layer in run]
+        if not hasattr(run[0].keys, "_dynamo_dynamic_indices"):
+            for buffer in keys + values:
+                torch._dynamo.mark_dynamic(buffer, 2)  # the capacity: one compilation for every cache size
+                if many:
+                    torch._dynamo.mark_dynamic(buffer, 0)
+        if many:
+            torch._dynamo.mark_dynamic(hidden, 0)
+            torch._dynamo.mark_dynamic(positions, 0)
+        key = (start, end, T, many)
+        if key not in self.passes:
+            self.passes[key] = _CompiledPass(self.decoder, start, end)
+        out = self.passes[key](hidden, positions, keys, values)
+        cache.wrote(start, end, T)
+        return out

@@ -1,0 +1,111 @@
+"""A benchmark's results: each strategy's speed and quality metrics, the comparison with hf_generate, and the
+printed report. A strategy of the table adds its own metrics and lines through its hooks (`Strategy.metrics`,
+`Strategy.report_lines`)."""
+
+import statistics
+
+from .benchmarking import Runner, Sample
+from .config import GenerationConfig
+from .costs import typical_context
+from .equivalence import tally
+from .metrics import quality
+from .strategies import STRATEGIES
+
+
+def summarize(samples: list[Sample]) -> dict:
+    """Speed metrics of one strategy over its samples: medians over batches (a sample alone is a batch of one;
+    a batch's throughput is the tokens of all its rows over its wall time), totals over all of them."""
+    tokens = sum(len(s.tokens) for s in samples)
+    batches: dict[int, list[Sample]] = {}
+    for i, s in enumerate(samples):
+        batches.setdefault(s.batch if s.batch >= 0 else -1 - i, []).append(s)
+    times = [(sum(len(s.tokens) for s in rows), rows[0].total_time) for rows in batches.values()]
+    total_time = sum(t for _, t in times)
+    drafted = sum(s.drafted for s in samples)
+    passes = sum(s.passes for s in samples)
+    first = [s.time_to_first_token for s in samples if s.time_to_first_token is not None]
+    return {
+        "samples": len(samples),
+        "rows_per_batch": max(len(rows) for rows in batches.values()),
+        "tokens": tokens,
+        "tokens_per_second_median": statistics.median(n / t if t > 0 else 0.0 for n, t in times),
+        "tokens_per_second_overall": tokens / total_time if total_time else 0.0,
+        "time_per_token_median": statistics.median(t / max(n, 1) for n, t in times),
+        "total_time": total_time,
+        "time_to_first_token_median": statistics.median(first) if first else None,
+        "acceptance_rate": sum(s.accepted for s in samples) / drafted if drafted else None,
+        "tokens_per_full_model_pass": tokens / passes if passes else None,
+        "kv_cache_bytes_max": max((s.cache_bytes for s in samples if s.cache_bytes is not None), default=None),
+        "peak_gpu_bytes_max": max((s.peak_gpu_bytes for s in samples if s.peak_gpu_bytes is not None), default=None),
+    }
+
+
+def compare(model, tokenizer, config: GenerationConfig, runners: dict[str, Runner], samples: list[Sample],
+            prompts: list[list[int]], references: list[str]) -> dict:
+    """The metrics of every strategy: speed, quality against the references, speedup over hf_generate and, when
+    greedy, its outputs against hf_generate's (near ties and divergences apart); and what each of our strategies
+    adds (`Strategy.metrics`)."""
+    by_strategy = {name: sorted((s for s in samples if s.strategy == name), key=lambda s: s.prompt_id)
+                   for name in runners}
+    metrics = {}
+    for name, strategy_samples in by_strategy.items():
+        outputs = [tokenizer.decode(s.tokens, skip_special_tokens=True) for s in strategy_samples]
+        metrics[name] = summarize(strategy_samples) | quality(outputs, references)
+        if runners[name].alone is not None:
+            metrics[name]["one_at_a_time"] = runners[name].alone
+    baseline = metrics.get("hf_generate")
+    for name, m in metrics.items():
+        if baseline:
+            m["speedup_vs_hf_generate"] = m["tokens_per_second_median"] / baseline["tokens_per_second_median"]
+            if not config.sample:  # near ties: rounding flips where the two best logits are closer than it
+                counts = tally(model, prompts, [s.tokens for s in by_strategy["hf_generate"]],
+                               [s.tokens for s in by_strategy[name]])
+                m["outputs_differing_from_hf_generate"] = counts["differing"]
+                m["near_ties_vs_hf_generate"] = counts["near_ties"]
+                m["divergences_vs_hf_generate"] = counts["divergences"]
+    context = typical_context([len(p) for p in prompts], config.max_steps)
+    for name in metrics:
+        if name in STRATEGIES:
+            metrics[name] |= STRATEGIES[name]().metrics(model, metrics, by_strategy[name], runners[name].settings,
+                                                         context)
+    return metrics
+
+
+def report(metrics: dict, profiles: dict) -> str:
+    """What benchmark.py prints: the table, the speculation's lines, the profiles."""
+    lines = [format_table(metrics)]
+    if any(m["rows_per_batch"] > 1 for m in metrics.values()):
+        lines += [f"{name}: one prompt at a time ({m['one_at_a_time']}); its figures are batch-1 figures"
+                  for name, m in metrics.items() if "one_at_a_time" in m]
+    lines += [line for name, m in metrics.items() if name in STRATEGIES for line in STRATEGIES[name]().report_lines(m)]
+    lines += [format_profile(name, p) for name, p in profiles.items()]
+    return "\n".join(lines)
+
+
+def format_table(metrics: dict) -> str:
+    def cell(value, fmt):
+        return "-" if value is None else format(value, fmt)
+
+    lines = ["| strategy | tokens/s (median) | ms/token | acceptance | tokens/pass | speedup vs hf_generate | "
+             "outputs ≠ hf (near ties, divergences) |",
+             "|---|---|---|---|---|---|---|"]
+    for name, m in metrics.items():
+        acceptance = None if m["acceptance_rate"] is None else 100 * m["acceptance_rate"]
+        lines.append(f"| {name} | {m['tokens_per_second_median']:.1f} | {1000 * m['time_per_token_median']:.2f} | "
+                     f"{cell(acceptance, '.1f')}{'%' if acceptance is not None else ''} | "
+                     f"{cell(m['tokens_per_full_model_pass'], '.2f')} | {cell(m.get('speedup_vs_hf_generate'), '.2f')}x | "
+                     f"{differing(m)} |")
+    return "\n".join(lines)
+
+
+def differing(m: dict) -> str:
+    if "outputs_differing_from_hf_generate" not in m:
+        return "-"
+    count = m["outputs_differing_from_hf_generate"]
+    return f"{count} ({m['near_ties_vs_hf_generate']}, {m['divergences_vs_hf_generate']})" if count else "0"
+
+
+def format_profile(name: str, p: dict) -> str:
+    top = ", ".join(f"{t['operator'].removeprefix('aten::')} {100 * t['share']:.0f}%" for t in p["top"][:5])
+    return (f"profile {name}: {p['operators_per_token']:.0f} operators/token, "
+            f"{p['operator_time_per_token_us']:.0f} us/token in operators; {top}")

@@ -3,6 +3,7 @@ training joins the group with the backend its device needs and agrees on numbers
 with plain python, everything here is a no-op for a single process."""
 
 import os
+import time
 from collections.abc import Callable
 
 import torch
@@ -43,7 +44,12 @@ def gather(local: list) -> list | None:
 
 
 def teardown() -> None:
+    """Leave the process group once every process has finished. gloo's worker threads drop a finished collective's
+    tensors under the GIL; a process group destroyed while one of them waits for it deadlocks in its destructor,
+    which joins them (seen at the end of a 2-process training run), so they get the GIL first."""
     if dist.is_initialized():
+        dist.barrier()
+        time.sleep(0.1)
         dist.destroy_process_group()
 
 

@@ -542,6 +542,7 @@ def train(config: TrainConfig) -> Path:
                 save_checkpoint(out / UNSHARDED_CHECKPOINT, model, optimizer, scheduler, dropout_random, step, elapsed,
                                 config, scaler)
                 drop_checkpoint(sharding.existing(out / SHARDED_CHECKPOINT))  # one left by an earlier sharded run
+    del forward  # DDP's reducer holds the process group: released here, while the group is alive, not after
     final = out / "model"
     layout = {"processes": world, "fsdp": config.fsdp, "parameter_bytes_per_process": held,
               "optimizer_state_bytes_per_process": distributed.gather([sharding.local_state_bytes(optimizer)])}
@@ -555,7 +556,6 @@ def train(config: TrainConfig) -> Path:
         if config.recommend:
             with writing(final):
                 print(recommend_settings(final, device))
-    distributed.barrier()
     distributed.teardown()
     return final
 

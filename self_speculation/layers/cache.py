@@ -65,9 +65,9 @@ class KVLayer(CacheLayerMixin):
     def longest(self) -> int:
         return max(self.lengths)
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, slots=None, **kwargs):
-        """Write T new positions per row, at `slots` (B, T) when the rows' lengths differ; return the buffers up
-        to the longest row."""
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, slots=None, rows=None, **kwargs):
+        """Write T new positions per row, at `slots` (B, T) of `rows` (B, 1) when the rows' lengths differ; return
+        the buffers up to the longest row."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         T = key_states.shape[2]
@@ -79,7 +79,6 @@ class KVLayer(CacheLayerMixin):
             self.keys.narrow(2, start, T).copy_(key_states)
             self.values.narrow(2, start, T).copy_(value_states)
         else:
-            rows = torch.arange(len(self.lengths), device=slots.device)[:, None]
             self.keys[rows, :, slots] = key_states.transpose(1, 2)  # (B, T, heads, head_dim) into row b's slots
             self.values[rows, :, slots] = value_states.transpose(1, 2)
         self.lengths = [length + T for length in self.lengths]
@@ -115,6 +114,7 @@ class KVCache(Cache):
         self.batch = batch
         self.past: list[int] = []  # the rows' lengths where the running pass began
         self.slots: torch.Tensor | None = None  # (B, T) where it writes, when those lengths differ
+        self.rows: torch.Tensor | None = None  # (B, 1) row indices for those writes, made once per pass
 
     def lengths(self, layer: int) -> list[int]:
         """What each row holds in `layer` (zeros before the layer's first pass)."""
@@ -129,10 +129,11 @@ class KVCache(Cache):
             self.slots = None
             return torch.arange(self.past[0], self.past[0] + T, device=device)
         self.slots = torch.tensor(self.past, device=device)[:, None] + torch.arange(T, device=device)
+        self.rows = torch.arange(len(self.past), device=device)[:, None]
         return self.slots
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        return super().update(key_states, value_states, layer_idx, slots=self.slots)
+        return super().update(key_states, value_states, layer_idx, slots=self.slots, rows=self.rows)
 
     def mask(self, positions: torch.Tensor, window: int | None,
              hidden: torch.Tensor) -> tuple[torch.Tensor | None, int]:
@@ -170,13 +171,10 @@ class KVCache(Cache):
                 layer.keys, layer.values = layer.keys[index], layer.values[index]
         self.batch = len(rows)
 
-    def nbytes(self) -> int:
-        return sum(t.nbytes for layer in self.layers if layer.is_initialized for t in (layer.keys, layer.values))
-
 
 def new_cache(capacity: int = 256, batch: int = 1) -> KVCache:
     return KVCache(capacity, batch)
 
 
 def cache_bytes(cache: KVCache) -> int:
-    return cache.nbytes()
+    return sum(t.nbytes for layer in cache.layers if layer.is_initialized for t in (layer.keys, layer.values))

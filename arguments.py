@@ -162,11 +162,13 @@ class _Parser(HfArgumentParser):
 
 def parse(types: tuple[type, ...], argv: list[str] | None = None, help: dict[str, str] | None = None) -> tuple:
     """Parse argv (default: sys.argv[1:]) into one instance of each dataclass; bad input raises UsageError.
-    `help` replaces the help text of flags a script reads differently (and drops their listed choices)."""
+    `help` replaces the help text of flags a script reads differently (and drops their listed choices): text, or
+    (text, metavar); the metavar is NAMES unless given."""
     parser = _Parser(types)
     for flag, text in (help or {}).items():
         action = parser._option_string_actions[flag]
-        action.help, action.choices, action.metavar = text, None, "NAMES"
+        text, metavar = (text, "NAMES") if isinstance(text, str) else text
+        action.help, action.choices, action.metavar = text, None, metavar
     _, unknown = parser.parse_known_args(args=argv)
     if unknown:
         raise UsageError(parser.unknown(unknown[0]))

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from arguments import (MAX_WARMUP, SAMPLING, DatasetBatchArguments, DataArguments, GenerationArguments, ModelArguments, parse,
-                       pop_list, run, warn_ignored)
+from arguments import (MAX_WARMUP, SAMPLING, DatasetBatchArguments, DataArguments, GenerationArguments, ModelArguments,
+                       given_flags, parse, pop_list, run, warn_ignored)
 from self_speculation import UsageError
 from self_speculation.errors import check_range
-from self_speculation.benchmarking import RUNNERS, profile, record
+from self_speculation.benchmarking import RUNNERS, cost_meter, decoded_context, profile, record
 from self_speculation.reporting import compare, report
 from self_speculation.generator import check_prompt_lengths
 from self_speculation import distributed
@@ -40,7 +40,21 @@ class BenchmarkArguments:
 
 ARGUMENTS = (ModelArguments, GenerationArguments, DataArguments, DatasetBatchArguments, BenchmarkArguments)
 HELP = {"--generation_strategy": f"strategies to compare, comma-separated (or the flag given again), from: "
-                                 f"{', '.join(RUNNERS)}"}
+                                 f"{', '.join(RUNNERS)}",
+        "--compile": ("run the decoding passes through torch.compile (True/False), or both: every strategy eager "
+                      "and compiled, interleaved batch by batch, as rows NAME and NAME+compiled", "{True,False,both}")}
+COMPILED = "+compiled"
+
+
+def pop_compile_both(argv: list[str]) -> bool:
+    """Remove `--compile both` (or `--compile=both`) from argv: True where it was given."""
+    for i, item in enumerate(argv):
+        if item in ("--compile", "--compile=both") and (item.endswith("both") or argv[i + 1 : i + 2] == ["both"]):
+            del argv[i : i + (1 if item.endswith("both") else 2)]
+            if "compile" in given_flags(argv):
+                raise UsageError("--compile is given twice")
+            return True
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in strategies if s not in RUNNERS]
     if unknown:
         raise UsageError(f"--generation_strategy: unknown {', '.join(unknown)} (choose from {', '.join(RUNNERS)})")
+    both = pop_compile_both(argv)
     model_args, config, data_args, batching, args = parse(ARGUMENTS, argv, help=HELP)
     if not config.sample and distributed.rank() == 0:
         warn_ignored(argv, SAMPLING, "greedy decoding (--sample False)")
@@ -56,13 +71,20 @@ def main(argv: list[str] | None = None) -> int:
     examples = data_args.load(model_args.seed)
     distributed.setup()
     model, tokenizer = model_args.load()
-    runners = {name: RUNNERS[name](model, tokenizer, config, model_args.seed) for name in strategies}
+    variants = {"": False, COMPILED: True} if both else {"": config.compile}
+    runners = {name + variant: dataclasses.replace(
+        RUNNERS[name](model, tokenizer, dataclasses.replace(config, compile=compiled), model_args.seed), variant=variant)
+        for name in strategies for variant, compiled in variants.items()}
+    meters = {variant: meter for variant in variants if (meter := cost_meter(runners, variant)) is not None}
     prompts = [tokenizer(e.prompt).input_ids for e in examples]
     check_prompt_lengths(model, prompts)
     batches = batching.batches(prompts)
     for _ in range(args.warmup):
         for runner in runners.values():
             runner.run_batch(batches[0])
+    for meter in meters.values():  # compiles what the timed runs will run, and warms it up
+        meter.measure(len(batches[0].prompts), max(len(p) for p in batches[0].prompts))
+        meter.times.clear()
     stem = new_run(out, "benchmark")
     progress = tqdm(total=len(distributed.shard(batches)), desc="batches" if batching.batch_size > 1 else "examples",
                     disable=distributed.rank() != 0)
@@ -70,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     def every_strategy(index, batch):  # in turn on each batch, so that they share the machine's conditions
         samples = [dataclasses.replace(sample, strategy=name) for name, runner in runners.items()
                    for sample in runner.run_batch(batch, index)]
+        for meter in meters.values():  # and the passes timed alone beside them, at this batch's size and context
+            meter.measure(len(batch.prompts), decoded_context(prompts, samples))
         progress.update()
         return samples
 
@@ -83,13 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     if per_batch is None:
         return 0
     metrics = compare(model, tokenizer, config, runners, [s for samples in per_batch for s in samples], prompts,
-                      [e.reference for e in examples])
+                      [e.reference for e in examples], {variant: meter.costs() for variant, meter in meters.items()})
     profiles = {name: profile(runner, prompts[0]) for name, runner in runners.items()} if args.profile else {}
-    print(report(metrics, profiles))
+    print(report(metrics, profiles, runners))
     write_json(stem.with_suffix(".json"), {
         "run_id": stem.name,
         "arguments": {"model": dataclasses.asdict(model_args), "generation": dataclasses.asdict(config),
-                      "data": dataclasses.asdict(data_args), "strategies": strategies,
+                      "data": dataclasses.asdict(data_args), "strategies": strategies, "compile_both": both,
                       "benchmark": dataclasses.asdict(args) | batching.settings()},
         "settings": {name: r.settings for name, r in runners.items()},
         "metrics": metrics,

@@ -50,7 +50,7 @@ class SweepArguments:
         check_range("--warmup", self.warmup, 0, MAX_WARMUP)
 
 
-IGNORED = ("generation_strategy", "exit_layer", "num_speculations")  # the sweep sets them at every point
+IGNORED = ("generation_strategy", "exit_layer", "num_speculations", "batch_drafts")  # the sweep sets them at every point
 
 
 ARGUMENTS = (ModelArguments, GenerationArguments, DataArguments, DatasetBatchArguments, SweepArguments)
@@ -86,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     baseline = directory.baseline(model, tokenizer, config, model_args.seed, batches, args.warmup)
     todo = [p for p in points if p not in done]
     for exit_layer, num_speculations in tqdm(todo, desc="sweep", unit="point", disable=distributed.rank() != 0):
-        point = dataclasses.replace(config, exit_layer=exit_layer, num_speculations=num_speculations)
+        # every point drafts exactly its num_speculations at every batch size: a sweep measures the grid
+        point = dataclasses.replace(config, exit_layer=exit_layer, num_speculations=num_speculations,
+                                    batch_drafts=False)
         samples = run_shared(RUNNERS["self_speculative"](model, tokenizer, point, model_args.seed), batches)
         if samples is not None:  # rank 0 writes the row
             directory.write_point(model, point, samples, prompts, baseline)

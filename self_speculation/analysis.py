@@ -148,7 +148,7 @@ def measure_costs(model, traces: list[GreedyTrace], exit_layers: list[int], max_
     is every exit layer's baseline. Measure them on a quiet machine: another process's load changes pass times by
     more than the differences between neighbouring exit layers."""
     context = typical_context([t.prompt_tokens for t in traces], max(t.budget for t in traces))
-    timer = PassTimer(model, context, max_speculations + 1, repeats=repeats)
+    timer = PassTimer(layers.Decoder(model), context, max_speculations + 1, repeats=repeats)
     full = timer.median_time(0, layers.num_layers(model), 1)[0]
     return {e: timer.costs(e, max_speculations + 1, full) for e in exit_layers}
 

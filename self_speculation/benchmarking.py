@@ -1,6 +1,7 @@
 """The runners a benchmark compares on the same prompts: ours (the strategy table) and Hugging Face's peers."""
 
 import dataclasses
+import statistics
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -10,7 +11,7 @@ import torch
 from transformers import CompileConfig
 
 from .config import GenerationConfig
-from .costs import sync_device
+from .costs import CostMeter, sync_device
 from .generator import Generator
 from .strategies import STRATEGIES, SelfSpeculative, configured
 
@@ -58,6 +59,8 @@ class Runner:
     # `alone` gives (printed under a batched benchmark's table)
     run_together: Callable[[list[list[int]]], list[Sample]] | None = None
     alone: str | None = None
+    generator: Generator | None = None  # ours: its strategy adds metrics and report lines
+    variant: str = ""  # "+compiled" for the compiled half of `benchmark.py --compile both`
 
     def run_batch(self, batch: Batch, index: int = 0) -> list[Sample]:
         """Batch number `index` as one batch, or one prompt after another where the runner takes one at a time.
@@ -89,9 +92,25 @@ def _ours(name: str):
                 results = generator.generate_batch(prompts)
             return [sample(r, peak) for r in results]
 
-        return Runner(run, dataclasses.asdict(generator.config), run_together)
+        return Runner(run, dataclasses.asdict(generator.config), run_together, generator=generator)
 
     return build
+
+
+def cost_meter(runners: dict[str, Runner], variant: str = "") -> CostMeter | None:
+    """What times the passes beside a benchmark's runs of one variant (eager, or "+compiled"): the generator of
+    ours whose cost model needs the most passes timed, its decoder and compiled passes; None without ours."""
+    ours = [r.generator for r in runners.values() if r.generator is not None and r.variant == variant]
+    if not ours:
+        return None
+    needs = {id(g): g.strategy.timed_passes(g.config) for g in ours}
+    chosen = max(ours, key=lambda g: (needs[id(g)][1], needs[id(g)][0] is not None))
+    return CostMeter(chosen.decoder, chosen.compiled, *needs[id(chosen)])
+
+
+def decoded_context(prompts: list[list[int]], samples: list[Sample]) -> int:
+    """The cache a batch's steps attended over, on average: each row's prompt and half of what it generated."""
+    return round(statistics.mean(len(prompts[s.prompt_id]) + len(s.tokens) / 2 for s in samples))
 
 
 def _hf_kwargs(model, tokenizer, config: GenerationConfig) -> dict:

@@ -27,6 +27,12 @@ class GenerationConfig:
         default=-1,
         metadata={"help": "tokens drafted per verification (>= 1) for self_speculative; -1: the model's recommendation"},
     )
+    batch_drafts: bool = field(
+        default=True,
+        metadata={"help": "self_speculative at batch sizes above 1 drafts as many tokens per step (0 to "
+                          "--num_speculations; 0 is autoregressive decoding) as this machine's pass costs at that "
+                          "batch size and the acceptance seen so far make fastest; False: always --num_speculations"},
+    )
     compile: bool = field(
         default=False,
         metadata={"help": "run the decoding passes through torch.compile: faster per token, after about half a "

@@ -1,6 +1,7 @@
 """What the passes of decoding cost on this machine: the numbers every strategy's cost model reads, and the timer
 that measures them."""
 
+import dataclasses
 import statistics
 import time
 from dataclasses import dataclass
@@ -47,23 +48,28 @@ class PassCosts:
 
 
 class PassTimer:
-    """Times passes of layers over a cache holding `context` positions, as decoding runs them (through
-    torch.compile for the `compiled` shapes); every pass is rolled back after it, so the context stays put."""
+    """Times passes of layers over a cache of `rows` rows holding `context` positions each, as decoding runs them
+    (through `compiled`, a `CompiledPasses` over the same decoder, where it holds their shape); every pass is
+    rolled back after it, so the context stays put."""
 
-    def __init__(self, model, context: int, max_positions: int, compiled=(), repeats: int = 15):
-        self.decoder, self.repeats = layers.Decoder(model), repeats
-        self.device = self.decoder.device
-        self.cache = layers.new_cache(context + max_positions)
-        self.compiled = layers.CompiledPasses(self.decoder, compiled)
+    def __init__(self, decoder: layers.Decoder, context: int, max_positions: int,
+                 compiled: layers.CompiledPasses | None = None, rows: int = 1, repeats: int = 15):
+        self.decoder, self.compiled, self.rows, self.repeats = decoder, compiled, rows, repeats
+        self.device = decoder.device
+        self.cache = layers.new_cache(context + max_positions, rows)
         with torch.inference_mode():
-            self.decoder.full_forward(torch.zeros((1, context), dtype=torch.long, device=self.device), self.cache)
+            self.decoder.full_forward(self.tokens(context), self.cache)
+
+    def tokens(self, positions: int) -> torch.Tensor:
+        return torch.zeros((self.rows, positions), dtype=torch.long, device=self.device)
 
     @torch.inference_mode()
-    def median_time(self, start: int, end: int, positions: int, with_head: bool = False) -> tuple[float, float]:
-        """Median seconds of the layers [start, end) over `positions` new positions, and of the head after them."""
-        hidden = self.decoder.embed(torch.zeros((1, positions), dtype=torch.long, device=self.device))
+    def times(self, start: int, end: int, positions: int, with_head: bool = False) -> list[tuple[float, float]]:
+        """Seconds of each timed run of the layers [start, end) over `positions` new positions, and of the head
+        after them (0 without it); two runs before them warm up."""
+        hidden = self.decoder.embed(self.tokens(positions))
         times = []
-        for _ in range(self.repeats + 2):  # the first two warm up
+        for _ in range(self.repeats + 2):
             sync_device(self.device)
             begin = time.perf_counter()
             out = self.decoder.run_layers(hidden, self.cache, start, end, self.compiled)
@@ -75,22 +81,64 @@ class PassTimer:
             times.append((middle - begin, time.perf_counter() - middle))
             for layer in self.cache.layers[start:end]:
                 layer.crop(-positions)
-        return tuple(statistics.median(t[i] for t in times[2:]) for i in (0, 1))
+        return times[2:]
+
+    def median_time(self, start: int, end: int, positions: int, with_head: bool = False) -> tuple[float, float]:
+        """Median seconds of the layers [start, end) over `positions` new positions, and of the head after them."""
+        times = self.times(start, end, positions, with_head)
+        return tuple(statistics.median(t[i] for t in times) for i in (0, 1))
+
+    def samples(self, exit_layer: int | None, max_positions: int) -> dict:
+        """Every timed run of the passes of `PassCosts` (without an exit layer: the full pass and the head)."""
+        count = self.decoder.num_layers
+        full = self.times(0, count, 1, with_head=True)
+        samples = {"full": [t[0] for t in full], ("head", 1): [t[1] for t in full]}
+        if exit_layer is not None:
+            samples["draft"] = [t[0] for t in self.times(0, exit_layer, 1)]
+            for positions in range(1, max_positions + 1):
+                verify = self.times(exit_layer, count, positions, with_head=True)
+                samples[("verify", positions)] = [t[0] for t in verify]
+                samples[("head", positions)] = [t[1] for t in verify]
+        return samples
 
     def costs(self, exit_layer: int, max_positions: int, full: float | None = None) -> PassCosts:
         """The passes of self-speculation at `exit_layer`; `full` reuses a full pass timed before."""
-        count = self.decoder.num_layers
-        verify, head = {}, {}
-        for positions in range(1, max_positions + 1):
-            verify[positions], head[positions] = self.median_time(exit_layer, count, positions, with_head=True)
-        draft = self.median_time(0, exit_layer, 1)[0]
-        return PassCosts(draft, verify, self.median_time(0, count, 1)[0] if full is None else full, head)
+        costs = medians(self.samples(exit_layer, max_positions), exit_layer, max_positions)
+        return costs if full is None else dataclasses.replace(costs, full=full)
 
 
-def measure_pass_costs(model, context: int, exit_layer: int, max_positions: int, compiled: bool = False,
-                       repeats: int = 15) -> "PassCosts":
-    """Median times of the passes of `PassCosts` after `context` cached positions, run as decoding runs them
-    (through torch.compile for the compiled shapes when `compiled`)."""
-    count = layers.num_layers(model)
-    passes = {(0, exit_layer, 1), (exit_layer, count, max_positions), (0, count, 1)} if compiled else ()
-    return PassTimer(model, context, max_positions, passes, repeats).costs(exit_layer, max_positions)
+def medians(samples: dict, exit_layer: int | None, max_positions: int) -> PassCosts:
+    """`PassCosts` from the timed runs of `PassTimer.samples`; without an exit layer only `full` and `head[1]`
+    were timed, and the rest repeat them."""
+    median = {key: statistics.median(times) for key, times in samples.items()}
+    if exit_layer is None:
+        return PassCosts(median["full"], {1: median["full"]}, median["full"], {1: median[("head", 1)]})
+    positions = range(1, max_positions + 1)
+    return PassCosts(median["draft"], {t: median[("verify", t)] for t in positions}, median["full"],
+                     {t: median[("head", t)] for t in positions})
+
+
+class CostMeter:
+    """Pass costs timed beside decoding. After each batch a benchmark decodes, `measure` times every pass a few
+    times for that batch's rows over the context it decoded at, so that the passes see the machine as the
+    decoding did: its speed drifts by a quarter from one minute to the next, and passes timed once, after the
+    run, predicted a different machine (ideal speedups of 1.85x and 1.51x for one command). `costs()` is the
+    median of all the times taken. The passes are still timed alone: the ideal has no overhead between them.
+    They run as a generator runs them: its decoder, through its compiled passes where it has them."""
+
+    def __init__(self, decoder: layers.Decoder, compiled: layers.CompiledPasses | None, exit_layer: int | None,
+                 max_positions: int, repeats: int = 5):
+        self.decoder, self.compiled = decoder, compiled
+        self.exit_layer, self.max_positions, self.repeats = exit_layer, max_positions, repeats
+        self.times: dict = {}
+        self.contexts: list[int] = []
+
+    def measure(self, rows: int, context: int) -> None:
+        timer = PassTimer(self.decoder, context, self.max_positions, self.compiled, rows, self.repeats)
+        for key, times in timer.samples(self.exit_layer, self.max_positions).items():
+            self.times.setdefault(key, []).extend(times)
+        self.contexts.append(context)
+
+    def costs(self) -> PassCosts | None:
+        """The medians, as `PassCosts`; None before any measurement."""
+        return medians(self.times, self.exit_layer, self.max_positions) if self.times else None

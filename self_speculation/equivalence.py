@@ -113,12 +113,13 @@ class _RecordingVerifier(SelfSpeculative):
     that chose it, by the token's index in the whole sequence."""
 
     def __init__(self):
+        super().__init__()
         self.rows: dict[int, torch.Tensor] = {}
 
-    def verify(self, d, b, drafts, draft_scores, logits):
-        accepted, final = super().verify(d, b, drafts, draft_scores, logits)
-        for j in range(accepted + 1):  # row j chose the token after sequence + drafts[:j]
-            self.rows[len(d.sequences[b]) + j] = logits[j].clone()
+    def verify(self, d, contexts, drafts, draft_scores, logits):
+        accepted, final = super().verify(d, contexts, drafts, draft_scores, logits)
+        for j in range(int(accepted[0]) + 1):  # row j chose the token after sequence + drafts[:j] (one prompt)
+            self.rows[len(d.sequences[0]) + j] = logits[0, j].clone()
         return accepted, final
 
 

@@ -8,9 +8,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import layers
 from .config import GenerationConfig
-from .costs import sync_device
+from .costs import sync_device, typical_context
 from .errors import UsageError, check_text
-from .sampling import processors
+from .sampling import Processing
 from .stopping import StopCondition
 from .strategies import Decoding, configured
 
@@ -105,6 +105,8 @@ class Generator:
         self.decoder = layers.Decoder(model)
         passes = self.strategy.passes(config, self.decoder.num_layers) if config.compile else ()
         self.compiled = layers.CompiledPasses(self.decoder, passes) if passes else None
+        self.graphs = self.compiled is not None and self.compiled.graphs
+        self.caches: dict[tuple[int, int], layers.KVCache] = {}  # with CUDA graphs: (rows, capacity) -> cache
         self.device = self.decoder.device
         self.random = torch.Generator(device=self.device).manual_seed(seed)
         self.context_length = context_length(model)
@@ -156,9 +158,23 @@ class Generator:
         held beside a lone running one (a compiled pass serves every batch size from 2: a lone row would compile
         again, in the middle of a timed run)."""
         kept = [b for b, go in enumerate(running) if go]
+        if self.graphs:  # CUDA graphs replay over the buffers they were recorded with: rows stay where they are
+            return list(range(len(running)))
         if len(kept) == 1 and self.compiled is not None and len(running) > 1:
             kept = sorted(kept + [running.index(False)])
         return kept
+
+    def _cache(self, capacity: int, rows: int) -> layers.KVCache:
+        """A new cache; with CUDA graphs, the one of this size and capacity bucket kept from an earlier generation
+        (its buffers are where the graphs were recorded), emptied."""
+        if not self.graphs:
+            return layers.new_cache(capacity, rows)
+        key = (rows, layers.capacity_bucket(capacity))
+        if key in self.caches:
+            self.caches[key].reset()
+        else:
+            self.caches[key] = layers.new_cache(key[1], rows)
+        return self.caches[key]
 
     def generate_batch(self, prompts: list[list[int]], shrink: bool = SHRINK_BATCHES,
                        streamer=None) -> list[GenerationResult]:
@@ -177,10 +193,12 @@ class Generator:
         lengths = [len(p) for p in prompts]
         # room for the whole generation and what a step writes past it, so the cache never reallocates
         capacity = max(lengths) + max(budgets) + self.strategy.cache_room(self.config, max(budgets))
-        d = Decoding(decoder=self.decoder, config=self.config, cache=layers.new_cache(capacity, len(prompts)),
-                     sequences=[list(p) for p in prompts], processors=processors(self.config), generator=self.random,
+        drafts = self.strategy.draft_length(self.decoder, self.config, len(prompts),
+                                            typical_context(lengths, max(budgets)), self.compiled)
+        d = Decoding(decoder=self.decoder, config=self.config, cache=self._cache(capacity, len(prompts)),
+                     sequences=[list(p) for p in prompts], processing=Processing(self.config), generator=self.random,
                      stop_ids=self.stop.token_ids, on_draft=getattr(streamer, "put_draft", None),
-                     compiled=self.compiled)
+                     compiled=self.compiled, drafts=drafts)
         results = all_results = [self._new_result(len(p)) for p in prompts]
         padded = torch.tensor([p + [p[-1]] * (max(lengths) - len(p)) for p in prompts], device=self.device)
         first, largest = None, 0
@@ -189,7 +207,7 @@ class Generator:
             start = time.perf_counter()
             try:
                 logits = self.strategy.prefill(d, padded, lengths)  # (B, V)
-                new_tokens = [[token] for token in d.choose_rows(logits, [[] for _ in prompts])[0]]
+                new_tokens = [[token] for token in d.first(logits)]
                 while True:
                     for b, result in enumerate(results):
                         if result.stop_reason == "running":

@@ -6,10 +6,9 @@ import statistics
 
 from .benchmarking import Runner, Sample
 from .config import GenerationConfig
-from .costs import typical_context
 from .equivalence import tally
 from .metrics import quality
-from .strategies import STRATEGIES
+from .strategies import Autoregressive
 
 
 def summarize(samples: list[Sample]) -> dict:
@@ -41,10 +40,11 @@ def summarize(samples: list[Sample]) -> dict:
 
 
 def compare(model, tokenizer, config: GenerationConfig, runners: dict[str, Runner], samples: list[Sample],
-            prompts: list[list[int]], references: list[str]) -> dict:
+            prompts: list[list[int]], references: list[str], costs: dict | None = None) -> dict:
     """The metrics of every strategy: speed, quality against the references, speedup over hf_generate and, when
-    greedy, its outputs against hf_generate's (near ties and divergences apart); and what each of our strategies
-    adds (`Strategy.metrics`)."""
+    greedy, its outputs against hf_generate's (near ties and divergences apart); a compiled variant's speedup
+    over its eager one; and what each of our strategies adds (`Strategy.metrics`, with the pass costs timed
+    beside the run for its variant: `costs`, variant -> PassCosts)."""
     by_strategy = {name: sorted((s for s in samples if s.strategy == name), key=lambda s: s.prompt_id)
                    for name in runners}
     metrics = {}
@@ -63,21 +63,30 @@ def compare(model, tokenizer, config: GenerationConfig, runners: dict[str, Runne
                 m["outputs_differing_from_hf_generate"] = counts["differing"]
                 m["near_ties_vs_hf_generate"] = counts["near_ties"]
                 m["divergences_vs_hf_generate"] = counts["divergences"]
-    context = typical_context([len(p) for p in prompts], config.max_steps)
-    for name in metrics:
-        if name in STRATEGIES:
-            metrics[name] |= STRATEGIES[name]().metrics(model, metrics, by_strategy[name], runners[name].settings,
-                                                         context)
+    for name, runner in runners.items():
+        eager = name.removesuffix(runner.variant)
+        if runner.variant and eager in metrics:
+            metrics[name]["speedup_vs_eager"] = (metrics[name]["tokens_per_second_median"]
+                                                 / metrics[eager]["tokens_per_second_median"])
+        if runner.generator is not None:
+            plain = metrics.get(Autoregressive.name + runner.variant)
+            metrics[name] |= runner.generator.strategy.metrics(metrics[name], plain, by_strategy[name],
+                                                     (costs or {}).get(runner.variant))
     return metrics
 
 
-def report(metrics: dict, profiles: dict) -> str:
-    """What benchmark.py prints: the table, the speculation's lines, the profiles."""
+def report(metrics: dict, profiles: dict, runners: dict[str, Runner]) -> str:
+    """What benchmark.py prints: the table, the compile speedups, each of our strategies' lines, the profiles."""
     lines = [format_table(metrics)]
     if any(m["rows_per_batch"] > 1 for m in metrics.values()):
         lines += [f"{name}: one prompt at a time ({m['one_at_a_time']}); its figures are batch-1 figures"
                   for name, m in metrics.items() if "one_at_a_time" in m]
-    lines += [line for name, m in metrics.items() if name in STRATEGIES for line in STRATEGIES[name]().report_lines(m)]
+    compiled = [f"{name.removesuffix(runners[name].variant)} {m['speedup_vs_eager']:.2f}x"
+                for name, m in metrics.items() if "speedup_vs_eager" in m]
+    if compiled:
+        lines.append(f"compiled over eager, interleaved in this run: {', '.join(compiled)}")
+    lines += [line for name, m in metrics.items() if runners[name].generator is not None
+              for line in runners[name].generator.strategy.report_lines(name, m)]
     lines += [format_profile(name, p) for name, p in profiles.items()]
     return "\n".join(lines)
 

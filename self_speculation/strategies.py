@@ -10,57 +10,74 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers import LogitsProcessorList
 
 from . import layers
 from .config import GenerationConfig
-from .costs import PassCosts, measure_pass_costs
+from .costs import PassCosts, PassTimer
 from .errors import UsageError
-from .sampling import accept_draft, greedy, probabilities, residual, sample
+from .sampling import Processing, accept_draft, first_rejection, greedy, probabilities, residual, sample
 
 
 @dataclass
 class Decoding:
     """The state of one generation of B rows (one prompt: B = 1), shared by the decoding loop and the strategy:
-    the model's decoder, the configuration, one cache, and per row its sequence."""
+    the model's decoder, the configuration, one cache, and per row its sequence on the host and its newest token
+    on the device. Tokens are chosen on the device; a step reads the device once, at its end (`read`)."""
 
     decoder: layers.Decoder
     config: GenerationConfig
     cache: layers.KVCache
     sequences: list[list[int]]  # per row: prompt and generated tokens; the last one is not in the cache yet
-    processors: LogitsProcessorList
+    processing: Processing
     generator: torch.Generator | None
     stop_ids: frozenset[int]  # drafting ends at these
-    on_draft: Callable[[int], None] | None = None  # one row only: shown as drafted
+    on_draft: Callable[[int], None] | None = None  # one row only: shown as drafted (a device read per draft)
     compiled: layers.CompiledPasses | None = None  # --compile: the passes run through torch.compile
-
-    def newest(self) -> torch.Tensor:
-        return torch.tensor([[s[-1]] for s in self.sequences], device=self.decoder.device)  # (B, 1)
+    current: torch.Tensor | None = None  # (B, 1) each row's newest token, on the device
+    drafts: int = 0  # tokens a step drafts at most (self_speculative: `Strategy.draft_length` for this batch)
 
     def keep_rows(self, rows: list[int]) -> None:
         """Only `rows` go on (the others have stopped): in the cache and here."""
         self.cache.keep_rows(rows)
         self.sequences = [self.sequences[b] for b in rows]
+        self.current = self.current[torch.tensor(rows, device=self.current.device)]
 
-    def scores(self, b: int, logits: torch.Tensor, drafts: list[int]) -> torch.Tensor:
-        """Row b's processed scores (V,) for the position after its sequence and `drafts`."""
-        if not self.processors:
+    def contexts(self):
+        """What the processors see of every row before this step's drafts: (B, T) or one (T_b,) per row, on the
+        device; None where no processor looks at the sequence."""
+        if self.processing.ngram is None:
+            return None
+        device = self.decoder.device
+        if len({len(s) for s in self.sequences}) == 1:
+            return torch.tensor(self.sequences, device=device)
+        return [torch.tensor(s, device=device) for s in self.sequences]
+
+    def scores(self, logits: torch.Tensor, contexts, drafts: torch.Tensor) -> torch.Tensor:
+        """Every row's processed scores (B, V) for the position after its sequence and `drafts` (B, i)."""
+        if not self.processing:
             return logits
-        context = torch.tensor([self.sequences[b] + drafts], device=logits.device)  # (1, T)
-        return self.processors(context, logits[None])[0]
+        if isinstance(contexts, torch.Tensor):
+            contexts = torch.cat([contexts, drafts], dim=1)
+        elif contexts is not None:
+            contexts = [torch.cat([c, row]) for c, row in zip(contexts, drafts)]
+        return self.processing(contexts, logits)
 
-    def choose(self, scores: torch.Tensor) -> int:
-        if self.config.sample:
-            return sample(probabilities(scores), self.generator)
-        return int(greedy(scores))
+    def choose(self, scores: torch.Tensor) -> torch.Tensor:
+        """Each row's token (B,) from its scores (B, V): sampled, or the argmax."""
+        return sample(probabilities(scores), self.generator) if self.config.sample else greedy(scores)
 
-    def choose_rows(self, logits: torch.Tensor, drafts: list[list[int]]) -> tuple[list[int], list]:
-        """Each row's token from its logits (B, V) after its drafts so far, and the scores it was chosen from
-        (None where greedy decoding needs none: one argmax for the whole batch, one read of the device)."""
-        if not self.config.sample and not self.processors:
-            return greedy(logits).tolist(), [None] * len(self.sequences)
-        scores = [self.scores(b, logits[b], drafts[b]) for b in range(len(self.sequences))]
-        return [self.choose(s) for s in scores], scores
+    def first(self, logits: torch.Tensor) -> list[int]:
+        """Each row's first new token from the prompt's logits (B, V)."""
+        self.current = self.choose(self.scores(logits, self.contexts(), self.no_drafts()))[:, None]
+        return read(self.current[:, 0])
+
+    def no_drafts(self) -> torch.Tensor:
+        return torch.empty((len(self.sequences), 0), dtype=torch.long, device=self.decoder.device)
+
+
+def read(tensor: torch.Tensor) -> list:
+    """The one device-to-host read of a decoding step: its results, for the stop checks and the output."""
+    return tensor.tolist()
 
 
 @dataclass
@@ -126,14 +143,41 @@ class Strategy:
     def step(self, d: Decoding, budgets: list[int]) -> list[StepResult]:
         raise NotImplementedError
 
-    def metrics(self, model, metrics: dict, samples: list, settings: dict, context: int) -> dict:
-        """What a benchmark reports of this strategy beyond the common metrics (`metrics` holds every strategy's),
-        from its samples and effective settings; pass costs are measured at `context` cached positions."""
-        return {}
+    def timed_passes(self, config: GenerationConfig) -> tuple[int | None, int]:
+        """What its cost model needs timed beside the full pass: (exit layer or None, most positions verified)."""
+        return None, 1
 
-    def report_lines(self, m: dict) -> list[str]:
-        """Lines under the benchmark's table for this strategy's metrics `m`."""
-        return []
+    def draft_length(self, decoder, config: GenerationConfig, rows: int, context: int, compiled) -> int:
+        """How many tokens a step drafts at most for a batch of `rows` rows (before it starts, outside its timed
+        run); 0 for a strategy that does not draft."""
+        return 0
+
+    def metrics(self, mine: dict, plain: dict | None, samples: list, costs: PassCosts | None) -> dict:
+        """What a benchmark reports of this strategy beyond the common metrics `mine`, from its samples, our
+        autoregressive decoding's metrics in the same run and mode (`plain`, or None) and the pass costs timed
+        beside the run (`costs.CostMeter`, at the batches' sizes): the measured time per token after the first
+        against what its passes alone predict, and the overhead between them."""
+        if costs is None:
+            return {}
+        measured = predicted = tokens = 0.0
+        for rows in _batches(samples):
+            steps = max(s.passes - 1 for s in rows)
+            drafted = sum(s.drafted for s in rows) / max(sum(s.passes - 1 for s in rows), 1)
+            measured += rows[0].total_time - (rows[0].time_to_first_token or 0.0)
+            predicted += steps * self.step_seconds(costs, drafted)
+            tokens += sum(len(s.tokens) - 1 for s in rows)
+        if not tokens or not predicted:
+            return {}
+        return {"ms_per_token_after_first": 1000 * measured / tokens,
+                "predicted_ms_per_token_after_first": 1000 * predicted / tokens,
+                "overhead_vs_passes": measured / predicted - 1}
+
+    def report_lines(self, name: str, m: dict) -> list[str]:
+        """Lines under the benchmark's table for this strategy's metrics `m`, shown as `name`."""
+        if "predicted_ms_per_token_after_first" not in m:
+            return []
+        return [f"{name}: {m['ms_per_token_after_first']:.3f} ms/token after the first, its passes alone "
+                f"{m['predicted_ms_per_token_after_first']:.3f} (overhead {100 * m['overhead_vs_passes']:+.0f}%)"]
 
     def ideal_speedup(self, costs: PassCosts, steps: int, drafted: int, accepted: int) -> float:
         """The speedup over autoregressive decoding with no overhead beyond the passes, for the measured counts:
@@ -142,6 +186,14 @@ class Strategy:
             return 1.0
         token = Autoregressive().step_seconds(costs, 0.0)
         return (accepted + steps) * token / (steps * self.step_seconds(costs, drafted / steps))
+
+
+def _batches(samples: list) -> list[list]:
+    """Samples grouped by the batch they were generated in (a sample alone is a batch of its own)."""
+    groups: dict[int, list] = {}
+    for i, one in enumerate(samples):
+        groups.setdefault(one.batch if one.batch >= 0 else -1 - i, []).append(one)
+    return list(groups.values())
 
 
 def draft_share(num_speculations: int, budget: int) -> int:
@@ -153,6 +205,13 @@ def _flag_or_recommended(config: GenerationConfig, model_config, name: str) -> i
     """A flag's value, or where it was left at -1 the checkpoint's recommendation (`layerskip` in its config)."""
     value = getattr(config, name)
     return value if value != -1 else (getattr(model_config, "layerskip", None) or {}).get(name, -1)
+
+
+def one_token(d: Decoding, depth: int) -> list[StepResult]:
+    """A step of one token per row from layers [0, depth), the final norm and the head."""
+    hidden = d.decoder.run_layers(d.decoder.embed(d.current), d.cache, 0, depth, d.compiled)
+    d.current = d.choose(d.scores(d.decoder.head(hidden)[:, -1], d.contexts(), d.no_drafts()))[:, None]
+    return [StepResult([token]) for token in read(d.current[:, 0])]
 
 
 class Autoregressive(Strategy):
@@ -186,10 +245,7 @@ class Autoregressive(Strategy):
         return costs.full + costs.head[1]
 
     def step(self, d, budgets):
-        depth = self.depth(d.config, d.decoder.num_layers)
-        hidden = d.decoder.run_layers(d.decoder.embed(d.newest()), d.cache, 0, depth, d.compiled)
-        tokens, _ = d.choose_rows(d.decoder.head(hidden)[:, -1], [[] for _ in d.sequences])
-        return [StepResult([token]) for token in tokens]
+        return one_token(d, self.depth(d.config, d.decoder.num_layers))
 
 
 class EarlyExit(Autoregressive):
@@ -214,6 +270,9 @@ class EarlyExit(Autoregressive):
     def depth(self, config, num_layers):
         return config.exit_layer
 
+    def timed_passes(self, config):
+        return config.exit_layer, 1
+
     def step_seconds(self, costs, drafts):
         return costs.draft + costs.head[1]
 
@@ -223,6 +282,11 @@ class SelfSpeculative(Strategy):
     hidden states, keep the longest agreeing prefix plus one token of the full model."""
 
     name, lossless = "self_speculative", True
+
+    def __init__(self):
+        self.acceptance = Acceptance()  # of every step this instance ran: what the draft length is chosen from
+        self.batch_costs: dict[int, PassCosts] = {}  # rows -> pass costs timed at that batch size
+        self.chosen: dict[int, int] = {}  # rows -> the draft length last chosen for that batch size
 
     def configure(self, config, model_config):
         num_layers = model_config.num_hidden_layers
@@ -241,9 +305,14 @@ class SelfSpeculative(Strategy):
         return dataclasses.replace(config, generation_strategy=self.name)
 
     def passes(self, config, num_layers):
-        """Drafting one token at a time, verifying a full draft (a shorter one, at a stop token or at the end of
-        the budget, runs uncompiled)."""
-        return {(0, config.exit_layer, 1), (config.exit_layer, num_layers, config.num_speculations + 1)}
+        """Drafting one token at a time, verifying a full draft (a shorter one, at the end of the budget, runs
+        uncompiled)"""
+        # and the full pass of a step without drafts (`draft_length` 0), compiled only if one runs
+        return {(0, config.exit_layer, 1), (config.exit_layer, num_layers, config.num_speculations + 1),
+                (0, num_layers, 1)}
+
+    def timed_passes(self, config):
+        return config.exit_layer, draft_share(config.num_speculations, config.max_steps) + 1
 
     def cache_room(self, config, budget):
         return min(config.num_speculations, budget) + 1  # one step's drafts, never more than the budget
@@ -258,72 +327,101 @@ class SelfSpeculative(Strategy):
         k = drafts
         return (k + 1) * costs.draft + costs.at(costs.verify, k + 1) + k * costs.head[1] + costs.at(costs.head, k + 1)
 
+    def draft_length(self, decoder, config, rows, context, compiled):
+        """--num_speculations for one prompt (the recommendation is tuned there, and sweeps measure it). For a
+        batch with --batch_drafts, the length from 0 to --num_speculations that the cost model makes fastest, from
+        pass costs timed at this batch size (once per size) and the acceptance per draft position seen so far;
+        0 drafts is a full-model pass per token, autoregressive decoding, so a batch never runs slower than it
+        by the model's account. Compiled, the choice is --num_speculations or 0 (the passes compiled)."""
+        if rows == 1 or not config.batch_drafts or not self.acceptance.seen:
+            return config.num_speculations
+        most = draft_share(config.num_speculations, config.max_steps)  # never more than a generation drafts
+        if rows not in self.batch_costs:
+            timer = PassTimer(decoder, context, most + 1, compiled, rows, repeats=5)
+            self.batch_costs[rows] = timer.costs(config.exit_layer, most + 1)
+        costs = self.batch_costs[rows]
+        lengths = range(most + 1) if compiled is None else (0, most)
+        self.chosen[rows] = max(lengths, key=lambda k: self.acceptance.tokens_per_step(k) / self._seconds(costs, k))
+        return self.chosen[rows]
+
+    def _seconds(self, costs: PassCosts, drafts: int) -> float:
+        return Autoregressive().step_seconds(costs, 0.0) if drafts == 0 else self.step_seconds(costs, drafts)
+
     def step(self, d, budgets):
-        """Every row drafts with layers [0, E) until it has drafted its own share (up to `num_speculations`, never
-        past its budget, ending after a stop token) or all rows have; one pass of layers [E, L) verifies every
-        row's drafts over their cached exit-layer hidden states; each row keeps its own agreeing prefix. A row's
-        drafts past its share (drafted alongside others) are not counted, and the caller drops its tokens past
-        its budget or a stop token: it gets what it gets alone."""
-        decoder, exit_layer, rows = d.decoder, d.config.exit_layer, range(len(d.sequences))
-        shares = [draft_share(d.config.num_speculations, budget) for budget in budgets]
-        drafts, draft_scores, exit_hiddens = [[] for _ in rows], [[] for _ in rows], []
-        current, drafting = d.newest(), [share > 0 for share in shares]
-        while any(drafting):
-            out = decoder.early_exit(current, d.cache, exit_layer, compiled=d.compiled)
+        """Every row drafts with layers [0, E) as many tokens as the largest share (a row's share: up to
+        `d.drafts`, never past its budget); one pass of layers [E, L) verifies every row's drafts over
+        their cached exit-layer hidden states; each row keeps its own agreeing prefix. Drafting, verification and
+        acceptance stay on the device; the step reads it once, at its end. A row's drafts past its share or after
+        a stop token (drafted alongside others) are not counted, and the caller drops its tokens past its budget
+        or a stop token: it gets what it gets alone."""
+        if d.drafts == 0:
+            return one_token(d, d.decoder.num_layers)
+        decoder, exit_layer, contexts = d.decoder, d.config.exit_layer, d.contexts()
+        shares = [draft_share(d.drafts, budget) for budget in budgets]
+        drafts, draft_scores, exit_hiddens = d.no_drafts(), [], []
+        for _ in range(max(shares)):
+            out = decoder.early_exit(d.current, d.cache, exit_layer, compiled=d.compiled)
             exit_hiddens.append(out.hidden)
-            tokens, scores = d.choose_rows(out.logits[:, -1], drafts)
-            for b, (token, score) in enumerate(zip(tokens, scores)):
-                drafts[b].append(token)
-                draft_scores[b].append(score)
-                drafting[b] = drafting[b] and len(drafts[b]) < shares[b] and token not in d.stop_ids
+            scores = d.scores(out.logits[:, -1], contexts, drafts)
+            draft_scores.append(scores)
+            d.current = d.choose(scores)[:, None]
+            drafts = torch.cat([drafts, d.current], dim=1)
             if d.on_draft is not None:
-                d.on_draft(tokens[0])
-            current = torch.tensor([[t] for t in tokens], device=current.device)
+                d.on_draft(int(d.current[0, 0]))
         # The last draft (or, with no drafts, the newest token) has not been through layers [0, E) yet.
-        exit_hiddens.append(decoder.exit_hidden(current, d.cache, exit_layer, d.compiled))
+        exit_hiddens.append(decoder.exit_hidden(d.current, d.cache, exit_layer, d.compiled))
         logits = decoder.remainder(torch.cat(exit_hiddens, dim=1), d.cache, exit_layer, d.compiled)  # (B, D+1, V)
-        results, rejected = [], []
-        for b in rows:
-            accepted, final = self.verify(d, b, drafts[b], draft_scores[b], logits[b])
-            rejected.append(len(drafts[b]) - accepted)
-            own = self._own_drafts(drafts[b], shares[b], d.stop_ids)
-            results.append(StepResult(drafts[b][:accepted] + [final], drafted=own, accepted=min(accepted, own)))
+        accepted, final = self.verify(d, contexts, drafts, draft_scores, logits)
+        d.current = final[:, None]
+        D, results, rejected = drafts.shape[1], [], []
+        for b, row in enumerate(read(torch.cat([drafts, d.current, accepted[:, None]], dim=1))):
+            n = row[-1]
+            rejected.append(D - n)
+            own = self._own_drafts(row[:D], shares[b], d.stop_ids)
+            results.append(StepResult(row[:n] + [row[D]], drafted=own, accepted=min(n, own)))
+            self.acceptance.add(own, min(n, own))
         d.cache.rollback(rejected)
         return results
 
-    def metrics(self, model, metrics, samples, settings, context):
-        """The ideal speedup for the measured acceptance and this machine's pass costs, the measured speedup over
-        our autoregressive decoding (same layer code, so the ratio is the speculation's own gain), the efficiency
-        (measured / ideal) and the KV cache against autoregressive decoding's."""
-        drafts = draft_share(settings["num_speculations"], settings["max_steps"])
-        costs = measure_pass_costs(model, context, settings["exit_layer"], drafts + 1,
-                                   compiled=settings.get("compile", False))
-        ideal = self.ideal_speedup(costs, steps=sum(s.passes - 1 for s in samples),
-                                   drafted=sum(s.drafted for s in samples), accepted=sum(s.accepted for s in samples))
-        report = {"ideal_speedup_vs_autoregressive": ideal,
-                  "pass_costs_seconds": dataclasses.asdict(costs) | {"context": context}}
-        plain, mine = metrics.get(Autoregressive.name), metrics[self.name]
+    def metrics(self, mine, plain, samples, costs):
+        """Beside the overhead: the ideal speedup for the measured acceptance and the pass costs timed beside the
+        run, the measured speedup over our autoregressive decoding (same layer code, so the ratio is the
+        speculation's own gain), the efficiency (measured / ideal), the KV cache against autoregressive
+        decoding's, and the draft length chosen per batch size."""
+        report = super().metrics(mine, plain, samples, costs)
+        if self.chosen:
+            report["draft_length_by_batch_size"] = dict(sorted(self.chosen.items()))
+        if costs is not None:
+            report |= {"ideal_speedup_vs_autoregressive": self.ideal_speedup(
+                costs, steps=sum(s.passes - 1 for s in samples), drafted=sum(s.drafted for s in samples),
+                accepted=sum(s.accepted for s in samples)), "pass_costs_seconds": dataclasses.asdict(costs)}
         if plain:
-            speedup = mine["tokens_per_second_median"] / plain["tokens_per_second_median"]
-            report |= {"speedup_vs_autoregressive": speedup, "efficiency": speedup / ideal}
+            report["speedup_vs_autoregressive"] = mine["tokens_per_second_median"] / plain["tokens_per_second_median"]
+            if "ideal_speedup_vs_autoregressive" in report:
+                report["efficiency"] = report["speedup_vs_autoregressive"] / report["ideal_speedup_vs_autoregressive"]
             for key, name in (("kv_cache_bytes_max", "kv_cache"), ("peak_gpu_bytes_max", "peak_gpu_memory")):
                 if mine[key] and plain[key]:
                     report[f"{name}_vs_autoregressive"] = mine[key] / plain[key]
         return report
 
-    def report_lines(self, m):
-        """The speculation's own gain against its ideal, and its memory."""
-        lines = [f"{self.name}: ideal speedup over autoregressive {m['ideal_speedup_vs_autoregressive']:.2f}x "
-                 "(acceptance and pass costs measured here; model in README)"]
-        if "speedup_vs_autoregressive" in m:
-            lines[0] += f", measured {m['speedup_vs_autoregressive']:.2f}x, efficiency {100 * m['efficiency']:.0f}%"
+    def report_lines(self, name, m):
+        """The speculation's own gain against its ideal, its memory, its draft lengths, its overhead."""
+        lines = []
+        if "ideal_speedup_vs_autoregressive" in m:
+            lines.append(f"{name}: ideal speedup over autoregressive {m['ideal_speedup_vs_autoregressive']:.2f}x "
+                         "(acceptance and pass costs measured here; model in README)")
+            if "speedup_vs_autoregressive" in m:
+                lines[-1] += (f", measured {m['speedup_vs_autoregressive']:.2f}x, "
+                              f"efficiency {100 * m['efficiency']:.0f}%")
         if "kv_cache_vs_autoregressive" in m:
-            lines.append(f"{self.name}: KV cache {m['kv_cache_bytes_max'] / 2**20:.2f} MiB, "
+            lines.append(f"{name}: KV cache {m['kv_cache_bytes_max'] / 2**20:.2f} MiB, "
                          f"{m['kv_cache_vs_autoregressive']:.2f}x autoregressive's")
         if "peak_gpu_memory_vs_autoregressive" in m:
-            lines.append(f"{self.name}: peak GPU memory {m['peak_gpu_memory_vs_autoregressive']:.2f}x "
-                         "autoregressive's")
-        return lines
+            lines.append(f"{name}: peak GPU memory {m['peak_gpu_memory_vs_autoregressive']:.2f}x autoregressive's")
+        if "draft_length_by_batch_size" in m:
+            chosen = ", ".join(f"{k} at batch {b}" for b, k in m["draft_length_by_batch_size"].items())
+            lines.append(f"{name}: drafts per step chosen from the cost model: {chosen} (0: autoregressive)")
+        return lines + super().report_lines(name, m)
 
     @staticmethod
     def _own_drafts(drafts: list[int], share: int, stop_ids: frozenset[int]) -> int:
@@ -332,25 +430,63 @@ class SelfSpeculative(Strategy):
         return next((i + 1 for i, token in enumerate(drafts[:own]) if token in stop_ids), own)
 
     @staticmethod
-    def verify(d: Decoding, b: int, drafts: list[int], draft_scores: list, logits: torch.Tensor) -> tuple[int, int]:
-        """How many of row b's drafts the full model accepts, and the token it puts after them."""
-        if not d.config.sample and not d.processors:
-            targets = greedy(logits).tolist()
-            n = 0
-            while n < len(drafts) and drafts[n] == targets[n]:
-                n += 1
-            return n, targets[n]
-        for i, draft in enumerate(drafts):
-            scores = d.scores(b, logits[i], drafts[:i])
-            if not d.config.sample:
-                target = int(greedy(scores))
-                if target != draft:
-                    return i, target
-                continue
-            p, q = probabilities(scores), probabilities(draft_scores[i])
-            if not accept_draft(p, q, draft, d.generator):  # q <= p: always accepted
-                return i, sample(residual(p, q), d.generator)
-        return len(drafts), d.choose(d.scores(b, logits[len(drafts)], drafts))
+    def verify(d: Decoding, contexts, drafts: torch.Tensor, draft_scores: list[torch.Tensor],
+               logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """How many of each row's drafts (B, D) the full model accepts, and the token it puts after them (both
+        (B,), on the device), from the verifier's logits (B, D + 1, V) and the scores each draft was chosen from
+        (D of (B, V)). Greedy: the longest prefix agreeing with the full model's argmax. Sampling: each draft
+        passes the rejection test in turn; the token after the kept ones is drawn from the residual of the first
+        rejected draft, or from the full model after all of them."""
+        D = drafts.shape[1]
+        if d.processing:
+            logits = torch.stack([d.scores(logits[:, i], contexts, drafts[:, :i]) for i in range(D + 1)], dim=1)
+        if not d.config.sample:
+            targets = greedy(logits)  # (B, D + 1)
+            accepted = first_rejection(drafts == targets[:, :D])
+            return accepted, targets.gather(1, accepted[:, None])[:, 0]
+        p = probabilities(logits)  # (B, D + 1, V)
+        if D == 0:
+            return drafts.new_zeros(drafts.shape[0]), sample(p[:, 0], d.generator)
+        q = probabilities(torch.stack(draft_scores, dim=1))  # (B, D, V)
+        accepted = first_rejection(accept_draft(p[:, :D], q, drafts, d.generator))
+        after = torch.cat([residual(p[:, :D], q), p[:, D:]], dim=1)  # what the token after n kept drafts is drawn from
+        return accepted, sample(after[torch.arange(drafts.shape[0], device=drafts.device), accepted], d.generator)
+
+
+class Acceptance:
+    """Per draft position, how often a step reached it (every draft before it accepted) and accepted it: the
+    chance of accepting draft i given the ones before, from which the cost model predicts the tokens a step of
+    k drafts yields."""
+
+    def __init__(self):
+        self.reached: list[int] = []
+        self.passed: list[int] = []
+
+    @property
+    def seen(self) -> bool:
+        return bool(self.reached)
+
+    def add(self, drafted: int, accepted: int) -> None:
+        """One row's step: `accepted` of its `drafted` drafts kept."""
+        for i in range(drafted):
+            if i == len(self.reached):
+                self.reached.append(0)
+                self.passed.append(0)
+            if i > accepted:
+                break
+            self.reached[i] += 1
+            self.passed[i] += i < accepted
+
+    def tokens_per_step(self, drafts: int) -> float:
+        """Expected tokens of a step drafting `drafts` tokens: the verifier's one, and each draft while every one
+        before it was accepted (a position never reached counts as the last one seen)."""
+        tokens, chance, rate = 1.0, 1.0, 0.0
+        for i in range(drafts):
+            if i < len(self.reached) and self.reached[i]:
+                rate = self.passed[i] / self.reached[i]
+            chance *= rate
+            tokens += chance
+        return tokens
 
 
 STRATEGIES: dict[str, type[Strategy]] = {

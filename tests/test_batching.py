@@ -14,7 +14,10 @@ PROMPTS = [[0, 5, 17, 33, 2, 9], [0, 71, 71, 4], [0] + list(range(40, 70)), [0, 
 
 
 def config_for(name: str, exit_layer: int, num_speculations: int, **extra) -> GenerationConfig:
-    config = GenerationConfig(sample=False, max_steps=32, exit_layer=exit_layer, num_speculations=num_speculations)
+    """Greedy, with every batch drafting `num_speculations` (as a batch of one does), so that rows can be compared
+    with their batches of one draft for draft (test_draft_length.py covers the lengths chosen per batch size)."""
+    config = GenerationConfig(sample=False, max_steps=32, exit_layer=exit_layer, num_speculations=num_speculations,
+                              batch_drafts=False)
     return STRATEGIES[name]().own(dataclasses.replace(config, **extra))
 
 
@@ -122,3 +125,18 @@ def test_correctness_and_sweep_in_batches(checkpoint, tmp_path):
                                      str(tmp_path / "s")]) == 0
     rows = list(csv.DictReader((tmp_path / "s" / "sweep.csv").open()))
     assert len(rows) == 2 and all(r["outputs_differing_from_baseline"] == "0" for r in rows)
+
+
+def test_caches_kept_for_cuda_graphs_give_the_tokens_of_fresh_ones(model):
+    """With CUDA graphs a generator keeps one cache per (rows, capacity bucket), reused emptied by the next
+    generation of that size, and rows stay in the batch when they stop. The same bookkeeping forced on the CPU
+    gives the tokens, drafts and acceptances of fresh caches and shrinking batches."""
+    from self_speculation.layers import capacity_bucket
+
+    assert [capacity_bucket(n) for n in (1, 256, 257, 600, 1024)] == [256, 256, 512, 1024, 1024]
+    config = config_for("self_speculative", 2, 4)
+    fresh, kept = Generator(model, None, config), Generator(model, None, config)
+    kept.graphs = True
+    for prompts in (PROMPTS, PROMPTS[:2], PROMPTS[1:], PROMPTS[:2]):
+        assert [counts(r) for r in kept.generate_batch(prompts)] == [counts(r) for r in fresh.generate_batch(prompts)]
+    assert set(kept.caches) == {(5, 256), (2, 256), (4, 256)} and not fresh.caches

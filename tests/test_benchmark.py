@@ -6,8 +6,8 @@ import pytest
 
 import benchmark
 from arguments import pop_list, run
-from self_speculation.costs import measure_pass_costs
-from self_speculation.costs import PassCosts
+from self_speculation import layers
+from self_speculation.costs import PassCosts, PassTimer
 from self_speculation.strategies import SelfSpeculative
 from self_speculation.loading import load
 from self_speculation.errors import UsageError
@@ -71,7 +71,10 @@ def test_ideal_speedup_by_hand():
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_pass_costs_are_measured_for_each_pass(checkpoint, compiled):
     model, _ = load(str(checkpoint))
-    costs = measure_pass_costs(model, context=8, exit_layer=2, max_positions=3, compiled=compiled, repeats=3)
+    decoder = layers.Decoder(model)
+    passes = layers.CompiledPasses(decoder, {(0, 2, 1), (2, 6, 3), (0, 6, 1)}) if compiled else None
+    costs = PassTimer(decoder, context=8, max_positions=3, compiled=passes, repeats=3).costs(2, 3)
+    assert not compiled or passes.shapes_run == {(0, 2, 1), (2, 6, 3), (0, 6, 1)}
     assert set(costs.verify) == set(costs.head) == {1, 2, 3}
     assert all(t > 0 for t in [costs.draft, costs.full, *costs.verify.values(), *costs.head.values()])
 
@@ -141,3 +144,64 @@ def test_batched_benchmark_gives_every_row_its_batch_of_one_output(checkpoint, t
         assert ("hf_assistant_early_exit: one prompt at a time (Hugging Face's assisted generation takes a batch of "
                 "one)" in printed) == (batch_size > 1)
     assert outputs[1] == outputs[2]  # three batches of 2, 2 and 1 rows; hf_generate left-padded
+
+
+def test_compile_both_measures_eager_and_compiled_interleaved(checkpoint, prompts_file, tmp_path, capsys):
+    """`--compile both`: every strategy eager and compiled in one run, the compiled rows named NAME+compiled, the
+    same greedy outputs, the compile speedup a ratio within the run, and each of ours against its passes."""
+    code = run(benchmark.main, ["--model", str(checkpoint), "--dataset", "custom_jsonl", "--data_path",
+                                str(prompts_file), "--max_steps", "8", "--sample", "False", "--exit_layer", "3",
+                                "--num_speculations", "2", "--output_dir", str(tmp_path), "--compile", "both",
+                                "--generation_strategy", "autoregressive,self_speculative"])
+    out = capsys.readouterr().out
+    assert code == 0
+    [path] = tmp_path.glob("benchmark_*.json")
+    result = json.loads(path.read_text())
+    metrics = result["metrics"]
+    names = ["autoregressive", "autoregressive+compiled", "self_speculative", "self_speculative+compiled"]
+    assert list(metrics) == names and result["arguments"]["compile_both"] is True
+    assert [result["settings"][name]["compile"] for name in names] == [False, True, False, True]
+    records = [json.loads(line) for line in path.with_suffix(".jsonl").read_text().splitlines()]
+    outputs = {(r["strategy"], r["prompt_id"]): r["tokens"] for r in records}
+    assert all(outputs[name, i] == outputs["autoregressive", i] for name in names for i in range(3))
+    for name in ("autoregressive", "self_speculative"):
+        compiled = metrics[name + "+compiled"]
+        assert compiled["speedup_vs_eager"] == pytest.approx(
+            compiled["tokens_per_second_median"] / metrics[name]["tokens_per_second_median"])
+        for variant in (name, name + "+compiled"):
+            m = metrics[variant]
+            assert m["predicted_ms_per_token_after_first"] > 0 and m["ms_per_token_after_first"] > 0
+            assert m["overhead_vs_passes"] == pytest.approx(
+                m["ms_per_token_after_first"] / m["predicted_ms_per_token_after_first"] - 1)
+            assert f"{variant}: " in out and "ms/token after the first" in out
+    # the compiled speculation is compared with compiled autoregressive decoding, not with eager
+    spec = metrics["self_speculative+compiled"]
+    assert spec["speedup_vs_autoregressive"] == pytest.approx(
+        spec["tokens_per_second_median"] / metrics["autoregressive+compiled"]["tokens_per_second_median"])
+    assert "compiled over eager, interleaved in this run: autoregressive " in out
+
+
+@pytest.mark.parametrize("argv", [["--compile", "both"], ["--compile=both"]])
+def test_pop_compile_both(argv):
+    rest = ["--max_steps", "4"]
+    assert benchmark.pop_compile_both(argv + rest) is True
+    assert benchmark.pop_compile_both(["--compile", "True"] + rest) is False
+    with pytest.raises(UsageError, match="--compile is given twice"):
+        benchmark.pop_compile_both(argv + ["--compile", "False"])
+
+
+def test_pass_costs_timed_beside_decoding_cover_every_pass(checkpoint):
+    """A CostMeter keeps every timed run of every measurement: medians over batches of different sizes."""
+    from self_speculation.costs import CostMeter
+
+    model, _ = load(str(checkpoint))
+    meter = CostMeter(layers.Decoder(model), None, exit_layer=2, max_positions=3, repeats=2)
+    assert meter.costs() is None
+    meter.measure(rows=1, context=6)
+    meter.measure(rows=3, context=9)
+    costs = meter.costs()
+    assert set(costs.verify) == set(costs.head) == {1, 2, 3} and len(meter.times["full"]) == 4
+    assert all(t > 0 for t in [costs.draft, costs.full, *costs.verify.values(), *costs.head.values()])
+    plain = CostMeter(layers.Decoder(model), None, exit_layer=None, max_positions=1, repeats=2)
+    plain.measure(rows=2, context=5)
+    assert plain.costs().full > 0 and "draft" not in plain.times

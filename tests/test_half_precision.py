@@ -61,7 +61,8 @@ def shift_verification_by_one(monkeypatch):
     """Verify every draft against the logits of the position before it."""
     real = strategies.SelfSpeculative.verify
     monkeypatch.setattr(strategies.SelfSpeculative, "verify", staticmethod(
-        lambda d, b, drafts, scores, logits: real(d, b, drafts, scores, torch.cat([logits[:1], logits[:-1]]))))
+        lambda d, contexts, drafts, scores, logits: real(d, contexts, drafts, scores,
+                                                         torch.cat([logits[:, :1], logits[:, :-1]], dim=1))))
 
 
 def verify_from_the_wrong_layer(monkeypatch):

@@ -10,7 +10,7 @@ from scipy.stats import chi2_contingency
 
 from models import tiny_llama
 from self_speculation import GenerationConfig, Generator, strategies
-from self_speculation.sampling import accept_draft, greedy, processors, residual, sample
+from self_speculation.sampling import Processing, accept_draft, first_rejection, greedy, residual, sample
 
 
 def test_greedy_is_argmax_per_row():
@@ -23,29 +23,47 @@ def test_residual_is_the_normalised_positive_part():
     q = torch.tensor([0.2, 0.5, 0.1, 0.2])
     torch.testing.assert_close(residual(p, q), torch.tensor([0.75, 0.0, 0.25, 0.0]))
     torch.testing.assert_close(residual(p, p), p)  # nothing to correct
+    torch.testing.assert_close(residual(torch.stack([p, p]), torch.stack([q, p])), torch.stack([residual(p, q), p]))
+
+
+def test_first_rejection_counts_the_leading_acceptances():
+    accepted = torch.tensor([[True, True, False, True], [False, True, True, True], [True] * 4])
+    assert first_rejection(accepted).tolist() == [2, 0, 4]
+    assert first_rejection(torch.ones((2, 0), dtype=torch.bool)).tolist() == [0, 0]
 
 
 def test_accept_draft_probability_is_min_of_one_and_p_over_q():
     p = torch.tensor([0.2, 0.8])
     q = torch.tensor([0.5, 0.5])
     generator = torch.Generator().manual_seed(0)
-    accepted = sum(accept_draft(p, q, 0, generator) for _ in range(20000)) / 20000
+    p, q = p.expand(20000, 2), q.expand(20000, 2)  # one test per row
+    accepted = accept_draft(p, q, torch.zeros(20000, dtype=torch.long), generator).float().mean().item()
     assert abs(accepted - 0.4) < 0.015
-    assert all(accept_draft(p, q, 1, generator) for _ in range(1000))  # q <= p: always accept
+    assert accept_draft(p, q, torch.ones(20000, dtype=torch.long), generator).all()  # q <= p: always accept
 
 
 def test_sample_follows_the_distribution():
     probs = torch.tensor([0.1, 0.6, 0.3])
     generator = torch.Generator().manual_seed(0)
-    counts = collections.Counter(sample(probs, generator) for _ in range(20000))
+    counts = collections.Counter(sample(probs.expand(20000, 3), generator).tolist())
     assert abs(counts[1] / 20000 - 0.6) < 0.015 and counts[0] > 0 and counts[2] > 0
 
 
 def test_warpers_follow_the_config():
     config = GenerationConfig(sample=True, temperature=0.5, top_k=2, top_p=1.0)
-    scores = processors(config)(torch.tensor([[0]]), torch.tensor([[1.0, 3.0, 2.0, 0.0]]))
+    scores = Processing(config)(None, torch.tensor([[1.0, 3.0, 2.0, 0.0]]))
     assert torch.isinf(scores[0, [0, 3]]).all() and scores[0, 1].item() == 6.0
-    assert len(processors(GenerationConfig(sample=False))) == 0
+    assert not Processing(GenerationConfig(sample=False))
+
+
+def test_no_repeat_ngrams_see_each_rows_own_sequence():
+    """Rows of one length share a (B, T) context; ragged rows each have their own, with the same result."""
+    ngrams = Processing(GenerationConfig(sample=False, no_repeat_ngram_size=2))
+    scores = torch.zeros(2, 6)
+    shared = ngrams(torch.tensor([[1, 2, 1], [3, 4, 3]]), scores)
+    ragged = ngrams([torch.tensor([1, 2, 1]), torch.tensor([5, 3, 4, 3])], scores)
+    assert torch.isinf(shared[0, 2]) and torch.isinf(shared[1, 4]) and torch.isinf(shared).sum() == 2
+    assert torch.equal(shared, ragged)
 
 
 # Lossless sampling: sample continuations both ways and compare their distributions.
@@ -92,7 +110,7 @@ def test_speculative_sampling_matches_autoregressive_sampling(small_vocab_model,
 
 def test_the_same_test_catches_a_wrong_acceptance_rule(small_vocab_model, autoregressive_samples, monkeypatch):
     """Accepting every draft samples from the early exit instead of the full model; the test must notice."""
-    monkeypatch.setattr(strategies, "accept_draft", lambda p, q, token, generator: True)
+    monkeypatch.setattr(strategies, "accept_draft", lambda p, q, tokens, generator: torch.ones_like(tokens).bool())
     wrong = continuations(small_vocab_model, SPECULATIVE, seed=2)
     p_value = homogeneity_p_value(autoregressive_samples, wrong)
     print(f"p = {p_value:.3g}")

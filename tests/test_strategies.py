@@ -63,7 +63,10 @@ def test_resources_cover_what_a_step_uses(gqa_tied, name):
     capacity = len(PROMPTS[0]) + MAX_STEPS + generator.strategy.cache_room(generator.config, MAX_STEPS)
     per_layer = capacity * 2 * 2 * 16 * 4  # keys and values, 2 heads of 16, float32: the buffer as first sized
     assert result.cache_bytes % per_layer == 0 and 1 <= result.cache_bytes // per_layer <= 6
-    assert generator.compiled.shapes_run == generator.strategy.passes(generator.config, 6)
+    compiled = generator.strategy.passes(generator.config, 6)
+    if name == "self_speculative":  # less the full pass of a step without drafts, which one prompt never takes
+        compiled -= {(0, 6, 1)}
+    assert generator.compiled.shapes_run == compiled
 
 
 def test_autoregressive_with_an_exit_layer_is_early_exit(gqa_tied):

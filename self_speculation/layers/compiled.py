@@ -1,9 +1,16 @@
 """Compiled passes: `runner.layer_pass` through torch.compile, over a cache's whole buffers.
 
 A pass compiled for (start, end, T) attends over its layers' whole buffers with what is not written yet masked,
-and writes at tensor positions, so one compilation serves every step and, the buffer length being marked dynamic,
-every cache capacity; for a batch, the batch size is marked dynamic too, so one compilation serves every batch
-size from 2 as rows leave.
+and writes at positions given as a device tensor, so a pass reads nothing back from the device and one
+compilation serves every step; for a batch, the batch size is marked dynamic, so one compilation serves every
+batch size from 2 as rows leave.
+
+On the CPU the buffer length is marked dynamic too (one compilation for every cache capacity) and the compiled
+code calls its kernels through a C++ wrapper (less Python per call). On CUDA a pass runs as a CUDA graph
+(`mode="reduce-overhead"`): a graph replays its kernels at fixed addresses, so the cache's buffers are static
+inputs (`mark_static_address`), their capacity a fixed bucket per generation (`capacity_bucket`) and, reused
+from one generation to the next by the generator, recorded once; a graph's output is copied out of the graph's
+memory before the next replay overwrites it.
 """
 
 from collections.abc import Iterable
@@ -47,19 +54,30 @@ class _CompiledPass:
     keeps every value static but the marked ones: otherwise dynamo would take what differs between passes (layer
     range, token count, another model's head counts) for dynamic values."""
 
-    def __init__(self, decoder: Decoder, start: int, end: int):
-        options = {"cpp_wrapper": True} if decoder.device.type == "cpu" else None  # less Python per call
-        self.run = torch.compile(partial(_over_buffers, decoder.model, tuple(decoder.weights(start, end)), start),
-                                 fullgraph=True, options=options)
-        self.compiled = False
+    def __init__(self, decoder: Decoder, start: int, end: int, graphs: bool):
+        run = partial(_over_buffers, decoder.model, tuple(decoder.weights(start, end)), start)
+        if graphs:
+            self.run = torch.compile(run, fullgraph=True, mode="reduce-overhead")
+        else:
+            self.run = torch.compile(run, fullgraph=True, options={"cpp_wrapper": decoder.device.type == "cpu"})
+        self.graphs, self.compiled = graphs, False
 
     def __call__(self, *args) -> torch.Tensor:
+        if self.graphs:  # each call is a step of its own: what earlier replays returned has been copied out
+            torch.compiler.cudagraph_mark_step_begin()
         if self.compiled:
-            return self.run(*args)
-        with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=64):
             out = self.run(*args)
-        self.compiled = True
-        return out
+        else:
+            with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=64):
+                out = self.run(*args)
+            self.compiled = True
+        return out.clone() if self.graphs else out
+
+
+def capacity_bucket(positions: int) -> int:
+    """The cache capacity a CUDA-graph generation allocates for `positions`: the next power of two from 256, so
+    that generations of similar lengths share buffers and graphs."""
+    return max(256, 1 << (positions - 1).bit_length())
 
 
 class CompiledPasses:
@@ -70,6 +88,7 @@ class CompiledPasses:
     def __init__(self, decoder: Decoder, shapes: Iterable[tuple[int, int, int]]):
         self.decoder = decoder
         self.shapes = frozenset(shapes)
+        self.graphs = decoder.device.type == "cuda"  # CUDA graphs: static buffers, fixed capacities
         self.passes: dict[tuple[int, int, int, bool], _CompiledPass] = {}  # (start, end, T, batch) -> its pass
 
     @property
@@ -90,9 +109,12 @@ class CompiledPasses:
         many = B > 1  # a batch always at (B, T) positions: one compilation whether its rows' lengths agree or not
         positions = cache.begin(start, T, hidden.device, ragged=many)
         keys, values = [layer.keys for layer in run], [layer.values for layer in run]
-        if not hasattr(run[0].keys, "_dynamo_dynamic_indices"):
+        if not any(hasattr(run[0].keys, mark) for mark in ("_dynamo_dynamic_indices", "_dynamo_static_input_type")):
             for buffer in keys + values:
-                torch._dynamo.mark_dynamic(buffer, 2)  # the capacity: one compilation for every cache size
+                if self.graphs:
+                    torch._dynamo.mark_static_address(buffer)  # replayed in place; a new buffer re-records
+                else:
+                    torch._dynamo.mark_dynamic(buffer, 2)  # the capacity: one compilation for every cache size
                 if many:
                     torch._dynamo.mark_dynamic(buffer, 0)
         if many:
@@ -100,7 +122,7 @@ class CompiledPasses:
             torch._dynamo.mark_dynamic(positions, 0)
         key = (start, end, T, many)
         if key not in self.passes:
-            self.passes[key] = _CompiledPass(self.decoder, start, end)
+            self.passes[key] = _CompiledPass(self.decoder, start, end, self.graphs)
         out = self.passes[key](hidden, positions, keys, values)
         cache.wrote(start, end, T)
         return out

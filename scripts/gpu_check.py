@@ -116,7 +116,8 @@ def benchmark_cell(metrics: dict) -> str:
     parts = ["tokens/s: " + ", ".join(f"{name} {m['tokens_per_second_median']:.1f}" for name, m in metrics.items())]
     for name, m in metrics.items():
         extra = [f"{label} {m[key]:{fmt}}" for key, label, fmt in (
-            ("speedup_vs_autoregressive", "vs autoregressive", ".2f"), ("efficiency", "efficiency", ".2f"),
+            ("speedup_vs_autoregressive", "vs autoregressive", ".2f"),
+            ("decode_speedup_vs_autoregressive", "after the first token", ".2f"), ("efficiency", "efficiency", ".2f"),
             ("speedup_vs_eager", "vs eager", ".2f"), ("overhead_vs_passes", "overhead", "+.0%")) if key in m]
         if "draft_length_by_batch_size" in m:
             extra.append(f"drafts {m['draft_length_by_batch_size']}")

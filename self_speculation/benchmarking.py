@@ -105,7 +105,7 @@ def cost_meter(runners: dict[str, Runner], variant: str = "") -> CostMeter | Non
         return None
     needs = {id(g): g.strategy.timed_passes(g.config) for g in ours}
     chosen = max(ours, key=lambda g: (needs[id(g)][1], needs[id(g)][0] is not None))
-    return CostMeter(chosen.decoder, chosen.compiled, *needs[id(chosen)])
+    return CostMeter(chosen, *needs[id(chosen)])
 
 
 def decoded_context(prompts: list[list[int]], samples: list[Sample]) -> int:

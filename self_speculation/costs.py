@@ -48,17 +48,22 @@ class PassCosts:
 
 
 class PassTimer:
-    """Times passes of layers over a cache of `rows` rows holding `context` positions each, as decoding runs them
+    """Times passes of layers over a cache of `rows` rows holding about `context` positions each (a batch's rows
+    one apart, so that its passes take the ragged path a decoded batch's take), as decoding runs them
     (through `compiled`, a `CompiledPasses` over the same decoder, where it holds their shape); every pass is
     rolled back after it, so the context stays put."""
 
     def __init__(self, decoder: layers.Decoder, context: int, max_positions: int,
-                 compiled: layers.CompiledPasses | None = None, rows: int = 1, repeats: int = 15):
+                 compiled: layers.CompiledPasses | None = None, rows: int = 1, repeats: int = 15, new_cache=None):
+        """`new_cache(capacity, rows)`: where the cache comes from (a generator's `new_cache`, so that CUDA graphs
+        replay over the buffers they were recorded with); by default a new one."""
         self.decoder, self.compiled, self.rows, self.repeats = decoder, compiled, rows, repeats
         self.device = decoder.device
-        self.cache = layers.new_cache(context + max_positions, rows)
+        self.cache = (new_cache or layers.new_cache)(context + max_positions, rows)
         with torch.inference_mode():
             self.decoder.full_forward(self.tokens(context), self.cache)
+        if rows > 1:  # rows of a decoded batch hold different lengths: its passes take the ragged path
+            self.cache.set_row_lengths([context - b % 2 for b in range(rows)])
 
     def tokens(self, positions: int) -> torch.Tensor:
         return torch.zeros((self.rows, positions), dtype=torch.long, device=self.device)
@@ -103,14 +108,15 @@ class PassTimer:
 
     def costs(self, exit_layer: int, max_positions: int, full: float | None = None) -> PassCosts:
         """The passes of self-speculation at `exit_layer`; `full` reuses a full pass timed before."""
-        costs = medians(self.samples(exit_layer, max_positions), exit_layer, max_positions)
+        costs = summarized(self.samples(exit_layer, max_positions), exit_layer, max_positions)
         return costs if full is None else dataclasses.replace(costs, full=full)
 
 
-def medians(samples: dict, exit_layer: int | None, max_positions: int) -> PassCosts:
-    """`PassCosts` from the timed runs of `PassTimer.samples`; without an exit layer only `full` and `head[1]`
-    were timed, and the rest repeat them."""
-    median = {key: statistics.median(times) for key, times in samples.items()}
+def summarized(samples: dict, exit_layer: int | None, max_positions: int,
+               statistic=statistics.median) -> PassCosts:
+    """`PassCosts` from the timed runs of `PassTimer.samples` (their medians, or another `statistic`); without
+    an exit layer only `full` and `head[1]` were timed, and the rest repeat them."""
+    median = {key: statistic(times) for key, times in samples.items()}
     if exit_layer is None:
         return PassCosts(median["full"], {1: median["full"]}, median["full"], {1: median[("head", 1)]})
     positions = range(1, max_positions + 1)
@@ -123,22 +129,23 @@ class CostMeter:
     times for that batch's rows over the context it decoded at, so that the passes see the machine as the
     decoding did: its speed drifts by a quarter from one minute to the next, and passes timed once, after the
     run, predicted a different machine (ideal speedups of 1.85x and 1.51x for one command). `costs()` is the
-    median of all the times taken. The passes are still timed alone: the ideal has no overhead between them.
-    They run as a generator runs them: its decoder, through its compiled passes where it has them."""
+    mean of all the times taken. The passes are still timed alone: the ideal has no overhead between them.
+    They run as `generator` runs them: its decoder, through its compiled passes where it has them, in its caches."""
 
-    def __init__(self, decoder: layers.Decoder, compiled: layers.CompiledPasses | None, exit_layer: int | None,
-                 max_positions: int, repeats: int = 5):
-        self.decoder, self.compiled = decoder, compiled
+    def __init__(self, generator, exit_layer: int | None, max_positions: int, repeats: int = 5):
+        self.generator = generator
         self.exit_layer, self.max_positions, self.repeats = exit_layer, max_positions, repeats
         self.times: dict = {}
         self.contexts: list[int] = []
 
     def measure(self, rows: int, context: int) -> None:
-        timer = PassTimer(self.decoder, context, self.max_positions, self.compiled, rows, self.repeats)
+        g = self.generator
+        timer = PassTimer(g.decoder, context, self.max_positions, g.compiled, rows, self.repeats, g.new_cache)
         for key, times in timer.samples(self.exit_layer, self.max_positions).items():
             self.times.setdefault(key, []).extend(times)
         self.contexts.append(context)
 
     def costs(self) -> PassCosts | None:
-        """The medians, as `PassCosts`; None before any measurement."""
-        return medians(self.times, self.exit_layer, self.max_positions) if self.times else None
+        """The mean times, as `PassCosts`; None before any measurement. Means, not medians: a run's time is the
+        sum of its passes', slow moments included, and the passes are sampled across the run."""
+        return summarized(self.times, self.exit_layer, self.max_positions, statistics.fmean) if self.times else None

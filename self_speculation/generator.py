@@ -120,6 +120,11 @@ class Generator:
             decode=tokenizer.decode if tokenizer is not None else None,
         )
 
+    def new_cache(self, capacity: int, rows: int) -> layers.KVCache:
+        """A cache for a generation, or for timing this generator's passes: new, or with CUDA graphs the one of
+        this size and capacity bucket it keeps (`layers.graph_cache`)."""
+        return layers.graph_cache(self.caches, capacity, rows) if self.graphs else layers.new_cache(capacity, rows)
+
     def generate(self, prompt: str, streamer=None) -> GenerationResult:
         if not prompt.strip():
             raise UsageError("the prompt is empty")
@@ -164,18 +169,6 @@ class Generator:
             kept = sorted(kept + [running.index(False)])
         return kept
 
-    def _cache(self, capacity: int, rows: int) -> layers.KVCache:
-        """A new cache; with CUDA graphs, the one of this size and capacity bucket kept from an earlier generation
-        (its buffers are where the graphs were recorded), emptied."""
-        if not self.graphs:
-            return layers.new_cache(capacity, rows)
-        key = (rows, layers.capacity_bucket(capacity))
-        if key in self.caches:
-            self.caches[key].reset()
-        else:
-            self.caches[key] = layers.new_cache(key[1], rows)
-        return self.caches[key]
-
     def generate_batch(self, prompts: list[list[int]], shrink: bool = SHRINK_BATCHES,
                        streamer=None) -> list[GenerationResult]:
         """Generate from prompts (token ids) at once, in one cache: the one decoding loop (one prompt is a batch
@@ -193,9 +186,8 @@ class Generator:
         lengths = [len(p) for p in prompts]
         # room for the whole generation and what a step writes past it, so the cache never reallocates
         capacity = max(lengths) + max(budgets) + self.strategy.cache_room(self.config, max(budgets))
-        drafts = self.strategy.draft_length(self.decoder, self.config, len(prompts),
-                                            typical_context(lengths, max(budgets)), self.compiled)
-        d = Decoding(decoder=self.decoder, config=self.config, cache=self._cache(capacity, len(prompts)),
+        drafts = self.strategy.draft_length(self, len(prompts), typical_context(lengths, max(budgets)))
+        d = Decoding(decoder=self.decoder, config=self.config, cache=self.new_cache(capacity, len(prompts)),
                      sequences=[list(p) for p in prompts], processing=Processing(self.config), generator=self.random,
                      stop_ids=self.stop.token_ids, on_draft=getattr(streamer, "put_draft", None),
                      compiled=self.compiled, drafts=drafts)

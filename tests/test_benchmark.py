@@ -50,6 +50,11 @@ def test_benchmark_runs_every_strategy_and_writes_valid_json(checkpoint, prompts
     # the speculation's own gain is reported against its ideal, and its cache against autoregressive decoding's
     spec = metrics["self_speculative"]
     assert spec["ideal_speedup_vs_autoregressive"] > 0 and spec["efficiency"] > 0
+    # the efficiency compares like with like: the steps after the prompt's pass, which the ideal counts
+    assert spec["decode_speedup_vs_autoregressive"] == pytest.approx(
+        metrics["autoregressive"]["ms_per_token_after_first"] / spec["ms_per_token_after_first"])
+    assert spec["efficiency"] == pytest.approx(
+        spec["decode_speedup_vs_autoregressive"] / spec["ideal_speedup_vs_autoregressive"])
     assert spec["speedup_vs_autoregressive"] == pytest.approx(
         spec["tokens_per_second_median"] / metrics["autoregressive"]["tokens_per_second_median"])
     assert 1.0 <= spec["kv_cache_vs_autoregressive"] <= 1.25  # room for one step's drafts (3 of 16+ positions)
@@ -194,14 +199,17 @@ def test_pass_costs_timed_beside_decoding_cover_every_pass(checkpoint):
     """A CostMeter keeps every timed run of every measurement: medians over batches of different sizes."""
     from self_speculation.costs import CostMeter
 
+    from self_speculation import GenerationConfig, Generator
+
     model, _ = load(str(checkpoint))
-    meter = CostMeter(layers.Decoder(model), None, exit_layer=2, max_positions=3, repeats=2)
+    generator = Generator(model, None, GenerationConfig(sample=False))
+    meter = CostMeter(generator, exit_layer=2, max_positions=3, repeats=2)
     assert meter.costs() is None
     meter.measure(rows=1, context=6)
     meter.measure(rows=3, context=9)
     costs = meter.costs()
     assert set(costs.verify) == set(costs.head) == {1, 2, 3} and len(meter.times["full"]) == 4
     assert all(t > 0 for t in [costs.draft, costs.full, *costs.verify.values(), *costs.head.values()])
-    plain = CostMeter(layers.Decoder(model), None, exit_layer=None, max_positions=1, repeats=2)
+    plain = CostMeter(generator, exit_layer=None, max_positions=1, repeats=2)
     plain.measure(rows=2, context=5)
     assert plain.costs().full > 0 and "draft" not in plain.times

@@ -1,6 +1,8 @@
 """self_speculative chooses its draft length per batch size from the cost model, down to 0 drafts (autoregressive
 decoding), so that a batch never runs slower than autoregressive decoding by the model's account."""
 
+from types import SimpleNamespace
+
 import pytest
 
 from models import tiny_llama
@@ -11,6 +13,11 @@ from self_speculation.strategies import Acceptance, SelfSpeculative
 CONFIG = GenerationConfig(generation_strategy="self_speculative", sample=False, max_steps=16, exit_layer=2,
                           num_speculations=3)
 PROMPTS = [[0, 5, 17, 33, 2, 9], [0, 71, 4], [0] + list(range(40, 60))]
+
+
+def generator(config=CONFIG, compiled=None):
+    """What `draft_length` reads of a generator when the pass costs are known already."""
+    return SimpleNamespace(config=config, compiled=compiled)
 
 
 def costs(draft: float) -> PassCosts:
@@ -41,7 +48,7 @@ def seen() -> SelfSpeculative:
 def test_the_draft_length_is_the_fastest_by_the_cost_model(seen, draft, expected):
     """Cheap drafts: all three; dear ones: none (a full pass per token, which is never slower than itself)."""
     seen.batch_costs[3] = costs(draft)
-    assert seen.draft_length(None, CONFIG, rows=3, context=10, compiled=None) == expected
+    assert seen.draft_length(generator(), rows=3, context=10) == expected
     assert seen.chosen == {3: expected}
     speed = {k: seen.acceptance.tokens_per_step(k) / seen._seconds(costs(draft), k) for k in range(4)}
     assert speed[expected] == max(speed.values()) >= speed[0]
@@ -49,15 +56,15 @@ def test_the_draft_length_is_the_fastest_by_the_cost_model(seen, draft, expected
 
 def test_one_prompt_and_batch_drafts_off_draft_the_configured_length(seen):
     seen.batch_costs[3] = costs(2.0)
-    assert seen.draft_length(None, CONFIG, rows=1, context=10, compiled=None) == 3
+    assert seen.draft_length(generator(), rows=1, context=10) == 3
     off = GenerationConfig(**{**CONFIG.__dict__, "batch_drafts": False})
-    assert seen.draft_length(None, off, rows=3, context=10, compiled=None) == 3
-    assert SelfSpeculative().draft_length(None, CONFIG, rows=3, context=10, compiled=None) == 3  # nothing seen yet
+    assert seen.draft_length(generator(off), rows=3, context=10) == 3
+    assert SelfSpeculative().draft_length(generator(), rows=3, context=10) == 3  # nothing seen yet
 
 
 def test_compiled_chooses_between_the_compiled_lengths(seen):
     seen.batch_costs[3] = costs(1.0)  # 1 draft is fastest eagerly, but only 0 and 3 are compiled
-    assert seen.draft_length(None, CONFIG, rows=3, context=10, compiled=object()) == 3
+    assert seen.draft_length(generator(compiled=object()), rows=3, context=10) == 3
 
 
 def test_a_batch_without_drafts_decodes_as_autoregressive_decoding():

@@ -80,6 +80,18 @@ def capacity_bucket(positions: int) -> int:
     return max(256, 1 << (positions - 1).bit_length())
 
 
+def graph_cache(caches: dict, capacity: int, rows: int) -> KVCache:
+    """With CUDA graphs: the cache of `rows` rows and `capacity`'s bucket kept in `caches` (its buffers are where
+    the graphs were recorded, so reusing it replays them; new buffers would record them again), emptied; made
+    on first use."""
+    key = (rows, capacity_bucket(capacity))
+    if key in caches:
+        caches[key].reset()
+    else:
+        caches[key] = KVCache(key[1], rows)
+    return caches[key]
+
+
 class CompiledPasses:
     """The passes a decoder runs through torch.compile, (start layer, end layer, new tokens), each compiled on its
     first use. Whoever runs the passes holds this object (a Generator, a PassTimer): compiled code lives as long as

@@ -68,42 +68,49 @@ class PassTimer:
     def tokens(self, positions: int) -> torch.Tensor:
         return torch.zeros((self.rows, positions), dtype=torch.long, device=self.device)
 
-    @torch.inference_mode()
-    def times(self, start: int, end: int, positions: int, with_head: bool = False) -> list[tuple[float, float]]:
-        """Seconds of each timed run of the layers [start, end) over `positions` new positions, and of the head
-        after them (0 without it); two runs before them warm up."""
-        hidden = self.decoder.embed(self.tokens(positions))
-        times = []
-        for _ in range(self.repeats + 2):
+    def once(self, start: int, end: int, hidden: torch.Tensor, with_head: bool) -> tuple[float, float]:
+        """Seconds of one run of the layers [start, end) over `hidden` (rows, positions, H), and of the head after
+        them (0 without it); the cache is rolled back after it."""
+        sync_device(self.device)
+        begin = time.perf_counter()
+        out = self.decoder.run_layers(hidden, self.cache, start, end, self.compiled)
+        sync_device(self.device)
+        middle = time.perf_counter()
+        if with_head:
+            self.decoder.head(out)
             sync_device(self.device)
-            begin = time.perf_counter()
-            out = self.decoder.run_layers(hidden, self.cache, start, end, self.compiled)
-            sync_device(self.device)
-            middle = time.perf_counter()
-            if with_head:
-                self.decoder.head(out)
-                sync_device(self.device)
-            times.append((middle - begin, time.perf_counter() - middle))
-            for layer in self.cache.layers[start:end]:
-                layer.crop(-positions)
-        return times[2:]
+        finish = time.perf_counter()
+        for layer in self.cache.layers[start:end]:
+            layer.crop(-hidden.shape[1])
+        return middle - begin, finish - middle
 
+    @torch.inference_mode()
     def median_time(self, start: int, end: int, positions: int, with_head: bool = False) -> tuple[float, float]:
-        """Median seconds of the layers [start, end) over `positions` new positions, and of the head after them."""
-        times = self.times(start, end, positions, with_head)
+        """Median seconds of the layers [start, end) over `positions` new positions, and of the head after them;
+        two runs before them warm up."""
+        hidden = self.decoder.embed(self.tokens(positions))
+        times = [self.once(start, end, hidden, with_head) for _ in range(self.repeats + 2)][2:]
         return tuple(statistics.median(t[i] for t in times) for i in (0, 1))
 
+    @torch.inference_mode()
     def samples(self, exit_layer: int | None, max_positions: int) -> dict:
-        """Every timed run of the passes of `PassCosts` (without an exit layer: the full pass and the head)."""
+        """Every timed run of the passes of `PassCosts` (without an exit layer: the full pass and the head), in
+        rounds of one run of each pass, so that the machine's slow moments fall on every pass alike and cancel
+        in their ratios (the ideal speedup is one); the first two rounds warm up."""
         count = self.decoder.num_layers
-        full = self.times(0, count, 1, with_head=True)
-        samples = {"full": [t[0] for t in full], ("head", 1): [t[1] for t in full]}
+        passes = [("full", 0, count, 1)]
         if exit_layer is not None:
-            samples["draft"] = [t[0] for t in self.times(0, exit_layer, 1)]
-            for positions in range(1, max_positions + 1):
-                verify = self.times(exit_layer, count, positions, with_head=True)
-                samples[("verify", positions)] = [t[0] for t in verify]
-                samples[("head", positions)] = [t[1] for t in verify]
+            passes += [("draft", 0, exit_layer, 1)]
+            passes += [(("verify", t), exit_layer, count, t) for t in range(1, max_positions + 1)]
+        hiddens = {t: self.decoder.embed(self.tokens(t)) for t in {p[3] for p in passes}}
+        samples: dict = {}
+        for round in range(self.repeats + 2):
+            for key, start, end, positions in passes:
+                layers_time, head_time = self.once(start, end, hiddens[positions], with_head=key != "draft")
+                if round >= 2:
+                    samples.setdefault(key, []).append(layers_time)
+                    if key != "draft":
+                        samples.setdefault(("head", positions), []).append(head_time)
         return samples
 
     def costs(self, exit_layer: int, max_positions: int, full: float | None = None) -> PassCosts:
@@ -112,11 +119,10 @@ class PassTimer:
         return costs if full is None else dataclasses.replace(costs, full=full)
 
 
-def summarized(samples: dict, exit_layer: int | None, max_positions: int,
-               statistic=statistics.median) -> PassCosts:
-    """`PassCosts` from the timed runs of `PassTimer.samples` (their medians, or another `statistic`); without
-    an exit layer only `full` and `head[1]` were timed, and the rest repeat them."""
-    median = {key: statistic(times) for key, times in samples.items()}
+def summarized(samples: dict, exit_layer: int | None, max_positions: int) -> PassCosts:
+    """`PassCosts` from the medians of the timed runs of `PassTimer.samples`; without an exit layer only `full`
+    and `head[1]` were timed, and the rest repeat them."""
+    median = {key: statistics.median(times) for key, times in samples.items()}
     if exit_layer is None:
         return PassCosts(median["full"], {1: median["full"]}, median["full"], {1: median[("head", 1)]})
     positions = range(1, max_positions + 1)
@@ -129,7 +135,7 @@ class CostMeter:
     times for that batch's rows over the context it decoded at, so that the passes see the machine as the
     decoding did: its speed drifts by a quarter from one minute to the next, and passes timed once, after the
     run, predicted a different machine (ideal speedups of 1.85x and 1.51x for one command). `costs()` is the
-    mean of all the times taken. The passes are still timed alone: the ideal has no overhead between them.
+    median of all the times taken. The passes are still timed alone: the ideal has no overhead between them.
     They run as `generator` runs them: its decoder, through its compiled passes where it has them, in its caches."""
 
     def __init__(self, generator, exit_layer: int | None, max_positions: int, repeats: int = 5):
@@ -146,6 +152,7 @@ class CostMeter:
         self.contexts.append(context)
 
     def costs(self) -> PassCosts | None:
-        """The mean times, as `PassCosts`; None before any measurement. Means, not medians: a run's time is the
-        sum of its passes', slow moments included, and the passes are sampled across the run."""
-        return summarized(self.times, self.exit_layer, self.max_positions, statistics.fmean) if self.times else None
+        """The median times, as `PassCosts`; None before any measurement. Medians, not means: tried on the quick
+        start, means put the ideal at 1.38x, 1.61x and 1.59x in three runs where medians had given 1.33x to
+        1.43x in five, and predicted the decoding no better."""
+        return summarized(self.times, self.exit_layer, self.max_positions) if self.times else None

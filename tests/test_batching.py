@@ -140,3 +140,18 @@ def test_caches_kept_for_cuda_graphs_give_the_tokens_of_fresh_ones(model):
     for prompts in (PROMPTS, PROMPTS[:2], PROMPTS[1:], PROMPTS[:2]):
         assert [counts(r) for r in kept.generate_batch(prompts)] == [counts(r) for r in fresh.generate_batch(prompts)]
     assert set(kept.caches) == {(5, 256), (2, 256), (4, 256)} and not fresh.caches
+
+
+def test_the_cuda_graph_configuration_compiles_and_keeps_the_tokens_on_the_cpu(gqa_tied):
+    """The CUDA-graph configuration forced on the CPU: mode="reduce-overhead", static-address buffers in capacity
+    buckets, caches reused, finished rows held, outputs copied out. Inductor compiles it and, on the CPU, runs the
+    graphs without capturing them; the tokens are those of eager decoding, and one compilation of each pass
+    serves the batches."""
+    config = config_for("self_speculative", 3, 4, max_steps=24)
+    alone = [Generator(gqa_tied, None, config).generate_ids(p).tokens for p in PROMPTS]
+    generator = Generator(gqa_tied, None, dataclasses.replace(config, compile=True))
+    generator.compiled.graphs = generator.graphs = True
+    for rows in ([0, 1, 2, 3, 4], [2, 0], [1, 3, 4, 0, 2]):
+        assert [r.tokens for r in generator.generate_batch([PROMPTS[i] for i in rows])] == [alone[i] for i in rows]
+    assert set(generator.compiled.passes) == {(0, 3, 1, True), (3, 6, 5, True)}
+    assert set(generator.caches) == {(5, 256), (2, 256)}

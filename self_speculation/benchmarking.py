@@ -61,6 +61,7 @@ class Runner:
     alone: str | None = None
     generator: Generator | None = None  # ours: its strategy adds metrics and report lines
     variant: str = ""  # "+compiled" for the compiled half of `benchmark.py --compile both`
+    compiles: bool = True  # False: --compile changes nothing in this runner (no compiled variant of it is run)
 
     def run_batch(self, batch: Batch, index: int = 0) -> list[Sample]:
         """Batch number `index` as one batch, or one prompt after another where the runner takes one at a time.
@@ -199,7 +200,7 @@ def _hf_assistant_early_exit(model, tokenizer, config, seed) -> Runner:
     }
     settings = {k: v for k, v in kwargs.items() if k != "tokenizer"} | patch
     run, _ = _hf_run("hf_assistant_early_exit", model, kwargs, patch)
-    return Runner(run, settings, alone="Hugging Face's assisted generation takes a batch of one")
+    return Runner(run, settings, alone="Hugging Face's assisted generation takes a batch of one", compiles=False)
 
 
 RUNNERS: dict[str, Callable] = {

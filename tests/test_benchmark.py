@@ -229,3 +229,16 @@ def test_a_compiled_row_meets_compiled_hf_generate(checkpoint):
     metrics = compare(model, tokenizer, GenerationConfig(sample=True), runners, samples, [[0, 1]], [""])
     assert [metrics[name]["speedup_vs_hf_generate"] for name in seconds] == [1.0, 1.0, 2.0, 2.0]
     assert metrics["autoregressive+compiled"]["speedup_vs_eager"] == 2.0
+
+
+def test_compile_both_runs_a_runner_that_cannot_compile_once(checkpoint, prompts_file, tmp_path, capsys):
+    """Hugging Face's assisted generation ignores --compile: no hf_assistant_early_exit+compiled row that would
+    be eager decoding under a compiled name."""
+    code = run(benchmark.main, ["--model", str(checkpoint), "--dataset", "custom_jsonl", "--data_path",
+                                str(prompts_file), "--num_samples", "1", "--max_steps", "4", "--sample", "False",
+                                "--exit_layer", "3", "--num_speculations", "2", "--output_dir", str(tmp_path),
+                                "--compile", "both", "--generation_strategy", "hf_assistant_early_exit"])
+    captured = capsys.readouterr()
+    assert code == 0 and "hf_assistant_early_exit has no compiled variant" in captured.err
+    [path] = tmp_path.glob("benchmark_*.json")
+    assert list(json.loads(path.read_text())["metrics"]) == ["hf_assistant_early_exit"]

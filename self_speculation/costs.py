@@ -142,14 +142,12 @@ class CostMeter:
         self.generator = generator
         self.exit_layer, self.max_positions, self.repeats = exit_layer, max_positions, repeats
         self.times: dict = {}
-        self.contexts: list[int] = []
 
     def measure(self, rows: int, context: int) -> None:
         g = self.generator
         timer = PassTimer(g.decoder, context, self.max_positions, g.compiled, rows, self.repeats, g.new_cache)
         for key, times in timer.samples(self.exit_layer, self.max_positions).items():
             self.times.setdefault(key, []).extend(times)
-        self.contexts.append(context)
 
     def costs(self) -> PassCosts | None:
         """The median times, as `PassCosts`; None before any measurement. Medians, not means: tried on the quick

@@ -199,7 +199,7 @@ class Generator:
             start = time.perf_counter()
             try:
                 logits = self.strategy.prefill(d, padded, lengths)  # (B, V)
-                new_tokens = [[token] for token in d.first(logits)]
+                new_tokens = [[token] for token in d.take(logits)]
                 while True:
                     for b, result in enumerate(results):
                         if result.stop_reason == "running":

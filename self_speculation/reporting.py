@@ -11,21 +11,27 @@ from .metrics import quality
 from .strategies import Autoregressive
 
 
+def by_batch(samples: list[Sample]) -> list[list[Sample]]:
+    """Samples grouped by the batch they were generated in (a sample alone is a batch of its own)."""
+    groups: dict[int, list[Sample]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault(s.batch if s.batch >= 0 else -1 - i, []).append(s)
+    return list(groups.values())
+
+
 def summarize(samples: list[Sample]) -> dict:
     """Speed metrics of one strategy over its samples: medians over batches (a sample alone is a batch of one;
     a batch's throughput is the tokens of all its rows over its wall time), totals over all of them."""
     tokens = sum(len(s.tokens) for s in samples)
-    batches: dict[int, list[Sample]] = {}
-    for i, s in enumerate(samples):
-        batches.setdefault(s.batch if s.batch >= 0 else -1 - i, []).append(s)
-    times = [(sum(len(s.tokens) for s in rows), rows[0].total_time) for rows in batches.values()]
+    batches = by_batch(samples)
+    times = [(sum(len(s.tokens) for s in rows), rows[0].total_time) for rows in batches]
     total_time = sum(t for _, t in times)
     drafted = sum(s.drafted for s in samples)
     passes = sum(s.passes for s in samples)
     first = [s.time_to_first_token for s in samples if s.time_to_first_token is not None]
     return {
         "samples": len(samples),
-        "rows_per_batch": max(len(rows) for rows in batches.values()),
+        "rows_per_batch": max(len(rows) for rows in batches),
         "tokens": tokens,
         "tokens_per_second_median": statistics.median(n / t if t > 0 else 0.0 for n, t in times),
         "tokens_per_second_overall": tokens / total_time if total_time else 0.0,
@@ -71,7 +77,7 @@ def compare(model, tokenizer, config: GenerationConfig, runners: dict[str, Runne
                                                  / metrics[eager]["tokens_per_second_median"])
         if runner.generator is not None:
             plain = metrics.get(Autoregressive.name + runner.variant)
-            metrics[name] |= runner.generator.strategy.metrics(metrics[name], plain, by_strategy[name],
+            metrics[name] |= runner.generator.strategy.metrics(metrics[name], plain, by_batch(by_strategy[name]),
                                                      (costs or {}).get(runner.variant))
     return metrics
 

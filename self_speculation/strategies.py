@@ -66,8 +66,8 @@ class Decoding:
         """Each row's token (B,) from its scores (B, V): sampled, or the argmax."""
         return sample(probabilities(scores), self.generator) if self.config.sample else greedy(scores)
 
-    def first(self, logits: torch.Tensor) -> list[int]:
-        """Each row's first new token from the prompt's logits (B, V)."""
+    def take(self, logits: torch.Tensor) -> list[int]:
+        """Each row's next token from its logits (B, V) after its sequence: chosen, kept as `current`, and read."""
         self.current = self.choose(self.scores(logits, self.contexts(), self.no_drafts()))[:, None]
         return read(self.current[:, 0])
 
@@ -152,15 +152,16 @@ class Strategy:
         a batch of `rows` rows, decided before the batch's clock starts; 0 for a strategy that does not draft."""
         return 0
 
-    def metrics(self, mine: dict, plain: dict | None, samples: list, costs: PassCosts | None) -> dict:
-        """What a benchmark reports of this strategy beyond the common metrics `mine`, from its samples, our
+    def metrics(self, mine: dict, plain: dict | None, batches: list[list], costs: PassCosts | None) -> dict:
+        """What a benchmark reports of this strategy beyond the common metrics `mine`, from its samples by the
+        batch they were generated in (`reporting.by_batch`), our
         autoregressive decoding's metrics in the same run and mode (`plain`, or None) and the pass costs timed
         beside the run (`costs.CostMeter`, at the batches' sizes): the measured time per token after the first
         against what its passes alone predict, and the overhead between them."""
         if costs is None:
             return {}
         measured = predicted = tokens = 0.0
-        for rows in _batches(samples):
+        for rows in batches:
             steps = max(s.passes - 1 for s in rows)
             drafted = sum(s.drafted for s in rows) / max(sum(s.passes - 1 for s in rows), 1)
             measured += rows[0].total_time - (rows[0].time_to_first_token or 0.0)
@@ -188,14 +189,6 @@ class Strategy:
         return (accepted + steps) * token / (steps * self.step_seconds(costs, drafted / steps))
 
 
-def _batches(samples: list) -> list[list]:
-    """Samples grouped by the batch they were generated in (a sample alone is a batch of its own)."""
-    groups: dict[int, list] = {}
-    for i, one in enumerate(samples):
-        groups.setdefault(one.batch if one.batch >= 0 else -1 - i, []).append(one)
-    return list(groups.values())
-
-
 def draft_share(num_speculations: int, budget: int) -> int:
     """How many tokens a step drafts with `budget` tokens left: never past the budget, since the verifier adds one."""
     return min(num_speculations, budget - 1)
@@ -210,8 +203,7 @@ def _flag_or_recommended(config: GenerationConfig, model_config, name: str) -> i
 def one_token(d: Decoding, depth: int) -> list[StepResult]:
     """A step of one token per row from layers [0, depth), the final norm and the head."""
     hidden = d.decoder.run_layers(d.decoder.embed(d.current), d.cache, 0, depth, d.compiled)
-    d.current = d.choose(d.scores(d.decoder.head(hidden)[:, -1], d.contexts(), d.no_drafts()))[:, None]
-    return [StepResult([token]) for token in read(d.current[:, 0])]
+    return [StepResult([token]) for token in d.take(d.decoder.head(hidden)[:, -1])]
 
 
 class Autoregressive(Strategy):
@@ -384,13 +376,14 @@ class SelfSpeculative(Strategy):
         d.cache.rollback(rejected)
         return results
 
-    def metrics(self, mine, plain, samples, costs):
+    def metrics(self, mine, plain, batches, costs):
         """Beside the overhead: the ideal speedup for the measured acceptance and the pass costs timed beside the
         run, the measured speedup over our autoregressive decoding (same layer code, so the ratio is the
         speculation's own gain) in tokens/s and after the first token (the prompt's pass apart, as the ideal
         counts), the efficiency (the latter over the ideal), the KV cache against autoregressive decoding's, and
         the draft length chosen per batch size."""
-        report = super().metrics(mine, plain, samples, costs)
+        report = super().metrics(mine, plain, batches, costs)
+        samples = [s for rows in batches for s in rows]
         if self.chosen:
             report["draft_length_by_batch_size"] = dict(sorted(self.chosen.items()))
         if costs is not None:

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from arguments import parse, run
 from self_speculation import distributed
 from self_speculation.errors import UsageError
-from self_speculation.training import TrainConfig, train
+from training import TrainConfig, train
 
 
 ARGUMENTS = (TrainConfig,)

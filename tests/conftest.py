@@ -34,7 +34,7 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory):
     """A small corpus of real code: a few standard-library modules copied into one JSONL file."""
-    from self_speculation.corpus import stdlib_files
+    from training.corpus import stdlib_files
 
     path = tmp_path_factory.mktemp("corpus") / "code.jsonl"
     files = [f for f in stdlib_files() if f.name in {"bisect.py", "heapq.py", "colorsys.py", "fnmatch.py",

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from self_speculation import UsageError, corpus
-from self_speculation.corpus import (
+from self_speculation import UsageError
+from training import corpus
+from training.corpus import (
     content_hash,
     expand_sources,
     file_list_hash,

@@ -20,8 +20,9 @@ import train
 from arguments import run
 from test_distributed import ROOT, kill_torchrun, launch
 from test_training import TINY
-from self_speculation import sharding, training
-from self_speculation.recipe import draw_kept, dropout_rates, ramp_scale
+from training import sharding
+from training import trainer as training
+from training.recipe import draw_kept, dropout_rates, ramp_scale
 
 STEPS = 12
 # a constant dropout as high as 0.9 for the last layer: in some steps one process's rows all skip a layer that the

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from models import tiny_llama
-from self_speculation.recipe import (
+from training.recipe import (
     Distillation,
     dropout_rates,
     early_exit_layers,

@@ -20,9 +20,9 @@ import train
 from arguments import parse, run
 from bad_input import assert_refused
 from models import byte_tokenizer, save_tiny_checkpoint
-from self_speculation import training
+from training import trainer as training
 from self_speculation.errors import UsageError
-from self_speculation.training import TrainConfig
+from training import TrainConfig
 
 SMALL = ["--output_dir", "{out}", "--data", "{code}", "--heldout_fraction", "0.3", "--max_steps", "2",
          "--num_layers", "2", "--hidden_size", "32", "--intermediate_size", "64", "--num_heads", "2",

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 import train
 from arguments import run
-from self_speculation import training
+from training import trainer as training
 
 TINY = ["--num_layers", "4", "--hidden_size", "32", "--intermediate_size", "64", "--num_heads", "2",
         "--num_kv_heads", "1", "--seq_len", "64", "--batch_size", "4", "--vocab_size", "300", "--warmup_steps", "3",

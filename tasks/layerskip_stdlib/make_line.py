@@ -21,7 +21,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
-from self_speculation import corpus  # noqa: E402
+from training import corpus  # noqa: E402
 
 HELDOUT_FRACTION = 0.05  # models/layerskip-stdlib/training.json
 CONTEXT_LINES, PER_FILE, DOCUMENTS, SEED = 20, 2, 48, 0

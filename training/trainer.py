@@ -21,10 +21,12 @@ from tqdm import tqdm
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig,
                           LlamaForCausalLM)
 
-from . import corpus, distributed, layers, sharding
-from .errors import UsageError, check_range, check_seed
-from .loading import TOKENIZER_FILES, check_available, check_weights, model_source, resolve_device
-from .results import ensure_output_dir
+from self_speculation import distributed, layers
+from self_speculation.errors import UsageError, check_range, check_seed
+from self_speculation.loading import TOKENIZER_FILES, check_available, check_weights, model_source, resolve_device
+from self_speculation.results import ensure_output_dir
+
+from . import corpus, sharding
 from .recipe import (
     CURRICULA,
     EXIT_WEIGHTINGS,
@@ -213,7 +215,7 @@ def prepare_data(config: TrainConfig, out: Path, resuming: bool = False) -> tupl
             changed = [k for k in key if saved.get("key", {}).get(k) != key[k]]
             raise UsageError(f"--resume: the training data in {out} was built from other data or settings "
                              f"({', '.join(changed)} changed since); the run cannot continue exactly")
-    from .analysis import humaneval_problems
+    from self_speculation.analysis import humaneval_problems
 
     leaking = corpus.leaking_documents(documents, [p["canonical_solution"] for p in humaneval_problems()])
     kept = [(name, text) for name, text in documents if name not in leaking]
@@ -661,8 +663,8 @@ def check_finite_weights(model, step: int, out: Path) -> None:
 
 def recommend_settings(directory: Path, device: torch.device) -> str:
     """exits.py's prediction for the saved model, written into its config.json."""
-    from .analysis import exit_report, humaneval_problems, recommend
-    from .loading import load
+    from self_speculation.analysis import exit_report, humaneval_problems, recommend
+    from self_speculation.loading import load
 
     model, tokenizer = load(str(directory), dtype="float32", device=str(device))
     count, steps = layers.num_layers(model), 64

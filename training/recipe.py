@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from . import layers
+from self_speculation import layers
 
 CURRICULA = ("rotational", "gradual", "none")
 EXIT_WEIGHTINGS = ("depth", "uniform")

@@ -13,8 +13,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from .errors import UsageError
-from .results import jsonl_records, read_text
+from self_speculation.errors import UsageError
+from self_speculation.results import jsonl_records, read_text
 
 TEST_DIRECTORIES = {"test", "tests", "idle_test"}
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]
@@ -77,7 +77,7 @@ def hub_dataset_file(source: str, directory: Path) -> Path:
     path = directory / (name.replace("/", "__") + (f"__{config}" if config else "") + ".jsonl")
     if path.exists():
         return path
-    from .loading import hub_reachable
+    from self_speculation.loading import hub_reachable
 
     if not hub_reachable():
         raise UsageError(f"--data {source}: the Hugging Face hub is unreachable; pass the text as a local JSONL file "

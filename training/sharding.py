@@ -43,7 +43,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_f
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
-from . import distributed, layers
+from self_speculation import distributed, layers
 
 RunLayer = Callable[[torch.Tensor, int], torch.Tensor]  # (hidden (B, T, H), layer index) -> hidden
 

@@ -27,6 +27,16 @@ def test_exact_match_is_not_an_edit_distance():
     assert scores["normalized_edit_distance"] == pytest.approx((3 / 7 + 0) / 2)
 
 
+def test_edit_distance_of_long_outputs():
+    """A long generation against a long reference (nltk's edit distance refuses strings over 2,000 characters,
+    which ended a whole benchmark run of HumanEval in a traceback after its last example)."""
+    reference = "def f(x):\n    return x\n" * 120  # 2,760 characters
+    prediction = reference[:1000] + "X" + reference[1001:2000] + reference[2002:] + "!"  # 1 substitution, 2 deletions, 1 insertion
+    scores = edit_distance([prediction], [reference])
+    assert scores["edit_distance"] == 4
+    assert scores["normalized_edit_distance"] == pytest.approx(4 / len(reference))
+
+
 def test_no_references_no_quality_metrics():
     assert quality(["x"], [""]) == {}
     assert set(quality(["x"], ["x"])) >= {"rouge1", "bleu", "exact_match", "edit_distance"}

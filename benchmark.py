@@ -44,11 +44,17 @@ HELP = {"--generation_strategy": f"strategies to compare, comma-separated (or th
         "--compile": ("run the decoding passes through torch.compile (True/False), or both: every strategy eager "
                       "and compiled, interleaved batch by batch, as rows NAME and NAME+compiled", "{True,False,both}")}
 COMPILED = "+compiled"
+BOOLEANS = {"yes", "no", "true", "false", "t", "f", "y", "n", "1", "0"}  # what transformers' parser reads as a bool
 
 
 def pop_compile_both(argv: list[str]) -> bool:
-    """Remove `--compile both` (or `--compile=both`) from argv: True where it was given."""
+    """Remove `--compile both` (or `--compile=both`) from argv: True where it was given. A value that is neither
+    a boolean nor `both` is refused here, where all three choices can be named."""
     for i, item in enumerate(argv):
+        value = item.partition("=")[2] if item.startswith("--compile=") else (
+            argv[i + 1] if item == "--compile" and i + 1 < len(argv) else None)
+        if value is not None and value.lower() not in BOOLEANS | {"both"}:
+            raise UsageError(f"--compile must be True, False or both (got {value!r})")
         if item in ("--compile", "--compile=both") and (item.endswith("both") or argv[i + 1 : i + 2] == ["both"]):
             del argv[i : i + (1 if item.endswith("both") else 2)]
             if "compile" in given_flags(argv):

@@ -195,6 +195,12 @@ def test_pop_compile_both(argv):
         benchmark.pop_compile_both(argv + ["--compile", "False"])
 
 
+@pytest.mark.parametrize("argv", [["--compile", "maybe"], ["--compile=bothh"], ["--compile", "--max_steps"]])
+def test_a_compile_value_that_is_neither_a_boolean_nor_both_names_the_three_choices(argv):
+    with pytest.raises(UsageError, match=r"--compile must be True, False or both \(got '"):
+        benchmark.pop_compile_both(argv + ["--max_steps", "4"])
+
+
 def test_pass_costs_timed_beside_decoding_cover_every_pass(checkpoint):
     """A CostMeter keeps every timed run of every measurement: medians over batches of different sizes."""
     from self_speculation.costs import CostMeter

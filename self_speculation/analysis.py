@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from . import layers
 from .costs import PassCosts, PassTimer, typical_context
@@ -150,7 +151,9 @@ def measure_costs(model, traces: list[GreedyTrace], exit_layers: list[int], max_
     context = typical_context([t.prompt_tokens for t in traces], max(t.budget for t in traces))
     timer = PassTimer(layers.Decoder(model), context, max_speculations + 1, repeats=repeats)
     full = timer.median_time(0, layers.num_layers(model), 1)[0]
-    return {e: timer.costs(e, max_speculations + 1, full) for e in exit_layers}
+    # about a second per exit layer on the embedded model (a CPU): the longest part of exits.py, so it shows
+    return {e: timer.costs(e, max_speculations + 1, full)
+            for e in tqdm(exit_layers, desc="pass costs", unit="exit layer", leave=False)}
 
 
 def predict(traces: list[GreedyTrace], costs: dict[int, PassCosts], speculations: list[int]) -> list[Prediction]:

@@ -45,8 +45,10 @@ class Batch:
 
 def batches(prompts: list[list[int]], size: int, by_length: bool = True) -> list[Batch]:
     """The prompts in batches of `size`. `by_length`: prompts of similar lengths together (in order of length),
-    so that a batch attends over little padding: rows are as long as the batch's longest prompt."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i])) if by_length else list(range(len(prompts)))
+    so that a batch attends over little padding: rows are as long as the batch's longest prompt. One prompt per
+    batch has no padding, and keeps the dataset's order."""
+    grouped = by_length and size > 1
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i])) if grouped else list(range(len(prompts)))
     chunks = [order[i : i + size] for i in range(0, len(order), size)]
     return [Batch(ids, [prompts[i] for i in ids]) for ids in chunks]
 

@@ -95,6 +95,8 @@ def test_prompts_are_batched_by_length():
     assert [b.ids for b in grouped] == [[1, 3], [0, 4], [2]]
     assert all(b.prompts == [prompts[i] for i in b.ids] for b in grouped)
     assert [b.ids for b in batches(prompts, 2, by_length=False)] == [[0, 1], [2, 3], [4]]
+    # one prompt at a time has no padding to save: the dataset's order (correctness.py prints as it goes)
+    assert [b.ids for b in batches(prompts, 1)] == [[0], [1], [2], [3], [4]]
 
 
 def test_correctness_and_sweep_in_batches(checkpoint, tmp_path):

@@ -99,8 +99,8 @@ def report(metrics: dict, profiles: dict, runners: dict[str, Runner]) -> str:
 
 
 def format_table(metrics: dict) -> str:
-    def cell(value, fmt):
-        return "-" if value is None else format(value, fmt)
+    def cell(value, fmt, unit=""):
+        return "-" if value is None else format(value, fmt) + unit
 
     lines = ["| strategy | tokens/s (median) | ms/token | acceptance | tokens/pass | speedup vs hf_generate | "
              "outputs ≠ hf (near ties, divergences) |",
@@ -108,9 +108,8 @@ def format_table(metrics: dict) -> str:
     for name, m in metrics.items():
         acceptance = None if m["acceptance_rate"] is None else 100 * m["acceptance_rate"]
         lines.append(f"| {name} | {m['tokens_per_second_median']:.1f} | {1000 * m['time_per_token_median']:.2f} | "
-                     f"{cell(acceptance, '.1f')}{'%' if acceptance is not None else ''} | "
-                     f"{cell(m['tokens_per_full_model_pass'], '.2f')} | {cell(m.get('speedup_vs_hf_generate'), '.2f')}x | "
-                     f"{differing(m)} |")
+                     f"{cell(acceptance, '.1f', '%')} | {cell(m['tokens_per_full_model_pass'], '.2f')} | "
+                     f"{cell(m.get('speedup_vs_hf_generate'), '.2f', 'x')} | {differing(m)} |")
     return "\n".join(lines)
 
 

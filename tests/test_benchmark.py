@@ -248,3 +248,18 @@ def test_compile_both_runs_a_runner_that_cannot_compile_once(checkpoint, prompts
     assert code == 0 and "hf_assistant_early_exit has no compiled variant" in captured.err
     [path] = tmp_path.glob("benchmark_*.json")
     assert list(json.loads(path.read_text())["metrics"]) == ["hf_assistant_early_exit"]
+
+
+def test_the_table_marks_what_a_run_did_not_measure_with_a_bare_dash():
+    """Without hf_generate in the run there is no speedup over it: '-', not '-x'; units only beside numbers."""
+    from self_speculation.reporting import format_table
+
+    common = {"tokens_per_second_median": 100.0, "time_per_token_median": 0.01}
+    table = format_table({
+        "autoregressive": common | {"acceptance_rate": None, "tokens_per_full_model_pass": 1.0},
+        "self_speculative": common | {"acceptance_rate": 0.5, "tokens_per_full_model_pass": 2.0,
+                                      "speedup_vs_hf_generate": 1.5},
+    })
+    autoregressive, self_speculative = table.splitlines()[2:]
+    assert autoregressive == "| autoregressive | 100.0 | 10.00 | - | 1.00 | - | - |"
+    assert self_speculative == "| self_speculative | 100.0 | 10.00 | 50.0% | 2.00 | 1.50x | - |"

@@ -79,3 +79,17 @@ def test_a_moved_sweep_resumes_where_it_is(argv, tmp_path, monkeypatch):
     moved = argv[:-1] + [str(tmp_path / "moved")]
     assert run(sweep.main, moved) == 0
     assert built == []  # every point was found finished
+
+
+def test_the_summary_of_a_best_point_without_drafts_says_so(tmp_path):
+    """A point whose outputs all ended before a draft has no acceptance rate: 'no drafts', not 'acceptance nan%'."""
+    import pandas as pd
+
+    from self_speculation.sweeping import COLUMNS, SweepDirectory
+
+    directory = SweepDirectory(tmp_path / "sweep", {})
+    row = dict.fromkeys(COLUMNS, 0.0) | {"exit_layer": 2, "num_speculations": 1, "tokens_per_second_median": 7.0,
+                                         "speedup_vs_baseline": 0.9, "acceptance_rate": float("nan")}
+    directory.frame = lambda points: pd.DataFrame([row])
+    summary = directory.report([(2, 1)], {"tokens_per_second_median": 8.0}, greedy=False).splitlines()[-1]
+    assert summary.endswith("best: exit_layer 2, num_speculations 1: 7.0 tokens/s (0.90x), no drafts")

@@ -27,6 +27,16 @@ def unseen(queries: torch.Tensor, keys: torch.Tensor, window: int | None) -> tor
     return hidden
 
 
+def write_rows(buffers: tuple[torch.Tensor, torch.Tensor], states: tuple[torch.Tensor, torch.Tensor],
+               slots: torch.Tensor) -> None:
+    """The write rule of a batch whose rows hold different lengths, eager and compiled alike: row b's T new keys
+    and values (B, heads, T, head_dim) into its positions `slots[b]` (B, T) of the buffers (B, heads, capacity,
+    head_dim). One scatter per buffer: about half the time of an indexed assignment on the CPU."""
+    index = slots[:, None, :, None].expand_as(states[0])
+    for buffer, new in zip(buffers, states):
+        buffer.scatter_(2, index, new)
+
+
 def additive(hide: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     return torch.zeros(hide.shape, dtype=hidden.dtype, device=hidden.device).masked_fill_(hide, float("-inf"))
 
@@ -65,9 +75,9 @@ class KVLayer(CacheLayerMixin):
     def longest(self) -> int:
         return max(self.lengths)
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, slots=None, rows=None, **kwargs):
-        """Write T new positions per row, at `slots` (B, T) of `rows` (B, 1) when the rows' lengths differ; return
-        the buffers up to the longest row."""
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, slots=None, **kwargs):
+        """Write T new positions per row, at `slots` (B, T) when the rows' lengths differ; return the buffers up to
+        the longest row."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         T = key_states.shape[2]
@@ -79,8 +89,7 @@ class KVLayer(CacheLayerMixin):
             self.keys.narrow(2, start, T).copy_(key_states)
             self.values.narrow(2, start, T).copy_(value_states)
         else:
-            self.keys[rows, :, slots] = key_states.transpose(1, 2)  # (B, T, heads, head_dim) into row b's slots
-            self.values[rows, :, slots] = value_states.transpose(1, 2)
+            write_rows((self.keys, self.values), (key_states, value_states), slots)
         self.lengths = [length + T for length in self.lengths]
         return self.keys.narrow(2, 0, end), self.values.narrow(2, 0, end)
 
@@ -114,7 +123,6 @@ class KVCache(Cache):
         self.batch = batch
         self.past: list[int] = []  # the rows' lengths where the running pass began
         self.slots: torch.Tensor | None = None  # (B, T) where it writes, when those lengths differ
-        self.rows: torch.Tensor | None = None  # (B, 1) row indices for those writes, made once per pass
 
     def lengths(self, layer: int) -> list[int]:
         """What each row holds in `layer` (zeros before the layer's first pass)."""
@@ -129,11 +137,10 @@ class KVCache(Cache):
             self.slots = None
             return torch.arange(self.past[0], self.past[0] + T, device=device)
         self.slots = torch.tensor(self.past, device=device)[:, None] + torch.arange(T, device=device)
-        self.rows = torch.arange(len(self.past), device=device)[:, None]
         return self.slots
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        return super().update(key_states, value_states, layer_idx, slots=self.slots, rows=self.rows)
+        return super().update(key_states, value_states, layer_idx, slots=self.slots)
 
     def mask(self, positions: torch.Tensor, window: int | None,
              hidden: torch.Tensor) -> tuple[torch.Tensor | None, int]:

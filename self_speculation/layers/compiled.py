@@ -18,7 +18,7 @@ from functools import partial
 
 import torch
 
-from .cache import KVCache, unseen
+from .cache import KVCache, unseen, write_rows
 from .runner import Decoder, layer_pass
 
 
@@ -35,9 +35,7 @@ class _Buffers:
             keys.index_copy_(2, self.positions, key_states)
             values.index_copy_(2, self.positions, value_states)
         else:  # a batch: row b's tokens at its own positions (B, T)
-            slots = self.positions[:, None, :, None].expand_as(key_states)
-            keys.scatter_(2, slots, key_states)
-            values.scatter_(2, slots, value_states)
+            write_rows((keys, values), (key_states, value_states), self.positions)
         return keys, values
 
     def mask(self, positions: torch.Tensor, window: int | None, hidden: torch.Tensor):

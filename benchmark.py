@@ -10,9 +10,11 @@ effective settings, metrics) and benchmark_<time>.jsonl (a record per example an
 
 import dataclasses
 import sys
+from argparse import ArgumentTypeError
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
+from transformers.hf_argparser import string_to_bool
 
 from arguments import (MAX_WARMUP, SAMPLING, DatasetBatchArguments, DataArguments, GenerationArguments, ModelArguments,
                        given_flags, parse, pop_list, run, warn_ignored)
@@ -44,22 +46,29 @@ HELP = {"--generation_strategy": f"strategies to compare, comma-separated (or th
         "--compile": ("run the decoding passes through torch.compile (True/False), or both: every strategy eager "
                       "and compiled, interleaved batch by batch, as rows NAME and NAME+compiled", "{True,False,both}")}
 COMPILED = "+compiled"
-BOOLEANS = {"yes", "no", "true", "false", "t", "f", "y", "n", "1", "0"}  # what transformers' parser reads as a bool
 
 
 def pop_compile_both(argv: list[str]) -> bool:
     """Remove `--compile both` (or `--compile=both`) from argv: True where it was given. A value that is neither
-    a boolean nor `both` is refused here, where all three choices can be named."""
+    a boolean nor `both` is refused here, where all three choices can be named; a bare `--compile` is True."""
     for i, item in enumerate(argv):
-        value = item.partition("=")[2] if item.startswith("--compile=") else (
-            argv[i + 1] if item == "--compile" and i + 1 < len(argv) else None)
-        if value is not None and value.lower() not in BOOLEANS | {"both"}:
-            raise UsageError(f"--compile must be True, False or both (got {value!r})")
-        if item in ("--compile", "--compile=both") and (item.endswith("both") or argv[i + 1 : i + 2] == ["both"]):
-            del argv[i : i + (1 if item.endswith("both") else 2)]
+        if item == "--compile":
+            if i + 1 == len(argv) or argv[i + 1].startswith("--"):
+                continue  # a bare --compile: True
+            value, width = argv[i + 1], 2
+        elif item.startswith("--compile="):
+            value, width = item.partition("=")[2], 1
+        else:
+            continue
+        if value == "both":
+            del argv[i : i + width]
             if "compile" in given_flags(argv):
                 raise UsageError("--compile is given twice")
             return True
+        try:
+            string_to_bool(value)
+        except ArgumentTypeError:
+            raise UsageError(f"--compile must be True, False or both (got {value!r})") from None
     return False
 
 

@@ -5,6 +5,7 @@ import csv
 import fcntl
 import io
 import json
+import math
 from pathlib import Path
 
 from . import distributed
@@ -115,8 +116,6 @@ class SweepDirectory:
 
     def report(self, points: list[tuple[int, int]], baseline: dict, greedy: bool) -> str:
         """The table of this sweep's points, the best one, a word on differing outputs."""
-        import pandas as pd
-
         frame = self.frame(points)
         best = frame.loc[frame["tokens_per_second_median"].idxmax()]
         lines = [frame.sort_values(["exit_layer", "num_speculations"]).to_string(
@@ -124,7 +123,7 @@ class SweepDirectory:
                  f"baseline hf_generate: {baseline['tokens_per_second_median']:.1f} tokens/s; best: exit_layer "
                  f"{int(best['exit_layer'])}, num_speculations {int(best['num_speculations'])}: "
                  f"{best['tokens_per_second_median']:.1f} tokens/s ({best['speedup_vs_baseline']:.2f}x), "
-                 + ("no drafts" if pd.isna(best["acceptance_rate"]) else
+                 + ("no drafts" if math.isnan(best["acceptance_rate"]) else
                     f"acceptance {100 * best['acceptance_rate']:.1f}%")]  # none: every output ended before a draft
         if greedy and frame["divergences"].sum() > 0:
             lines.append("warning: some greedy outputs diverge from the baseline's (more than a rounding tie); "

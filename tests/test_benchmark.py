@@ -195,10 +195,15 @@ def test_pop_compile_both(argv):
         benchmark.pop_compile_both(argv + ["--compile", "False"])
 
 
-@pytest.mark.parametrize("argv", [["--compile", "maybe"], ["--compile=bothh"], ["--compile", "--max_steps"]])
+@pytest.mark.parametrize("argv", [["--compile", "maybe"], ["--compile=bothh"], ["--compile", "Tru"]])
 def test_a_compile_value_that_is_neither_a_boolean_nor_both_names_the_three_choices(argv):
     with pytest.raises(UsageError, match=r"--compile must be True, False or both \(got '"):
         benchmark.pop_compile_both(argv + ["--max_steps", "4"])
+
+
+@pytest.mark.parametrize("argv", [["--compile"], ["--compile", "--max_steps", "4"], ["--compile", "yes"]])
+def test_a_bare_or_boolean_compile_is_left_to_the_parser(argv):
+    assert benchmark.pop_compile_both(list(argv)) is False
 
 
 def test_pass_costs_timed_beside_decoding_cover_every_pass(checkpoint):

@@ -36,7 +36,8 @@ def resolve_device(device: str) -> torch.device:
         try:  # the one check that covers every backend and index (mps, xpu, cuda:7 on a one-GPU machine)
             torch.empty(0, device=resolved)
         except (RuntimeError, AssertionError) as error:
-            raise UsageError(f"--device {device}: not available on this machine ({str(error).splitlines()[0]})") from None
+            reason = str(error).splitlines()[0].split(". ")[0]  # torch's first sentence; the rest lists backends
+            raise UsageError(f"--device {device}: not available on this machine ({reason})") from None
     return resolved
 
 

@@ -39,5 +39,6 @@ def assert_refused(script: str, argv: list[str], fragments: list[str], files: di
     assert lines[-1].startswith("error: ") and sum(line.startswith("error: ") for line in lines) == 1, err
     for fragment in fragments:
         assert fragment in lines[-1], lines[-1]
+    assert len(lines[-1]) <= 300, f"an error a user reads at a glance, not {len(lines[-1])} characters: {lines[-1]}"
     assert not any(Path(files["out"]).iterdir()), "a rejected command wrote to the output directory"
     return lines[-1]

@@ -202,6 +202,8 @@ DATASETS: dict[str, Callable[[DataOptions], list[Example]]] = {
     "chat_format": chat_format,
 }
 
+SHOTS = ("cnn_dm_summarization", "xsum_summarization", "top_v2")  # the datasets whose prompts --n_shot prefixes
+
 
 def load_examples(
     dataset: str, options: DataOptions, num_samples: int = -1, shuffle: bool = False, template: str | None = None
@@ -210,6 +212,12 @@ def load_examples(
         raise UsageError(f"--dataset must be one of {', '.join(DATASETS)} (got {dataset!r})")
     if template is not None and "{message}" not in template:
         raise UsageError("--template must contain {message}")
+    if options.n_shot and dataset not in SHOTS:  # a flag accepted and then not used would be a silent wrong run
+        raise UsageError(f"--n_shot is for {', '.join(SHOTS)}: --dataset {dataset} shows no solved examples")
+    if dataset != "custom_jsonl" and (options.prompt_field, options.response_field) != (DataOptions.prompt_field,
+                                                                                       DataOptions.response_field):
+        raise UsageError(f"--prompt_field and --response_field are custom_jsonl's: --dataset {dataset} has its own "
+                         f"fields")
     examples = DATASETS[dataset](options)
     if not examples:
         raise UsageError(f"--dataset {dataset}: no examples")

@@ -26,6 +26,13 @@ CASES = [
     ("train", ["--output_dir", "{out}", "--max_step", "3"], ["unknown flag --max_step", "did you mean --max_steps"]),
     ("generate", ["--model", "{model}", "--prompt", "hi", "--bogus", "1"], ["unknown flag --bogus"]),
     ("generate", ["--model", "{model}", "--prompt", "hi", "stray"], ["unexpected argument stray"]),
+    # dataset flags the chosen dataset does not use
+    ("benchmark", ["--model", "{model}", "--dataset", "human_eval", "--n_shot", "2"],
+     ["--n_shot is for cnn_dm_summarization, xsum_summarization, top_v2", "--dataset human_eval"]),
+    ("correctness", ["--model", "{model}", "--dataset", "custom_jsonl", "--data_path", "{long}", "--n_shot", "1"],
+     ["--n_shot", "--dataset custom_jsonl"]),
+    ("benchmark", ["--model", "{model}", "--dataset", "human_eval", "--prompt_field", "text"],
+     ["--prompt_field and --response_field are custom_jsonl's", "--dataset human_eval"]),
     # numbers out of range
     ("generate", ["--model", "{model}", "--prompt", "hi", "--temperature", "inf"], ["--temperature", "finite"]),
     ("generate", ["--model", "{model}", "--prompt", "hi", "--temperature", "nan"], ["--temperature"]),

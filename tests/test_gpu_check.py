@@ -1,6 +1,7 @@
 """scripts/gpu_check.py, the one-command check for a CUDA machine: the parts that run without one."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -37,3 +38,25 @@ def test_a_benchmark_summary_gives_the_ratios_ours_report():
     assert "autoregressive: overhead +5%" in cell
     assert ("self_speculative+compiled: vs autoregressive 1.61, efficiency 0.93, vs eager 1.50, drafts {8: 0}"
             in cell)
+
+
+def test_a_run_past_its_time_is_stopped_and_said_so(tmp_path):
+    run = gpu_check.script("generate.py", tmp_path / "out", ["--prompt", "def f(x):", "--max_steps", "4"], timeout=0.5)
+    assert run["exit_status"] is None and run["error"] == ["stopped after 0.5 s (--time_budget)"]
+    assert run["seconds"] < 30
+
+
+def test_a_spent_time_budget_starts_nothing_and_still_writes_the_summary(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "check"
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--device", "cpu", "--shape", "small", "--num_samples", "2",
+                                      "--output_dir", str(out), "--time_budget", "0"])
+    assert gpu_check.main() == 1  # nothing ran, so nothing passed
+    document = json.loads((out / "gpu_check.json").read_text())
+    assert list(document["runs"]) == [  # correctness on every model first, then one prompt, then batched
+        "embedded | correctness float32", "embedded | correctness bfloat16", "small | correctness float32",
+        "small | correctness bfloat16", "embedded | benchmark bfloat16 batch=1 compile=both",
+        "small | benchmark bfloat16 batch=1 compile=both", "embedded | benchmark bfloat16 batch=8 compile=both",
+        "small | benchmark bfloat16 batch=8 compile=both"]
+    assert all(run["error"] == ["not run: the time budget was spent"] for run in document["runs"].values())
+    table = (out / "gpu_check.md").read_text()
+    assert table.startswith("device: cpu\n") and table.count("failed: not run: the time budget was spent") == 8

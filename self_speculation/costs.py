@@ -1,7 +1,6 @@
 """What the passes of decoding cost on this machine: the numbers every strategy's cost model reads, and the timer
 that measures them."""
 
-import dataclasses
 import statistics
 import time
 from dataclasses import dataclass
@@ -113,10 +112,9 @@ class PassTimer:
                         samples.setdefault(("head", positions), []).append(head_time)
         return samples
 
-    def costs(self, exit_layer: int, max_positions: int, full: float | None = None) -> PassCosts:
-        """The passes of self-speculation at `exit_layer`; `full` reuses a full pass timed before."""
-        costs = summarized(self.samples(exit_layer, max_positions), exit_layer, max_positions)
-        return costs if full is None else dataclasses.replace(costs, full=full)
+    def costs(self, exit_layer: int, max_positions: int) -> PassCosts:
+        """The passes of self-speculation at `exit_layer`, timed in rounds (`samples`)."""
+        return summarized(self.samples(exit_layer, max_positions), exit_layer, max_positions)
 
 
 def summarized(samples: dict, exit_layer: int | None, max_positions: int) -> PassCosts:

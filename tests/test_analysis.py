@@ -82,3 +82,27 @@ def test_prediction_from_replays_and_pass_costs():
         assert p.tokens_per_second == pytest.approx(p.speedup / 4.5)
         assert p.acceptance == pytest.approx(replay.accepted / replay.drafted)
 
+
+
+def test_pass_costs_of_every_exit_are_ratios_of_the_same_moments(monkeypatch):
+    """A machine that speeds up fivefold while exits.py times its passes (seen here: 2.8 s, then 0.5 s per exit
+    layer) predicts what a steady machine predicts: each exit's full pass is timed in its own rounds. With one full
+    pass timed first for every exit layer, the predictions doubled (exit 23 of 24 came out at 1.76x)."""
+    from self_speculation.analysis import measure_costs
+    from self_speculation.costs import PassTimer
+
+    model = tiny_llama(vocab_size=258, eos_token_id=None)
+    traces = greedy_traces(model, byte_tokenizer(), ["def f(x):", "import os"], max_steps=30)
+    speedups = {}
+    for machine, speeding_up in (("steady", 0.0), ("speeding up", 1 / 100)):
+        calls = []
+
+        def once(timer, start, end, hidden, with_head):  # seconds proportional to layers and positions
+            calls.append(None)
+            pace = 1 / (1 + len(calls) * speeding_up)
+            return (end - start) * hidden.shape[1] * pace, (0.1 * hidden.shape[1] * pace if with_head else 0.0)
+
+        monkeypatch.setattr(PassTimer, "once", once)
+        costs = measure_costs(model, traces, [1, 3, 5], max_speculations=2, repeats=5)
+        speedups[machine] = [p.speedup for p in predict(traces, costs, [1, 2])]
+    assert speedups["speeding up"] == pytest.approx(speedups["steady"], rel=0.1), speedups

@@ -3,9 +3,11 @@
     python sweep.py --dataset human_eval --num_samples 10 --max_steps 128 --sample False \
         --exit_layer_first 1 --exit_layer_last 12 --num_speculations_first 1 --num_speculations_last 8
 
-Each point is a benchmark of every example; sweep.csv gets a row as each point finishes. Running the same command
-again resumes: finished points are skipped. At the end: a summary table, the best point, and contour plots of
-tokens/s and acceptance (PNG and PDF). The baseline (Hugging Face generate) is measured once, first.
+Each point is a benchmark of every example, with our autoregressive decoding timed batch by batch in turn with it
+(its speedup is a ratio within the point, which this machine's drift between points does not enter; the best point
+is chosen by it); sweep.csv gets a row as each point finishes. Running the same command again resumes: finished
+points are skipped. At the end: a summary table, the best point, and contour plots of tokens/s, the speedup and
+acceptance (PNG and PDF). The baseline for outputs (Hugging Face generate) is measured once, first.
 """
 
 import dataclasses
@@ -21,7 +23,7 @@ from self_speculation.errors import check_range
 from self_speculation.benchmarking import RUNNERS
 from self_speculation.generator import check_prompt_lengths
 from self_speculation.results import ensure_output_dir
-from self_speculation.sweeping import SweepDirectory, run_shared
+from self_speculation.sweeping import SweepDirectory, run_in_turn
 
 MAX_POINTS = 10_000  # each point benchmarks every example: more is a mistyped bound, not a sweep
 
@@ -35,6 +37,10 @@ class SweepArguments:
     num_speculations_last: int = field(default=6, metadata={"help": "last draft length"})
     num_speculations_step: int = field(default=1, metadata={"help": "draft length step"})
     warmup: int = field(default=1, metadata={"help": "untimed runs before measuring"})
+    autoregressive_each_point: bool = field(default=True, metadata={
+        "help": "at every point, also time our autoregressive decoding, batch by batch in turn with the point, for "
+                "a speedup within the point (the best point is chosen by it: a machine's speed drifts between "
+                "points); False halves a sweep's time"})
 
     def __post_init__(self):
         for name in ("exit_layer", "num_speculations"):
@@ -85,13 +91,20 @@ def main(argv: list[str] | None = None) -> int:
     batches = batching.batches(prompts)
     baseline = directory.baseline(model, tokenizer, config, model_args.seed, batches, args.warmup)
     todo = [p for p in points if p not in done]
+    plain = [RUNNERS["autoregressive"](model, tokenizer, config, model_args.seed)] if args.autoregressive_each_point else []
+    for runner in plain:  # warmed up as the baseline was
+        for _ in range(args.warmup):
+            runner.run_batch(batches[0])
     for exit_layer, num_speculations in tqdm(todo, desc="sweep", unit="point", disable=distributed.rank() != 0):
         # every point drafts exactly its num_speculations at every batch size: a sweep measures the grid
         point = dataclasses.replace(config, exit_layer=exit_layer, num_speculations=num_speculations,
                                     batch_drafts=False)
-        samples = run_shared(RUNNERS["self_speculative"](model, tokenizer, point, model_args.seed), batches)
+        speculative = RUNNERS["self_speculative"](model, tokenizer, point, model_args.seed)
+        for _ in range(args.warmup):  # with --compile, a point's passes compile here, not in its timed runs
+            speculative.run_batch(batches[0])
+        samples, *autoregressive = run_in_turn([speculative] + plain, batches)
         if samples is not None:  # rank 0 writes the row
-            directory.write_point(model, point, samples, prompts, baseline)
+            directory.write_point(model, point, samples, prompts, baseline, *autoregressive)
     distributed.teardown()
     if distributed.rank() == 0:
         print(directory.report(points, baseline, greedy=not config.sample))

@@ -42,7 +42,7 @@ def test_interrupted_sweep_resumes_with_every_point_once(argv, tmp_path, monkeyp
     assert sorted(points(csv_path)) == [(e, d) for e in (1, 2, 3) for d in (1, 2)]
     rows = list(csv.DictReader(csv_path.open()))
     assert all(r["outputs_differing_from_baseline"] == "0" for r in rows)  # greedy: lossless at every point
-    for name in ("sweep_tokens_per_second", "sweep_acceptance"):
+    for name in ("sweep_tokens_per_second", "sweep_acceptance", "sweep_speedup"):
         assert (tmp_path / "out" / f"{name}.png").exists() and (tmp_path / "out" / f"{name}.pdf").exists()
     assert "best: exit_layer" in capsys.readouterr().out
 
@@ -89,7 +89,57 @@ def test_the_summary_of_a_best_point_without_drafts_says_so(tmp_path):
 
     directory = SweepDirectory(tmp_path / "sweep", {})
     row = dict.fromkeys(COLUMNS, 0.0) | {"exit_layer": 2, "num_speculations": 1, "tokens_per_second_median": 7.0,
-                                         "speedup_vs_baseline": 0.9, "acceptance_rate": float("nan")}
+                                         "speedup_vs_baseline": 0.9, "speedup_vs_autoregressive": 1.1,
+                                         "acceptance_rate": float("nan")}
     directory.frame = lambda points: pd.DataFrame([row])
     summary = directory.report([(2, 1)], {"tokens_per_second_median": 8.0}, greedy=False).splitlines()[-1]
-    assert summary.endswith("best: exit_layer 2, num_speculations 1: 7.0 tokens/s (0.90x), no drafts")
+    assert summary.endswith("best: exit_layer 2, num_speculations 1: 7.0 tokens/s (0.90x hf_generate, 1.10x our "
+                            "autoregressive decoding timed in turn), no drafts")
+
+
+def test_every_point_is_timed_in_turn_with_autoregressive_decoding(argv, tmp_path, monkeypatch):
+    """At every point, after its warm-up, batch by batch, the point's strategy and our autoregressive decoding run
+    one after the other, in alternating order; the speedup is the ratio of their speeds."""
+    argv = argv + ["--batch_size", "1", "--exit_layer_last", "2", "--num_speculations_last", "1"]
+    calls = []
+    real = benchmarking.Runner.run_batch
+
+    def logged(runner, batch, index=0):
+        calls.append((runner.generator.strategy.name if runner.generator else "hf_generate", index))
+        return real(runner, batch, index)
+
+    monkeypatch.setattr(benchmarking.Runner, "run_batch", logged)
+    assert run(sweep.main, argv) == 0
+    ours = [c for c in calls if c[0] != "hf_generate"]
+    point = [("self_speculative", 0),  # the point's warm-up (with --compile, its compilation)
+             ("self_speculative", 0), ("autoregressive", 0), ("autoregressive", 1), ("self_speculative", 1)]
+    assert ours == [("autoregressive", 0)] + point + point  # autoregressive warmed up once; two points of 2 prompts
+    rows = list(csv.DictReader((tmp_path / "out" / "sweep.csv").open()))
+    for r in rows:
+        assert float(r["speedup_vs_autoregressive"]) == pytest.approx(
+            float(r["tokens_per_second_median"]) / float(r["autoregressive_tokens_per_second_median"]))
+
+    calls.clear()
+    argv[argv.index("--output_dir") + 1] = str(tmp_path / "plain")
+    assert run(sweep.main, argv + ["--autoregressive_each_point", "False"]) == 0
+    assert {c[0] for c in calls} == {"hf_generate", "self_speculative"}
+    assert all(r["speedup_vs_autoregressive"] == "" for r in csv.DictReader((tmp_path / "plain" / "sweep.csv").open()))
+
+
+def test_the_best_point_is_the_fastest_against_autoregressive_decoding_timed_beside_it(tmp_path):
+    """Point (3, 1) ran at more tokens/s, but at a fast moment of the machine: against autoregressive decoding timed
+    in turn with each point, (2, 2) is the faster setting. Without that speedup at every point, tokens/s decide."""
+    import pandas as pd
+
+    from self_speculation.sweeping import COLUMNS, SweepDirectory
+
+    directory = SweepDirectory(tmp_path / "sweep", {})
+    rows = [dict.fromkeys(COLUMNS, 0.0) | {"exit_layer": e, "num_speculations": d, "tokens_per_second_median": tps,
+                                           "speedup_vs_autoregressive": speedup, "acceptance_rate": 0.5}
+            for e, d, tps, speedup in ((2, 2, 300.0, 1.4), (3, 1, 400.0, 1.1))]
+    directory.frame = lambda points: pd.DataFrame(rows)
+    summary = directory.report([(2, 2), (3, 1)], {"tokens_per_second_median": 8.0}, greedy=False).splitlines()[-1]
+    assert "best: exit_layer 2, num_speculations 2: 300.0 tokens/s" in summary
+    rows[0]["speedup_vs_autoregressive"] = float("nan")  # a point measured with --autoregressive_each_point False
+    summary = directory.report([(2, 2), (3, 1)], {"tokens_per_second_median": 8.0}, greedy=False).splitlines()[-1]
+    assert "best: exit_layer 3, num_speculations 1: 400.0 tokens/s" in summary and "timed in turn" not in summary

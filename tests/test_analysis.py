@@ -106,3 +106,20 @@ def test_pass_costs_of_every_exit_are_ratios_of_the_same_moments(monkeypatch):
         costs = measure_costs(model, traces, [1, 3, 5], max_speculations=2, repeats=5)
         speedups[machine] = [p.speedup for p in predict(traces, costs, [1, 2])]
     assert speedups["speeding up"] == pytest.approx(speedups["steady"], rel=0.1), speedups
+
+
+def test_every_exit_layer_is_timed_in_every_round(monkeypatch):
+    """exits.py times all exit layers' passes in the same rounds, so that two exits are compared at the same
+    moments too: each round runs the full pass, then every exit's draft and verification passes."""
+    from self_speculation.costs import PassTimer
+
+    runs = []
+    monkeypatch.setattr(PassTimer, "once", lambda timer, start, end, hidden, with_head: (
+        runs.append((start, end, hidden.shape[1])), (1.0, 0.1))[1])
+    model = tiny_llama(vocab_size=258, eos_token_id=None)
+    timer = PassTimer(layers.Decoder(model), context=8, max_positions=2, repeats=1)
+    samples = timer.samples((1, 3), 2)
+    one_round = [(0, 6, 1), (0, 1, 1), (1, 6, 1), (1, 6, 2), (0, 3, 1), (3, 6, 1), (3, 6, 2)]
+    assert runs == one_round * 3  # two warm-up rounds and one timed
+    assert set(samples) == {("full",), ("draft", 1), ("verify", 1, 1), ("verify", 1, 2), ("draft", 3),
+                            ("verify", 3, 1), ("verify", 3, 2), ("head", 1), ("head", 2)}

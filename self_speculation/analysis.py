@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from . import layers
 from .costs import PassCosts, PassTimer, summarized, typical_context

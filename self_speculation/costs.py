@@ -85,14 +85,6 @@ class PassTimer:
         return middle - begin, finish - middle
 
     @torch.inference_mode()
-    def median_time(self, start: int, end: int, positions: int, with_head: bool = False) -> tuple[float, float]:
-        """Median seconds of the layers [start, end) over `positions` new positions, and of the head after them;
-        two runs before them warm up."""
-        hidden = self.decoder.embed(self.tokens(positions))
-        times = [self.once(start, end, hidden, with_head) for _ in range(self.repeats + 2)][2:]
-        return tuple(statistics.median(t[i] for t in times) for i in (0, 1))
-
-    @torch.inference_mode()
     def samples(self, exit_layers: tuple[int, ...], max_positions: int, progress: str | None = None) -> dict:
         """Every timed run of the passes of `PassCosts` at each of `exit_layers` (none: the full pass and the head
         only), in rounds of one run of each pass, so that the machine's slow moments fall on every pass alike and

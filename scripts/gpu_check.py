@@ -94,8 +94,7 @@ def random_model(directory: Path, shape: str, device: str) -> Path:
 
 def script(name: str, out: Path, argv: list[str], timeout: float | None = None) -> dict:
     """Run one of the toolkit's scripts for at most `timeout` seconds (None: no limit); its JSON result and what it
-    printed. A run
-    stopped at its limit is killed with whatever it started (compile workers)."""
+    printed. A run stopped at its limit is killed with whatever it started (compile workers)."""
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     child = subprocess.Popen([sys.executable, str(ROOT / name), *argv, "--output_dir", str(out)], cwd=ROOT,

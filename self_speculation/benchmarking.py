@@ -74,6 +74,11 @@ class Runner:
             samples = [dataclasses.replace(s, batch=index) for s in self.run_together(batch.prompts)]
         return [dataclasses.replace(s, prompt_id=i) for i, s in zip(batch.ids, samples)]
 
+    def warm_up(self, batch: Batch, runs: int) -> None:
+        """`runs` untimed runs of `batch` (with --compile, where the passes compile)."""
+        for _ in range(runs):
+            self.run_batch(batch)
+
 
 def _ours(name: str):
     """A runner of our strategy `name`, given the flags it uses (a benchmark passes one set to every strategy)."""

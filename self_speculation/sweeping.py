@@ -98,8 +98,7 @@ class SweepDirectory:
         if path.exists():
             return json.loads(path.read_text())
         runner = RUNNERS["hf_generate"](model, tokenizer, config, seed)
-        for _ in range(warmup):
-            runner.run_batch(batches[0])
+        runner.warm_up(batches[0], warmup)
         samples = run_shared(runner, batches)
         if samples is None:
             return None

@@ -62,9 +62,26 @@ class Decoding:
             contexts = [torch.cat([c, row]) for c, row in zip(contexts, drafts)]
         return self.processing(contexts, logits)
 
+    def distribution(self, scores: torch.Tensor) -> torch.Tensor:
+        """What a token is chosen from (..., V): the probabilities when sampling, else the scores themselves."""
+        return probabilities(scores) if self.config.sample else scores
+
+    def pick(self, distribution: torch.Tensor) -> torch.Tensor:
+        """Each row's token (...) from its `distribution`: sampled, or the argmax."""
+        return sample(distribution, self.generator) if self.config.sample else greedy(distribution)
+
     def choose(self, scores: torch.Tensor) -> torch.Tensor:
-        """Each row's token (B,) from its scores (B, V): sampled, or the argmax."""
-        return sample(probabilities(scores), self.generator) if self.config.sample else greedy(scores)
+        return self.pick(self.distribution(scores))
+
+    def scores_after(self, logits: torch.Tensor, contexts, drafts: torch.Tensor) -> torch.Tensor:
+        """Every row's processed scores (B, D + 1, V) at each position of its drafts (B, D) and the one after them,
+        from the verifier's logits there: the warpers in one call over every position, the n-gram rule position by
+        position (it sees each one's own context)."""
+        if not self.processing:
+            return logits
+        if self.processing.ngram is None:
+            return self.processing(None, logits.flatten(0, 1)).view_as(logits)
+        return torch.stack([self.scores(logits[:, i], contexts, drafts[:, :i]) for i in range(logits.shape[1])], 1)
 
     def take(self, logits: torch.Tensor) -> list[int]:
         """Each row's next token from its logits (B, V) after its sequence: chosen, kept as `current`, and read."""
@@ -351,20 +368,19 @@ class SelfSpeculative(Strategy):
             return one_token(d, d.decoder.num_layers)
         decoder, exit_layer, contexts = d.decoder, d.config.exit_layer, d.contexts()
         shares = [draft_share(d.drafts, budget) for budget in budgets]
-        drafts, draft_scores, exit_hiddens = d.no_drafts(), [], []
+        drafts, draft_dists, exit_hiddens = d.no_drafts(), [], []
         for _ in range(max(shares)):
             out = decoder.early_exit(d.current, d.cache, exit_layer, compiled=d.compiled)
             exit_hiddens.append(out.hidden)
-            scores = d.scores(out.logits[:, -1], contexts, drafts)
-            draft_scores.append(scores)
-            d.current = d.choose(scores)[:, None]
+            draft_dists.append(d.distribution(d.scores(out.logits[:, -1], contexts, drafts)))
+            d.current = d.pick(draft_dists[-1])[:, None]
             drafts = torch.cat([drafts, d.current], dim=1)
             if d.on_draft is not None:
                 d.on_draft(int(d.current[0, 0]))
         # The last draft (or, with no drafts, the newest token) has not been through layers [0, E) yet.
         exit_hiddens.append(decoder.exit_hidden(d.current, d.cache, exit_layer, d.compiled))
         logits = decoder.remainder(torch.cat(exit_hiddens, dim=1), d.cache, exit_layer, d.compiled)  # (B, D+1, V)
-        accepted, final = self.verify(d, contexts, drafts, draft_scores, logits)
+        accepted, final = self.verify(d, contexts, drafts, draft_dists, logits)
         d.current = final[:, None]
         D, results, rejected = drafts.shape[1], [], []
         for b, row in enumerate(read(torch.cat([drafts, d.current, accepted[:, None]], dim=1))):
@@ -428,27 +444,27 @@ class SelfSpeculative(Strategy):
         return next((i + 1 for i, token in enumerate(drafts[:own]) if token in stop_ids), own)
 
     @staticmethod
-    def verify(d: Decoding, contexts, drafts: torch.Tensor, draft_scores: list[torch.Tensor],
+    def verify(d: Decoding, contexts, drafts: torch.Tensor, draft_dists: list[torch.Tensor],
                logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """How many of each row's drafts (B, D) the full model accepts, and the token it puts after them (both
-        (B,), on the device), from the verifier's logits (B, D + 1, V) and the scores each draft was chosen from
-        (D of (B, V)). Greedy: the longest prefix agreeing with the full model's argmax. Sampling: each draft
-        passes the rejection test in turn; the token after the kept ones is drawn from the residual of the first
-        rejected draft, or from the full model after all of them."""
+        (B,), on the device), from the verifier's logits (B, D + 1, V) and what each draft was picked from (D of
+        (B, V), `Decoding.distribution`). Greedy: the longest prefix agreeing with the full model's argmax.
+        Sampling: each draft passes the rejection test in turn; the token after the kept ones is drawn from the
+        residual at the first rejected draft, or from the full model after all of them."""
         D = drafts.shape[1]
-        if d.processing:
-            logits = torch.stack([d.scores(logits[:, i], contexts, drafts[:, :i]) for i in range(D + 1)], dim=1)
+        target = d.distribution(d.scores_after(logits, contexts, drafts))  # (B, D + 1, V)
         if not d.config.sample:
-            targets = greedy(logits)  # (B, D + 1)
+            targets = greedy(target)  # (B, D + 1)
             accepted = first_rejection(drafts == targets[:, :D])
             return accepted, targets.gather(1, accepted[:, None])[:, 0]
-        p = probabilities(logits)  # (B, D + 1, V)
         if D == 0:
-            return drafts.new_zeros(drafts.shape[0]), sample(p[:, 0], d.generator)
-        q = probabilities(torch.stack(draft_scores, dim=1))  # (B, D, V)
-        accepted = first_rejection(accept_draft(p[:, :D], q, drafts, d.generator))
-        after = torch.cat([residual(p[:, :D], q), p[:, D:]], dim=1)  # what the token after n kept drafts is drawn from
-        return accepted, sample(after[torch.arange(drafts.shape[0], device=drafts.device), accepted], d.generator)
+            return drafts.new_zeros(drafts.shape[0]), sample(target[:, 0], d.generator)
+        q = torch.stack(draft_dists, dim=1)  # (B, D, V)
+        accepted = first_rejection(accept_draft(target[:, :D], q, drafts, d.generator))
+        rows = torch.arange(drafts.shape[0], device=drafts.device)
+        p = target[rows, accepted]  # (B, V) the full model's distribution after the kept drafts
+        after = torch.where((accepted < D)[:, None], residual(p, q[rows, accepted.clamp_max(D - 1)]), p)
+        return accepted, sample(after, d.generator)
 
 
 class Acceptance:

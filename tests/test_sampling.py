@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy.stats import chi2_contingency
 
 from models import tiny_llama
@@ -47,6 +48,26 @@ def test_sample_follows_the_distribution():
     generator = torch.Generator().manual_seed(0)
     counts = collections.Counter(sample(probs.expand(20000, 3), generator).tolist())
     assert abs(counts[1] / 20000 - 0.6) < 0.015 and counts[0] > 0 and counts[2] > 0
+
+
+def test_one_speculative_step_draws_exactly_from_the_full_model(monkeypatch):
+    """The acceptance rule and the residual, exactly: every draft token (weighted by q) against a grid of N evenly
+    spaced uniform draws through `SelfSpeculative.verify`; the first token a step emits (the draft if accepted,
+    else the residual's draw, taken as its distribution) is then distributed as p up to 1/N. Accepting every
+    draft would give q; resampling from p after a rejection, or accepting with q / p, neither."""
+    p, q, N, V = torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.tensor([0.4, 0.3, 0.2, 0.1]), 1000, 4
+    drafts = torch.arange(V).repeat_interleave(N)[:, None]  # (V·N, 1): each draft token N times
+    grid = ((torch.arange(N) + 0.5) / N).repeat(V)[:, None]  # the uniform draws, evenly spaced for each token
+    monkeypatch.setattr(torch, "rand", lambda shape, **kwargs: grid.view(shape))
+    drawn_from = []
+    monkeypatch.setattr(strategies, "sample", lambda probs, generator: drawn_from.append(probs) or probs.argmax(-1))
+    config = GenerationConfig(sample=True, temperature=1.0, top_p=1.0)  # p and q as they are
+    d = strategies.Decoding(None, config, None, [], Processing(config), None, frozenset())
+    logits = torch.stack([p.log(), torch.full((V,), -1.0)]).expand(V * N, 2, V)  # the verifier: p, then anything
+    accepted, _ = strategies.SelfSpeculative.verify(d, None, drafts, [q.expand(V * N, V)], logits)
+    first = torch.where((accepted > 0)[:, None], F.one_hot(drafts[:, 0], V).float(), drawn_from[-1])  # (V·N, V)
+    emitted = (q[:, None] * first.view(V, N, V).mean(dim=1)).sum(dim=0)
+    torch.testing.assert_close(emitted, p, atol=2 / N, rtol=0)
 
 
 def test_warpers_follow_the_config():

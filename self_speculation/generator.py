@@ -192,7 +192,7 @@ class Generator:
                      stop_ids=self.stop.token_ids, on_draft=getattr(streamer, "put_draft", None),
                      compiled=self.compiled, drafts=drafts)
         results = all_results = [self._new_result(len(p)) for p in prompts]
-        padded = torch.tensor([p + [p[-1]] * (max(lengths) - len(p)) for p in prompts], device=self.device)
+        padded = layers.upload([p + [p[-1]] * (max(lengths) - len(p)) for p in prompts], self.device)
         first, largest = None, 0
         with torch.inference_mode():
             sync_device(self.device)

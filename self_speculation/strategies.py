@@ -38,9 +38,10 @@ class Decoding:
 
     def keep_rows(self, rows: list[int]) -> None:
         """Only `rows` go on (the others have stopped): in the cache and here."""
-        self.cache.keep_rows(rows)
+        index = layers.upload(rows, self.current.device)
+        self.cache.keep_rows(rows, index)
         self.sequences = [self.sequences[b] for b in rows]
-        self.current = self.current[torch.tensor(rows, device=self.current.device)]
+        self.current = self.current.index_select(0, index)
 
     def contexts(self):
         """What the processors see of every row before this step's drafts: (B, T) or one (T_b,) per row, on the
@@ -389,7 +390,7 @@ class SelfSpeculative(Strategy):
             own = self._own_drafts(row[:D], shares[b], d.stop_ids)
             results.append(StepResult(row[:n] + [row[D]], drafted=own, accepted=min(n, own)))
             self.acceptance.add(own, min(n, own))
-        d.cache.rollback(rejected)
+        d.cache.rollback(rejected, D - accepted)
         return results
 
     def metrics(self, mine, plain, batches, costs):

@@ -160,3 +160,19 @@ def test_the_teacher_gets_no_gradient(model):
     assert all(g is not None and g.abs().sum() > 0 for g in grads[:2])
     assert all(g is None or not g.any() for g in grads[2:])
     model.zero_grad(set_to_none=True)
+
+
+def test_a_training_step_makes_the_host_wait_for_nothing(model):
+    """Which layers run and which exits count is decided once, from the draw and the weights on the host; nothing
+    in a forward and backward pass with dropout, early exits and distillation blocks on the device (counted at the
+    aten level as in test_device_reads.py; the old per-layer `kept[i].any()` counts there)."""
+    from test_device_reads import HostWaits
+
+    ids = torch.randint(0, 32, (4, 6), generator=torch.Generator().manual_seed(5))
+    rates, weights = torch.tensor([0.0, 0.3, 0.5, 0.5]), early_exit_weights(torch.tensor([0, 1, 0, 1]).bool(), 1.0)
+    generator = torch.Generator().manual_seed(6)
+    trainable = tiny_llama(num_layers=4, vocab_size=32).requires_grad_(True).train()
+    with HostWaits() as waits:
+        out = recipe_forward(trainable, ids, rates, weights, generator, Distillation(0.5, 1.0))
+        out.loss.backward()
+    assert waits.counts == {} and not out.kept.all() and out.kept[0].all()

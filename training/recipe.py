@@ -122,16 +122,21 @@ def recipe_forward(
     hidden = layers.embed(model, input_ids)  # (B, T, H)
     if kept is None:
         kept = draw_kept(rates, batch, generator)
-    kept = kept.to(hidden.device)
     mine = kept if rows is None else kept[:, rows]  # (L, B): this batch's rows
+    # which layers run, for which rows, and which exits are scored: decided once, where the draw and the weights
+    # were made (the host, in training); tested layer by layer on a GPU, each would be a sync
+    runs, whole = kept.any(dim=1).tolist(), mine.all(dim=1).tolist()
+    scored = [True] * num_layers if weights is None else (weights > 0).tolist()
+    scored[-1] = True  # the last layer: the teacher, always
+    mine = mine.to(hidden.device, non_blocking=True)
     if run_layer is None:
         run_layer = lambda h, i: layers.run_layers(model, h, None, i, i + 1)  # noqa: E731
     exits: dict[int, torch.Tensor] = {}  # layer -> logits (B * (T-1), V)
     for i in range(num_layers):
-        if kept[i].any():
+        if runs[i]:
             out = run_layer(hidden, i)
-            hidden = out if mine[i].all() else torch.where(mine[i][:, None, None], out, hidden)
-        if weights is None or weights[i] > 0 or i == num_layers - 1:  # the last layer: the teacher, always
+            hidden = out if whole[i] else torch.where(mine[i][:, None, None], out, hidden)
+        if scored[i]:
             exits[i] = layers.head(model, hidden[:, :-1]).flatten(0, 1)
     last = exits[num_layers - 1]
     layer_losses = torch.full((num_layers,), float("nan"), device=last.device)

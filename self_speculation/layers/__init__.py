@@ -11,7 +11,7 @@
 Every forward pass of the project (decoding, scoring, training) runs `layer_pass`.
 """
 
-from .cache import KVCache, cache_bytes, new_cache, unseen
+from .cache import KVCache, cache_bytes, new_cache, unseen, upload
 from .check import HALF_PRECISION_TOLERANCE, check_forward, check_layout, num_layers
 from .compiled import CompiledPasses, capacity_bucket, graph_cache
 from .runner import Decoder, EarlyExit, early_exit, embed, full_forward, head, layer_pass, run_layers
@@ -19,4 +19,4 @@ from .weights import LayerWeights, Weights
 
 __all__ = ["CompiledPasses", "capacity_bucket", "graph_cache", "Decoder", "EarlyExit", "HALF_PRECISION_TOLERANCE", "KVCache", "LayerWeights",
            "Weights", "cache_bytes", "check_forward", "check_layout", "early_exit", "embed", "full_forward", "head",
-           "layer_pass", "new_cache", "num_layers", "run_layers", "unseen"]
+           "layer_pass", "new_cache", "num_layers", "run_layers", "unseen", "upload"]

@@ -9,12 +9,22 @@ which kind of batch it holds. While every row has the same length (always for on
 (T,) and a single new token needs no mask: the fast path of decoding one prompt, inside the cache rather than
 beside it. Layers may hold different lengths while drafting (the first `exit_layer` layers run ahead of the
 rest); the layers of one pass always hold the same, so a pass reads them from its first layer. Lengths live on
-the host, where a pass is sized: one copy to the device per pass, for ragged positions, and none per layer.
+the host, where a pass is sized. Within a step every row advances alike (each pass writes T positions to every
+row); rows drift apart only when a step keeps a different number of drafts per row. So how much more row b holds
+than row 0 is the same in every layer: this `skew` (B,) lives on the device, and a ragged pass's positions are
+row 0's length plus it. Nothing goes from the host to the device per pass (on a GPU, a blocking copy).
 """
 
 import torch
 from transformers import Cache
 from transformers.cache_utils import CacheLayerMixin
+
+
+def upload(values: list, device: torch.device) -> torch.Tensor:
+    """Host integers (a list, or a list of equal lists) on the device without waiting for it: on CUDA from pinned
+    memory, asynchronously (a plain `torch.tensor(values, device=...)` is a blocking copy, a sync). The one way
+    host data enters a generation: its prompts, their lengths, and which rows go on when some leave a batch."""
+    return torch.tensor(values, pin_memory=device.type == "cuda").to(device, non_blocking=True)
 
 
 def unseen(queries: torch.Tensor, keys: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -123,6 +133,7 @@ class KVCache(Cache):
         self.batch = batch
         self.past: list[int] = []  # the rows' lengths where the running pass began
         self.slots: torch.Tensor | None = None  # (B, T) where it writes, when those lengths differ
+        self.skew: torch.Tensor | None = None  # (B,) on the device: row b's length less row 0's; None: all alike
 
     def lengths(self, layer: int) -> list[int]:
         """What each row holds in `layer` (zeros before the layer's first pass)."""
@@ -136,11 +147,16 @@ class KVCache(Cache):
         if not ragged and len(set(self.past)) == 1:
             self.slots = None
             return torch.arange(self.past[0], self.past[0] + T, device=device)
-        self.slots = torch.tensor(self.past, device=device)[:, None] + torch.arange(T, device=device)
+        row0 = torch.arange(self.past[0], self.past[0] + T, device=device)
+        self.slots = row0.expand(self.batch, T).contiguous() if self.skew is None else row0 + self.skew[:, None]
         return self.slots
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         return super().update(key_states, value_states, layer_idx, slots=self.slots)
+
+    def reset(self) -> None:
+        super().reset()
+        self.skew = None
 
     def mask(self, positions: torch.Tensor, window: int | None,
              hidden: torch.Tensor) -> tuple[torch.Tensor | None, int]:
@@ -162,20 +178,29 @@ class KVCache(Cache):
         """After a right-padded prefill: row b holds lengths[b] real positions in every layer."""
         for layer in self.layers:
             layer.lengths = list(lengths)
+        skew = [length - lengths[0] for length in lengths]
+        self.skew = upload(skew, self.layers[0].keys.device) if any(skew) else None
 
-    def rollback(self, counts: list[int]) -> None:
-        """Forget the last counts[b] positions of row b in every layer (its rejected drafts)."""
+    def rollback(self, counts: list[int], on_device: torch.Tensor | None = None) -> None:
+        """Forget the last counts[b] positions of row b in every layer (its rejected drafts); `on_device`: the
+        same counts (B,) where the device has them already, else they are uploaded if rows come to differ."""
         if any(counts):
             for layer in self.layers:
                 layer.lengths = [length - count for length, count in zip(layer.lengths, counts)]
+            if len(set(counts)) > 1:
+                counts = upload(counts, self.layers[0].keys.device) if on_device is None else on_device
+                self.skew = (0 if self.skew is None else self.skew) - (counts - counts[:1])
 
-    def keep_rows(self, rows: list[int]) -> None:
-        """Drop every row not in `rows` (finished ones), so that passes no longer compute them."""
+    def keep_rows(self, rows: list[int], index: torch.Tensor) -> None:
+        """Drop every row not in `rows` (finished ones), so that passes no longer compute them; `index`: `rows` on
+        the device (`upload`)."""
         for layer in self.layers:
             layer.lengths = [layer.lengths[b] for b in rows]
             if layer.is_initialized:
-                index = torch.tensor(rows, device=layer.keys.device)
-                layer.keys, layer.values = layer.keys[index], layer.values[index]
+                layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+        if self.skew is not None:
+            skew = self.skew.index_select(0, index)
+            self.skew = skew - skew[:1]
         self.batch = len(rows)
 
 
@@ -184,4 +209,6 @@ def new_cache(capacity: int = 256, batch: int = 1) -> KVCache:
 
 
 def cache_bytes(cache: KVCache) -> int:
-    return sum(t.nbytes for layer in cache.layers if layer.is_initialized for t in (layer.keys, layer.values))
+    """What the cache holds: the keys and values of every row's positions in every layer (not the capacity
+    allocated for them, which depends on the budget and the draft length rather than on what was decoded)."""
+    return sum(2 * sum(layer.lengths) * layer.keys[0, :, 0].nbytes for layer in cache.layers if layer.is_initialized)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from .cache import KVCache, shared_mask
+from .cache import KVCache, shared_mask, upload
 from .weights import LayerWeights, Weights, joined
 
 
@@ -138,7 +138,7 @@ class Decoder:
         """Right-padded prompts (B, T) through layers [0, depth): the logits (B, V) after each row's last prompt
         token (lengths[b] of them). Afterwards every row holds its own prompt, the padding beyond it masked."""
         hidden = self.run_layers(self.embed(token_ids), cache, 0, depth)
-        last = torch.tensor(lengths, device=hidden.device) - 1
+        last = upload(lengths, hidden.device) - 1
         cache.set_row_lengths(lengths)
         return self.head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last][:, None])[:, 0]
 

@@ -24,9 +24,9 @@ def local_rank() -> int:
 
 
 def setup() -> None:
-    """Join the process group torchrun describes (gloo on CPU, nccl on GPU); once per process."""
-    if world_size() > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    """Join the process group torchrun describes for inference, as training does (`join`): on GPUs each process
+    first takes its own (cuda:LOCAL_RANK), so that its model, cache and collectives are not all on GPU 0."""
+    join("nccl" if torch.cuda.is_available() else "gloo")
 
 
 def shard(items: list) -> list[tuple[int, object]]:

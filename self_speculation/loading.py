@@ -9,6 +9,7 @@ from urllib.parse import urlparse
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .distributed import local_rank
 from .errors import UsageError
 from .layers import check_forward
 
@@ -22,16 +23,20 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_device(device: str) -> torch.device:
+    """auto: a GPU if there is one, else the CPU. A GPU without an index is the process's own: cuda:LOCAL_RANK
+    under torchrun (one GPU per process), else cuda:0."""
     if device == "auto":
         if not torch.cuda.is_available():
             return torch.device("cpu")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per torchrun process
+        device = "cuda"
     try:
         resolved = torch.device(device)
     except RuntimeError as error:
         raise UsageError(f"--device must be auto, cpu, cuda, cuda:N or mps (got {device!r})") from error
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: CUDA is not available on this machine")
+    if resolved.type == "cuda" and resolved.index is None:
+        resolved = torch.device("cuda", local_rank())
     if resolved.type != "cpu":
         try:  # the one check that covers every backend and index (mps, xpu, cuda:7 on a one-GPU machine)
             torch.empty(0, device=resolved)

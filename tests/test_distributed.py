@@ -1,4 +1,5 @@
-"""Two CPU processes under torchrun split the examples; rank 0's merged result equals the single-process one."""
+"""Two CPU processes under torchrun split the examples; rank 0's merged result equals the single-process one. On
+GPUs each process takes its own, checked in a faked world of two."""
 
 import json
 import os
@@ -7,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,6 +31,27 @@ def kill_torchrun(process: subprocess.Popen) -> None:
             pass
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+
+
+def test_each_process_takes_its_own_gpu(monkeypatch):
+    """A faked world of two GPUs, seen from the process of local rank 1: --device auto and a bare --device cuda
+    both mean cuda:1, and joining the group takes cuda:1 before nccl starts (else every process's model, cache and
+    collectives land on GPU 0)."""
+    from self_speculation import distributed, loading
+
+    calls = []
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: None)  # resolve_device's probe of the device
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend: calls.append(("join", backend)))
+    assert loading.resolve_device("auto") == loading.resolve_device("cuda") == torch.device("cuda", 1)
+    assert loading.resolve_device("cuda:0") == torch.device("cuda", 0)  # an explicit index is the user's
+    distributed.setup()
+    assert calls == [("set_device", 1), ("join", "cpu:gloo,cuda:nccl")]
 
 
 def launch(nproc: int, script: str, args: list[str]):

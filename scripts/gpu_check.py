@@ -133,7 +133,7 @@ def summary(runs: dict) -> list[str]:
 
 def benchmark_cell(metrics: dict) -> str:
     """A benchmark's figures on one line: tokens/s, then what our strategies add."""
-    parts = ["tokens/s: " + ", ".join(f"{name} {m['tokens_per_second_median']:.1f}" for name, m in metrics.items())]
+    parts = ["tokens/s: " + ", ".join(f"{name} {m['tokens_per_second']:.1f}" for name, m in metrics.items())]
     for name, m in metrics.items():
         extra = [f"{label} {m[key]:{fmt}}" for key, label, fmt in (
             ("speedup_vs_autoregressive", "vs autoregressive", ".2f"),

@@ -13,6 +13,7 @@ from transformers import CompileConfig
 from .config import GenerationConfig
 from .costs import CostMeter, sync_device
 from .generator import Generator
+from .stopping import StopCondition
 from .strategies import STRATEGIES, SelfSpeculative, configured
 
 
@@ -26,7 +27,7 @@ class Sample:
     drafted: int = 0
     accepted: int = 0
     passes: int = 0  # full-model passes (prompt pass included) for our strategies
-    cache_bytes: int | None = None  # memory the KV cache held at the end (our strategies)
+    cache_bytes: int | None = None  # keys and values the KV cache held at its largest (our strategies)
     peak_gpu_bytes: int | None = None  # peak GPU memory allocated during the run, weights included (CUDA only)
     batch: int = -1  # samples of one batch (>= 0) were generated together: `total_time` is the batch's wall time
 
@@ -86,9 +87,11 @@ def _ours(name: str):
     def build(model, tokenizer, config: GenerationConfig, seed: int) -> Runner:
         generator = Generator(model, tokenizer, STRATEGIES[name]().own(config), seed=seed)
 
+        full_passes = 1 if generator.strategy.full_model else 0  # per step, and for the prompt
+
         def sample(r, peak) -> Sample:
             return Sample(name, -1, r.tokens, r.total_time, r.time_to_first_token, r.drafted, r.accepted,
-                          r.steps + 1, r.cache_bytes, peak.get("bytes"))
+                          full_passes * (r.steps + 1), r.cache_bytes, peak.get("bytes"))
 
         def run(prompt_ids):
             with _peak_gpu_memory(generator.device) as peak:
@@ -121,6 +124,13 @@ def decoded_context(prompts: list[list[int]], samples: list[Sample]) -> int:
     return round(statistics.mean(len(prompts[s.prompt_id]) + len(s.tokens) / 2 for s in samples))
 
 
+def _hf_stop(tokenizer, config: GenerationConfig, kwargs: dict) -> StopCondition:
+    """Where a Hugging Face row ends, by our rule: its end-of-sequence ids and stop words, as `_hf_kwargs` gave
+    them to generate (in a batch, a row that stopped early is filled with padding up to the longest)."""
+    return StopCondition(kwargs.get("eos_token_id") or (), (), config.stop_words,
+                         tokenizer.decode if tokenizer is not None else None)
+
+
 def _hf_kwargs(model, tokenizer, config: GenerationConfig) -> dict:
     kwargs = {"max_new_tokens": config.max_steps, "do_sample": config.sample}
     if config.sample:
@@ -139,11 +149,13 @@ def _hf_kwargs(model, tokenizer, config: GenerationConfig) -> dict:
     return kwargs
 
 
-def _hf_run(name: str, model, kwargs: dict, patch: dict | None = None):
-    """model.generate over a batch of prompts, left-padded (one prompt: no padding); a sample per prompt, cut after
-    its first end-of-sequence token (the rest is padding)."""
+def _hf_run(name: str, model, kwargs: dict, stop: StopCondition, patch: dict | None = None):
+    """model.generate over a batch of prompts, left-padded (one prompt: no padding); a sample per prompt, cut where
+    `stop` ends it (the rest is padding)."""
     device = model.lm_head.weight.device
-    eos = set(kwargs.get("eos_token_id") or [])
+
+    def cut(row: list[int]) -> list[int]:
+        return row[: next((i + 1 for i in range(len(row)) if stop.reason(row[: i + 1]) is not None), len(row))]
 
     def run_together(prompts):
         width = max(len(p) for p in prompts)
@@ -163,8 +175,7 @@ def _hf_run(name: str, model, kwargs: dict, patch: dict | None = None):
         finally:
             for key, value in saved.items():
                 setattr(model.generation_config, key, value)
-        rows = [row[: next((i + 1 for i, t in enumerate(row) if t in eos), len(row))] for row in out[:, width:].tolist()]
-        return [Sample(name, -1, row, elapsed, peak_gpu_bytes=peak.get("bytes")) for row in rows]
+        return [Sample(name, -1, cut(row), elapsed, peak_gpu_bytes=peak.get("bytes")) for row in out[:, width:].tolist()]
 
     return (lambda prompt_ids: run_together([prompt_ids])[0]), run_together
 
@@ -190,7 +201,7 @@ def _hf_generate(model, tokenizer, config, seed) -> Runner:
         compile_config._compile_all_devices = True  # generate compiles only on accelerators unless told so
         kwargs |= {"cache_implementation": "static", "compile_config": compile_config}
         settings |= {"cache_implementation": "static", "compile_config": compile_config.to_dict()}
-    run, run_together = _hf_run("hf_generate", model, kwargs)
+    run, run_together = _hf_run("hf_generate", model, kwargs, _hf_stop(tokenizer, config, kwargs))
     return Runner(run, settings, run_together)
 
 
@@ -206,7 +217,7 @@ def _hf_assistant_early_exit(model, tokenizer, config, seed) -> Runner:
         "assistant_confidence_threshold": 0.0,
     }
     settings = {k: v for k, v in kwargs.items() if k != "tokenizer"} | patch
-    run, _ = _hf_run("hf_assistant_early_exit", model, kwargs, patch)
+    run, _ = _hf_run("hf_assistant_early_exit", model, kwargs, _hf_stop(tokenizer, config, kwargs), patch)
     return Runner(run, settings, alone="Hugging Face's assisted generation takes a batch of one", compiles=False)
 
 

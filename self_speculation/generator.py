@@ -26,7 +26,7 @@ class GenerationResult:
     steps: int  # strategy steps after the prompt: full-model passes for self_speculative
     total_time: float  # seconds, prompt included
     time_to_first_token: float
-    cache_bytes: int = 0  # what the KV cache held at the end (a batch's: at its largest, before rows left)
+    cache_bytes: int = 0  # what the KV cache held at its largest (a batch's: all rows, before any left)
 
     @property
     def num_tokens(self) -> int:

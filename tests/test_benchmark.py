@@ -56,7 +56,7 @@ def test_benchmark_runs_every_strategy_and_writes_valid_json(checkpoint, prompts
     assert spec["efficiency"] == pytest.approx(
         spec["decode_speedup_vs_autoregressive"] / spec["ideal_speedup_vs_autoregressive"])
     assert spec["speedup_vs_autoregressive"] == pytest.approx(
-        spec["tokens_per_second_median"] / metrics["autoregressive"]["tokens_per_second_median"])
+        spec["tokens_per_second"] / metrics["autoregressive"]["tokens_per_second"])
     assert 1.0 <= spec["kv_cache_vs_autoregressive"] <= 1.25  # room for one step's drafts (3 of 16+ positions)
     assert "ideal speedup over autoregressive" in out and "efficiency" in out
 
@@ -172,7 +172,7 @@ def test_compile_both_measures_eager_and_compiled_interleaved(checkpoint, prompt
     for name in ("autoregressive", "self_speculative"):
         compiled = metrics[name + "+compiled"]
         assert compiled["speedup_vs_eager"] == pytest.approx(
-            compiled["tokens_per_second_median"] / metrics[name]["tokens_per_second_median"])
+            compiled["tokens_per_second"] / metrics[name]["tokens_per_second"])
         for variant in (name, name + "+compiled"):
             m = metrics[variant]
             assert m["predicted_ms_per_token_after_first"] > 0 and m["ms_per_token_after_first"] > 0
@@ -182,7 +182,7 @@ def test_compile_both_measures_eager_and_compiled_interleaved(checkpoint, prompt
     # the compiled speculation is compared with compiled autoregressive decoding, not with eager
     spec = metrics["self_speculative+compiled"]
     assert spec["speedup_vs_autoregressive"] == pytest.approx(
-        spec["tokens_per_second_median"] / metrics["autoregressive+compiled"]["tokens_per_second_median"])
+        spec["tokens_per_second"] / metrics["autoregressive+compiled"]["tokens_per_second"])
     assert "compiled over eager, interleaved in this run: autoregressive " in out
 
 
@@ -259,7 +259,8 @@ def test_the_table_marks_what_a_run_did_not_measure_with_a_bare_dash():
     """Without hf_generate in the run there is no speedup over it: '-', not '-x'; units only beside numbers."""
     from self_speculation.reporting import format_table
 
-    common = {"tokens_per_second_median": 100.0, "time_per_token_median": 0.01}
+    common = {"tokens_per_second": 100.0, "tokens_per_second_median": 100.0, "time_per_token_median": 0.01,
+              "rows_per_batch": 1}
     table = format_table({
         "autoregressive": common | {"acceptance_rate": None, "tokens_per_full_model_pass": 1.0},
         "self_speculative": common | {"acceptance_rate": 0.5, "tokens_per_full_model_pass": 2.0,
@@ -268,3 +269,46 @@ def test_the_table_marks_what_a_run_did_not_measure_with_a_bare_dash():
     autoregressive, self_speculative = table.splitlines()[2:]
     assert autoregressive == "| autoregressive | 100.0 | 10.00 | - | 1.00 | - | - |"
     assert self_speculative == "| self_speculative | 100.0 | 10.00 | 50.0% | 2.00 | 1.50x | - |"
+
+
+def test_in_batches_the_headline_is_all_tokens_over_all_the_time():
+    """Batches of 20 tokens in 1 s, 1 s and 4 s: 10 tokens/s in all, though the median batch made 20; one prompt at
+    a time the headline stays the median over prompts."""
+    from self_speculation.benchmarking import Sample
+    from self_speculation.reporting import format_table, summarize
+
+    batched = summarize([Sample("a", i, [1] * 10, t, batch=i // 2) for i, t in enumerate([1, 1, 1, 1, 4, 4])])
+    assert batched["tokens_per_second"] == batched["tokens_per_second_overall"] == 10
+    assert batched["tokens_per_second_median"] == 20
+    alone = summarize([Sample("a", i, [1] * 10, t) for i, t in enumerate([1, 1, 4])])
+    assert alone["tokens_per_second"] == alone["tokens_per_second_median"] == 10
+    assert "| a | 10.0 | 20.0 |" in format_table({"a": batched | {"speedup_vs_hf_generate": None}})
+
+
+def test_hugging_faces_batch_rows_end_where_they_stop_not_at_the_padding(checkpoint):
+    """A row that stops on a stop word while the others go on is filled with padding (a pad token other than EOS
+    here); each row is cut where it stopped, as the same prompt alone is, and counted with its own tokens only."""
+    from self_speculation.benchmarking import RUNNERS
+    from self_speculation.config import GenerationConfig
+
+    model, tokenizer = load(str(checkpoint))
+    model.generation_config.pad_token_id = 7
+    prompts = [tokenizer(p).input_ids for p in ("def f(x):", "import os, sys")]
+    config = GenerationConfig(sample=False, max_steps=12)
+    free = [s.tokens for s in RUNNERS["hf_generate"](model, tokenizer, config, 0).run_together(prompts)]
+    # a stop word the first row meets at its third token, before the second row meets it
+    word = next(w for w in tokenizer.decode(free[0][2:3]) if w.strip() and w not in tokenizer.decode(free[1][:6]))
+    runner = RUNNERS["hf_generate"](model, tokenizer, GenerationConfig(sample=False, max_steps=12, stop_words=[word]), 0)
+    together = [s.tokens for s in runner.run_together(prompts)]
+    assert together == [runner.run(p).tokens for p in prompts] and len(together[0]) <= 3 < len(together[1])
+
+
+def test_early_exit_makes_no_full_model_pass(checkpoint):
+    from self_speculation.benchmarking import RUNNERS
+    from self_speculation.config import GenerationConfig
+
+    model, tokenizer = load(str(checkpoint))
+    prompt = tokenizer("def f(x):").input_ids
+    config = GenerationConfig(sample=False, max_steps=6, exit_layer=2)
+    assert RUNNERS["early_exit"](model, tokenizer, config, 0).run(prompt).passes == 0
+    assert RUNNERS["autoregressive"](model, tokenizer, config, 0).run(prompt).passes == 6

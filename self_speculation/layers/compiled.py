@@ -13,8 +13,8 @@ from one generation to the next by the generator, recorded once; a graph's outpu
 memory before the next replay overwrites it.
 """
 
+import types
 from collections.abc import Iterable
-from functools import partial
 
 import torch
 
@@ -43,32 +43,33 @@ class _Buffers:
         return (seen if positions.dim() == 1 else seen[:, None]), 0
 
 
-def _over_buffers(model, weights, start, hidden, positions, keys, values):
-    return layer_pass(model, weights, start, hidden, positions, _Buffers(keys, values, positions, start))
+def _pass_over_buffers(model, weights: tuple, start: int):
+    """The function a compiled pass runs: `layer_pass` of layers `weights` (from `start`) over a cache's buffers,
+    as a function with a code object of its own. Dynamo keeps compiled code, infers which sizes vary, and counts
+    recompilations against its limit per code object: passes sharing one (as partials of one function do) would
+    share one cache and one limit (with fullgraph=True, reaching it is an error), and a size differing between two
+    passes would be taken for a dynamic one. With its own, a pass compiles once per shape of its inputs."""
+    def run(hidden, positions, keys, values):
+        return layer_pass(model, weights, start, hidden, positions, _Buffers(keys, values, positions, start))
+
+    return types.FunctionType(run.__code__.replace(), run.__globals__, run.__name__, None, run.__closure__)
 
 
 class _CompiledPass:
-    """One pass through torch.compile. All passes share `layer_pass`'s code, so its first call (which compiles)
-    keeps every value static but the marked ones: otherwise dynamo would take what differs between passes (layer
-    range, token count, another model's head counts) for dynamic values."""
+    """One pass through torch.compile: `layer_pass` over the buffers of layers [start, end)."""
 
     def __init__(self, decoder: Decoder, start: int, end: int, graphs: bool):
-        run = partial(_over_buffers, decoder.model, tuple(decoder.weights(start, end)), start)
+        run = _pass_over_buffers(decoder.model, tuple(decoder.weights(start, end)), start)
         if graphs:
             self.run = torch.compile(run, fullgraph=True, mode="reduce-overhead")
         else:
             self.run = torch.compile(run, fullgraph=True, options={"cpp_wrapper": decoder.device.type == "cpu"})
-        self.graphs, self.compiled = graphs, False
+        self.graphs = graphs
 
     def __call__(self, *args) -> torch.Tensor:
         if self.graphs:  # each call is a step of its own: what earlier replays returned has been copied out
             torch.compiler.cudagraph_mark_step_begin()
-        if self.compiled:
-            out = self.run(*args)
-        else:
-            with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=64):
-                out = self.run(*args)
-            self.compiled = True
+        out = self.run(*args)
         return out.clone() if self.graphs else out
 
 

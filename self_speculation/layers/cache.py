@@ -211,4 +211,5 @@ def new_cache(capacity: int = 256, batch: int = 1) -> KVCache:
 def cache_bytes(cache: KVCache) -> int:
     """What the cache holds: the keys and values of every row's positions in every layer (not the capacity
     allocated for them, which depends on the budget and the draft length rather than on what was decoded)."""
-    return sum(2 * sum(layer.lengths) * layer.keys[0, :, 0].nbytes for layer in cache.layers if layer.is_initialized)
+    return sum(2 * sum(layer.lengths) * layer.keys.shape[1] * layer.keys.shape[3] * layer.keys.element_size()
+               for layer in cache.layers if layer.is_initialized)

@@ -45,10 +45,10 @@ class _Buffers:
 
 def _pass_over_buffers(model, weights: tuple, start: int):
     """The function a compiled pass runs: `layer_pass` of layers `weights` (from `start`) over a cache's buffers,
-    as a function with a code object of its own. Dynamo keeps compiled code, infers which sizes vary, and counts
-    recompilations against its limit per code object: passes sharing one (as partials of one function do) would
-    share one cache and one limit (with fullgraph=True, reaching it is an error), and a size differing between two
-    passes would be taken for a dynamic one. With its own, a pass compiles once per shape of its inputs."""
+    as a function with a code object of its own. Dynamo keeps compiled code and counts recompilations against its
+    limit per code object: passes sharing one (as partials of one function do) would share one cache and one
+    limit, and with fullgraph=True reaching it is an error. With its own, a pass compiles once per shape of its
+    inputs."""
     def run(hidden, positions, keys, values):
         return layer_pass(model, weights, start, hidden, positions, _Buffers(keys, values, positions, start))
 
@@ -60,10 +60,14 @@ class _CompiledPass:
 
     def __init__(self, decoder: Decoder, start: int, end: int, graphs: bool):
         run = _pass_over_buffers(decoder.model, tuple(decoder.weights(start, end)), start)
+        # dynamic=False: only the sizes marked dynamic vary. Dynamo's inference of the others keeps a profile per
+        # function name and line, on disk across processes, which every pass's copy shares: a head count differing
+        # between two models' passes would be taken for a dynamic size
         if graphs:
-            self.run = torch.compile(run, fullgraph=True, mode="reduce-overhead")
+            self.run = torch.compile(run, fullgraph=True, dynamic=False, mode="reduce-overhead")
         else:
-            self.run = torch.compile(run, fullgraph=True, options={"cpp_wrapper": decoder.device.type == "cpu"})
+            self.run = torch.compile(run, fullgraph=True, dynamic=False,
+                                     options={"cpp_wrapper": decoder.device.type == "cpu"})
         self.graphs = graphs
 
     def __call__(self, *args) -> torch.Tensor:

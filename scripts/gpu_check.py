@@ -2,9 +2,12 @@
 
     python scripts/gpu_check.py          # writes logs/gpu_check/gpu_check.json and gpu_check.md, prints the table
 
-Only torch and transformers need to be installed (the metrics, datasets and plotting libraries are optional). On
-the embedded model and on a randomly initialised model with Llama 3.2 1B's shape (built here from a config, no
-download), it runs correctness.py in float32 and bfloat16, and benchmark.py in bfloat16 with autoregressive,
+Only torch and transformers need to be installed (the metrics, datasets and plotting libraries are optional). It
+first probes the embedded model for what a CPU cannot show: under `torch.cuda.set_sync_debug_mode`, the
+operations per decoding step that make the host wait beyond the step's one read (both strategies, greedy and
+sampling, one prompt and a batch, eager and compiled; the CPU tests count them at the aten level), and the
+compilations per run (`--probe` runs this alone). Then, on the embedded model and on a randomly initialised model
+with Llama 3.2 1B's shape (built here from a config, no download), it runs correctness.py in float32 and bfloat16, and benchmark.py in bfloat16 with autoregressive,
 self_speculative, hf_generate and hf_assistant_early_exit with --compile both (each strategy eager and compiled,
 with CUDA graphs on a GPU, interleaved batch by batch in one run; the assisted generation runs eager only), then
 the first three again with the prompts in batches of --batch_size. The summary gives each run's tokens/s,
@@ -92,6 +95,75 @@ def random_model(directory: Path, shape: str, device: str) -> Path:
     return directory
 
 
+def host_waits(device: str):
+    """A context that counts, in a list it yields, the operations that make the host wait for a CUDA device
+    (`torch.cuda.set_sync_debug_mode`'s warnings: reads, blocking copies, multinomial's checks, nonzero...); on
+    another device it yields None (tests/test_device_reads.py counts them there at the aten level)."""
+    import contextlib
+    import warnings
+
+    import torch
+
+    @contextlib.contextmanager
+    def counting():
+        if not (device.startswith("cuda") and torch.cuda.is_available()):
+            yield None
+            return
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                yield caught
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+
+    return counting()
+
+
+def probe(device: str, compile_: str, out: Path) -> dict:
+    """Host waits per decoding step beyond the step's one read, and compilations per run, on the embedded model:
+    both strategies, greedy and sampling (top-k, top-p), one prompt and a ragged batch of 4, eager and (unless
+    --compile False) compiled. Per step: (waits of a 64-token run - a 24-token run's) / (their step difference),
+    less the one read, so the prompt's and the clock's own syncs cancel. Compilations: those of a first run (the
+    passes compiling) and of the runs after it (should be 0). Written to gpu_check_probe.json in `out`."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    sys.path.insert(0, str(ROOT))
+    from self_speculation import GenerationConfig, Generator
+    from self_speculation.loading import load
+
+    model, tokenizer = load(str(EMBEDDED), device=device)
+    ids = [tokenizer(p).input_ids for p in prompts(4)]
+    variants = [False] + ([True] if compile_ != "False" else [])
+    records = {}
+    for strategy in ("autoregressive", "self_speculative"):
+        for choice, flags in (("greedy", {"sample": False}), ("sampling", {"sample": True, "top_k": 20, "top_p": 0.9})):
+            for batch in (1, 4):
+                for compiled in variants:
+                    generator = Generator(model, tokenizer, GenerationConfig(
+                        generation_strategy=strategy, compile=compiled, max_steps=64, **flags))
+                    graphs = counters["stats"]["unique_graphs"]
+                    generator.generate_batch(ids[:batch])
+                    first = counters["stats"]["unique_graphs"] - graphs
+                    waits, steps = {}, {}
+                    for length in (24, 64):
+                        generator.config.max_steps = length
+                        with host_waits(device) as caught:
+                            results = generator.generate_batch(ids[:batch])
+                        waits[length] = None if caught is None else len(caught)
+                        steps[length] = 1 + max(r.steps for r in results)
+                    per_step = (None if waits[24] is None else
+                                (waits[64] - waits[24]) / max(steps[64] - steps[24], 1) - 1)
+                    records[f"{strategy} {choice} batch={batch}{' compiled' if compiled else ''}"] = {
+                        "host_waits_per_step_beyond_the_read": per_step,
+                        "compilations_first_run": first,
+                        "compilations_later_runs": counters["stats"]["unique_graphs"] - graphs - first}
+    (out / "gpu_check_probe.json").write_text(json.dumps({"device": device, "probe": records}, indent=2) + "\n")
+    print(f"probed {len(records)} cases")
+    return records
+
+
 def script(name: str, out: Path, argv: list[str], timeout: float | None = None) -> dict:
     """Run one of the toolkit's scripts for at most `timeout` seconds (None: no limit); its JSON result and what it
     printed. A run stopped at its limit is killed with whatever it started (compile workers)."""
@@ -120,6 +192,8 @@ def summary(runs: dict) -> list[str]:
     for (model, check), run in runs.items():
         if "result" not in run:
             lines.append(f"| {model} | {check} | failed: {' '.join(run['error'])} |")
+        elif check == "host waits, compilations":
+            lines.append(f"| {model} | {check} | {probe_cell(run['result']['probe'])} |")
         elif check.startswith("correctness"):
             r = run["result"]
             ties = f"{r['num_near_ties']} near ties"
@@ -129,6 +203,18 @@ def summary(runs: dict) -> list[str]:
         else:
             lines.append(f"| {model} | {check} | {benchmark_cell(run['result']['metrics'])} |")
     return lines
+
+
+def probe_cell(records: dict) -> str:
+    """The probe on one line: host waits per step beyond the read (worst case named), compilations."""
+    waits = {case: r["host_waits_per_step_beyond_the_read"] for case, r in records.items()}
+    counted = {case: w for case, w in waits.items() if w is not None}
+    worst = max(counted, key=counted.get) if counted else None
+    said = (f"host waits per step beyond the read: at most {counted[worst]:.2f} ({worst})" if counted
+            else "host waits not counted (no CUDA)")
+    first = sum(r["compilations_first_run"] for r in records.values())
+    later = sum(r["compilations_later_runs"] for r in records.values())
+    return f"{said}; compilations: {first} in first runs, {later} after"
 
 
 def benchmark_cell(metrics: dict) -> str:
@@ -148,8 +234,11 @@ def benchmark_cell(metrics: dict) -> str:
 
 def planned(models: dict, args, common: list[str], out: Path) -> list[tuple[tuple[str, str], str, Path, list[str]]]:
     """The runs, quickest and most telling first (a time budget that runs out drops the last): correctness on
-    every model, then the benchmarks at one prompt, then batched."""
-    runs = [((label, f"correctness {dtype}"), "correctness.py", out / label / f"correctness-{dtype}",
+    every model, then the benchmarks at one prompt, then batched; first of all, the probe of host waits and
+    compilations."""
+    runs = [(("embedded", "host waits, compilations"), "scripts/gpu_check.py", out / "embedded" / "probe",
+             ["--probe", "--device", args.device, "--compile", args.compile])]
+    runs += [((label, f"correctness {dtype}"), "correctness.py", out / label / f"correctness-{dtype}",
              ["--model", str(path), "--dtype", dtype] + common)
             for label, path in models.items() for dtype in ("float32", "bfloat16")]
     for batch in [1, args.batch_size] if args.batch_size > 1 else [1]:
@@ -173,10 +262,15 @@ def main() -> int:
     parser.add_argument("--time_budget", type=float, default=None,
                         help="seconds for all the runs (default: no limit): a run is stopped when it would pass it, "
                              "and later ones are not started")
+    parser.add_argument("--probe", action="store_true",
+                        help="only count host waits per step and compilations (the first run of the check)")
     args = parser.parse_args()
     started = time.perf_counter()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if args.probe:
+        probe(args.device, args.compile, out)
+        return 0
     prompts_path = out / "prompts.jsonl"
     prompts_path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts(args.num_samples)))
     models = {"embedded": EMBEDDED, args.shape: random_model(out / f"random-{args.shape}", args.shape, args.device)}

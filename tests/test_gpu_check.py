@@ -52,11 +52,25 @@ def test_a_spent_time_budget_starts_nothing_and_still_writes_the_summary(tmp_pat
                                       "--output_dir", str(out), "--time_budget", "0"])
     assert gpu_check.main() == 1  # nothing ran, so nothing passed
     document = json.loads((out / "gpu_check.json").read_text())
-    assert list(document["runs"]) == [  # correctness on every model first, then one prompt, then batched
-        "embedded | correctness float32", "embedded | correctness bfloat16", "small | correctness float32",
+    assert list(document["runs"]) == [  # the probe, correctness on every model, then one prompt, then batched
+        "embedded | host waits, compilations", "embedded | correctness float32", "embedded | correctness bfloat16", "small | correctness float32",
         "small | correctness bfloat16", "embedded | benchmark bfloat16 batch=1 compile=both",
         "small | benchmark bfloat16 batch=1 compile=both", "embedded | benchmark bfloat16 batch=8 compile=both",
         "small | benchmark bfloat16 batch=8 compile=both"]
     assert all(run["error"] == ["not run: the time budget was spent"] for run in document["runs"].values())
     table = (out / "gpu_check.md").read_text()
-    assert table.startswith("device: cpu\n") and table.count("failed: not run: the time budget was spent") == 8
+    assert table.startswith("device: cpu\n") and table.count("failed: not run: the time budget was spent") == 9
+
+
+def test_the_probe_counts_compilations_and_says_where_it_cannot_count_waits(tmp_path, capsys):
+    """On the CPU (no CUDA sync debug mode) the probe still runs every case and counts compilations; the waits are
+    said not to be counted rather than reported as zero."""
+    records = gpu_check.probe("cpu", "False", tmp_path)
+    assert len(records) == 8 and json.loads((tmp_path / "gpu_check_probe.json").read_text())["probe"] == records
+    assert all(r["host_waits_per_step_beyond_the_read"] is None and r["compilations_later_runs"] == 0
+               for r in records.values())
+    assert gpu_check.probe_cell(records) == "host waits not counted (no CUDA); compilations: 0 in first runs, 0 after"
+    counted = records | {"x": {"host_waits_per_step_beyond_the_read": 2.5, "compilations_first_run": 3,
+                               "compilations_later_runs": 1}}
+    assert gpu_check.probe_cell(counted) == ("host waits per step beyond the read: at most 2.50 (x); "
+                                             "compilations: 3 in first runs, 1 after")

@@ -70,19 +70,29 @@ class PassTimer:
 
     def once(self, start: int, end: int, hidden: torch.Tensor, with_head: bool) -> tuple[float, float]:
         """Seconds of one run of the layers [start, end) over `hidden` (rows, positions, H), and of the head after
-        them (0 without it); the cache is rolled back after it."""
-        sync_device(self.device)
-        begin = time.perf_counter()
+        them (0 without it); the cache is rolled back after it. On CUDA by events on the device's own clock (one
+        sync, at the end), elsewhere by the host's clock after each part."""
+        marks = [self.mark()]
         out = self.decoder.run_layers(hidden, self.cache, start, end, self.compiled)
-        sync_device(self.device)
-        middle = time.perf_counter()
+        marks.append(self.mark())
         if with_head:
             self.decoder.head(out)
-            sync_device(self.device)
-        finish = time.perf_counter()
+        marks.append(self.mark())
         for layer in self.cache.layers[start:end]:
             layer.crop(-hidden.shape[1])
-        return middle - begin, finish - middle
+        if self.device.type == "cuda":
+            marks[-1].synchronize()
+            return marks[0].elapsed_time(marks[1]) / 1000, marks[1].elapsed_time(marks[2]) / 1000
+        return marks[1] - marks[0], marks[2] - marks[1]
+
+    def mark(self):
+        """Now: a recorded CUDA event on a GPU, else the host's clock once the device is done."""
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        sync_device(self.device)
+        return time.perf_counter()
 
     @torch.inference_mode()
     def samples(self, exit_layers: tuple[int, ...], max_positions: int, progress: str | None = None) -> dict:

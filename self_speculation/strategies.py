@@ -391,7 +391,7 @@ class SelfSpeculative(Strategy):
             own = self._own_drafts(row[:D], shares[b], d.stop_ids)
             results.append(StepResult(row[:n] + [row[D]], drafted=own, accepted=min(n, own)))
             self.acceptance.add(own, min(n, own))
-        d.cache.rollback(rejected, D - accepted)
+        d.cache.rollback(rejected, D - accepted if len(set(rejected)) > 1 else None)  # device counts: rows part
         return results
 
     def metrics(self, mine, plain, batches, costs):

@@ -50,8 +50,8 @@ class PassCosts:
 class PassTimer:
     """Times passes of layers over a cache of `rows` rows holding about `context` positions each (a batch's rows
     one apart, so that its passes take the ragged path a decoded batch's take), as decoding runs them
-    (through `compiled`, a `CompiledPasses` over the same decoder, where it holds their shape); every pass is
-    rolled back after it, so the context stays put."""
+    (through `compiled`, a `CompiledPasses` over the same decoder, where it holds their shape); no pass is
+    committed, so the context stays put."""
 
     def __init__(self, decoder: layers.Decoder, context: int, max_positions: int,
                  compiled: layers.CompiledPasses | None = None, rows: int = 1, repeats: int = 15, new_cache=None):
@@ -62,15 +62,15 @@ class PassTimer:
         self.cache = (new_cache or layers.new_cache)(context + max_positions, rows)
         with torch.inference_mode():
             self.decoder.full_forward(self.tokens(context), self.cache)
-        if rows > 1:  # rows of a decoded batch hold different lengths: its passes take the ragged path
-            self.cache.set_row_lengths([context - b % 2 for b in range(rows)])
+        # the rows of a decoded batch hold different lengths: its passes take the ragged path
+        self.cache.commit([context - b % 2 for b in range(rows)])
 
     def tokens(self, positions: int) -> torch.Tensor:
         return torch.zeros((self.rows, positions), dtype=torch.long, device=self.device)
 
     def once(self, start: int, end: int, hidden: torch.Tensor, with_head: bool) -> tuple[float, float]:
         """Seconds of one run of the layers [start, end) over `hidden` (rows, positions, H), and of the head after
-        them (0 without it); the cache is rolled back after it. On CUDA by events on the device's own clock (one
+        them (0 without it); the cache keeps none of it. On CUDA by events on the device's own clock (one
         sync, at the end), elsewhere by the host's clock after each part."""
         marks = [self.mark()]
         out = self.decoder.run_layers(hidden, self.cache, start, end, self.compiled)
@@ -78,8 +78,6 @@ class PassTimer:
         if with_head:
             self.decoder.head(out)
         marks.append(self.mark())
-        for layer in self.cache.layers[start:end]:
-            layer.crop(-hidden.shape[1])
         if self.device.type == "cuda":
             marks[-1].synchronize()
             return marks[0].elapsed_time(marks[1]) / 1000, marks[1].elapsed_time(marks[2]) / 1000

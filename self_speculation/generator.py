@@ -174,7 +174,7 @@ class Generator:
         """Generate from prompts (token ids) at once, in one cache: the one decoding loop (one prompt is a batch
         of one). Each row's tokens are what it gets alone. Every result's `total_time` is the batch's wall time
         (throughput is the tokens of all rows over it). A row that has stopped leaves the batch (`shrink`), or is
-        held in place, its advance rolled back, until the others stop. A `streamer` shows a single prompt's
+        held in place, keeping none of its steps, until the others stop. A `streamer` shows a single prompt's
         tokens (and drafts) as they come."""
         if not prompts or any(not p for p in prompts):
             raise UsageError("the prompt is empty")
@@ -217,9 +217,8 @@ class Generator:
                         d.keep_rows(kept)
                         results, budgets, running = ([xs[b] for b in kept] for xs in (results, budgets, running))
                     remaining = [budget - len(r.tokens) if go else 1 for budget, r, go in zip(budgets, results, running)]
+                    d.idle = [not go for go in running]  # stopped rows, when kept, stay where they are
                     steps = self.strategy.step(d, remaining)
-                    if not all(running):  # stopped rows (when kept) stay where they are
-                        d.cache.rollback([0 if go else len(step.tokens) for step, go in zip(steps, running)])
                     for step, result, go in zip(steps, results, running):
                         if go:
                             result.steps += 1

@@ -35,6 +35,7 @@ class Decoding:
     compiled: layers.CompiledPasses | None = None  # --compile: the passes run through torch.compile
     current: torch.Tensor | None = None  # (B, 1) each row's newest token, on the device
     drafts: int = 0  # tokens a step drafts at most (self_speculative: `Strategy.draft_length` for this batch)
+    idle: list[bool] | None = None  # per row: stopped, but kept in the batch (its steps are not kept)
 
     def keep_rows(self, rows: list[int]) -> None:
         """Only `rows` go on (the others have stopped): in the cache and here."""
@@ -42,6 +43,13 @@ class Decoding:
         self.cache.keep_rows(rows, index)
         self.sequences = [self.sequences[b] for b in rows]
         self.current = self.current.index_select(0, index)
+
+    def commit(self, counts: list[int], on_device: torch.Tensor | None = None) -> None:
+        """The end of a step: row b keeps the first counts[b] positions it wrote (`on_device`: the same counts
+        where the device has them, used where rows differ); an idle row keeps none."""
+        if self.idle is not None and any(self.idle):
+            counts, on_device = [0 if idle else count for count, idle in zip(counts, self.idle)], None
+        self.cache.commit(counts, on_device)
 
     def contexts(self):
         """What the processors see of every row before this step's drafts: (B, T) or one (T_b,) per row, on the
@@ -222,6 +230,7 @@ def _flag_or_recommended(config: GenerationConfig, model_config, name: str) -> i
 def one_token(d: Decoding, depth: int) -> list[StepResult]:
     """A step of one token per row from layers [0, depth), the final norm and the head."""
     hidden = d.decoder.run_layers(d.decoder.embed(d.current), d.cache, 0, depth, d.compiled)
+    d.commit([1] * hidden.shape[0])
     return [StepResult([token]) for token in d.take(d.decoder.head(hidden)[:, -1])]
 
 
@@ -371,8 +380,8 @@ class SelfSpeculative(Strategy):
         decoder, exit_layer, contexts = d.decoder, d.config.exit_layer, d.contexts()
         shares = [draft_share(d.drafts, budget) for budget in budgets]
         drafts, draft_dists, exit_hiddens = d.no_drafts(), [], []
-        for _ in range(max(shares)):
-            out = decoder.early_exit(d.current, d.cache, exit_layer, compiled=d.compiled)
+        for i in range(max(shares)):
+            out = decoder.early_exit(d.current, d.cache, exit_layer, compiled=d.compiled, offset=i)
             exit_hiddens.append(out.hidden)
             draft_dists.append(d.distribution(d.scores(out.logits[:, -1], contexts, drafts)))
             d.current = d.pick(draft_dists[-1])[:, None]
@@ -380,18 +389,19 @@ class SelfSpeculative(Strategy):
             if d.on_draft is not None:
                 d.on_draft(int(d.current[0, 0]))
         # The last draft (or, with no drafts, the newest token) has not been through layers [0, E) yet.
-        exit_hiddens.append(decoder.exit_hidden(d.current, d.cache, exit_layer, d.compiled))
+        exit_hiddens.append(decoder.exit_hidden(d.current, d.cache, exit_layer, d.compiled, drafts.shape[1]))
         logits = decoder.remainder(torch.cat(exit_hiddens, dim=1), d.cache, exit_layer, d.compiled)  # (B, D+1, V)
         accepted, final = self.verify(d, contexts, drafts, draft_dists, logits)
         d.current = final[:, None]
-        D, results, rejected = drafts.shape[1], [], []
+        D, results = drafts.shape[1], []
         for b, row in enumerate(read(torch.cat([drafts, d.current, accepted[:, None]], dim=1))):
             n = row[-1]
-            rejected.append(D - n)
             own = self._own_drafts(row[:D], shares[b], d.stop_ids)
             results.append(StepResult(row[:n] + [row[D]], drafted=own, accepted=min(n, own)))
             self.acceptance.add(own, min(n, own))
-        d.cache.rollback(rejected, D - accepted if len(set(rejected)) > 1 else None)  # device counts: rows part
+        # every row keeps its accepted drafts and the token before them; the device's counts where rows differ
+        kept = [len(r.tokens) for r in results]
+        d.commit(kept, accepted + 1 if len(set(kept)) > 1 else None)
         return results
 
     def metrics(self, mine, plain, batches, costs):

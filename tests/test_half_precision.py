@@ -195,12 +195,12 @@ def test_a_batch_in_half_precision_leaves_its_rows_only_at_near_ties(request, na
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_a_batch_with_rows_one_position_off_is_a_divergence(gqa_tied, monkeypatch, dtype):
     model = copy.deepcopy(gqa_tied).to(DTYPES[dtype])
-    real = layers.KVCache.begin
+    real = layers.KVCache.positions
 
-    def one_position_off(cache, start, T, device, ragged=False):  # a batch's rows rotated and masked one late
-        positions = real(cache, start, T, device, ragged)
-        return positions + 1 if cache.slots is not None else positions
+    def one_position_off(cache, offset, T, device, ragged=False):  # a batch's rows rotated and masked one early
+        positions = real(cache, offset, T, device, ragged)
+        return (positions - 1).clamp_min(0) if positions.dim() == 2 else positions
 
-    monkeypatch.setattr(layers.KVCache, "begin", one_position_off)
+    monkeypatch.setattr(layers.KVCache, "positions", one_position_off)
     counts = batch_statuses(model, speculative(2, 3))
     assert counts["divergence"] > counts["near_tie"]

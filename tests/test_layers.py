@@ -32,7 +32,7 @@ def test_full_forward_chunked_with_cache(model, chunks, capacity):
         pieces.append(layers.full_forward(model, IDS[:, start : start + size], cache))
         start += size
     torch.testing.assert_close(torch.cat(pieces, dim=1), reference_logits(model), atol=ATOL, rtol=RTOL)
-    assert cache.get_seq_length(0) == cache.get_seq_length(layers.num_layers(model) - 1) == IDS.shape[1]
+    assert cache.held == [IDS.shape[1]] and cache.lengths.tolist() == [IDS.shape[1]]
 
 
 @torch.inference_mode()
@@ -40,7 +40,7 @@ def test_full_forward_chunked_with_cache(model, chunks, capacity):
 def test_early_exit_is_norm_and_head_of_that_layer(model, exit_layer):
     hidden = model(input_ids=IDS, output_hidden_states=True).hidden_states[exit_layer]  # output of layer E - 1
     expected = model.lm_head(model.model.norm(hidden))
-    out = layers.early_exit(model, IDS, layers.new_cache(), exit_layer)
+    out = layers.early_exit(model, IDS, None, exit_layer)
     torch.testing.assert_close(out.logits, expected, atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(out.hidden, hidden, atol=ATOL, rtol=RTOL)
 
@@ -48,24 +48,24 @@ def test_early_exit_is_norm_and_head_of_that_layer(model, exit_layer):
 @torch.inference_mode()
 @pytest.mark.parametrize("exit_layer", [1, 3, 5])
 def test_remainder_over_exit_hiddens_completes_the_full_model(model, exit_layer):
-    """Prefill 8 tokens, run 4 more through the first E layers one by one (as drafting does), then the rest of
-    the layers over their cached exit-layer hidden states at once (as verification does)."""
+    """Prefill 8 tokens, run 4 more through the first E layers one by one, each one position further (as drafting
+    does), then the rest of the layers over their cached exit-layer hidden states at once (as verification does)."""
     cache, decoder = layers.new_cache(), layers.Decoder(model)
     decoder.full_forward(IDS[:, :8], cache)
-    hiddens = [decoder.exit_hidden(IDS[:, i : i + 1], cache, exit_layer) for i in range(8, 12)]
-    assert cache.get_seq_length(0) == 12 and cache.get_seq_length(exit_layer) == 8
+    cache.commit([8])
+    hiddens = [decoder.exit_hidden(IDS[:, 8 + i : 9 + i], cache, exit_layer, offset=i) for i in range(4)]
     logits = decoder.remainder(torch.cat(hiddens, dim=1), cache, exit_layer)
     torch.testing.assert_close(logits, reference_logits(model)[:, 8:], atol=ATOL, rtol=RTOL)
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize("capacity", [256, 7], ids=["preallocated", "growing-after-rollback"])
-def test_rollback_then_continue_equals_fresh_run(model, capacity):
-    cache = layers.new_cache(capacity)
+@pytest.mark.parametrize("capacity", [256, 7], ids=["preallocated", "growing-over-rejected"])
+def test_positions_not_committed_are_overwritten(model, capacity):
+    """A step's rejected positions (written, not committed) are hidden, then overwritten by the next pass."""
+    cache, decoder = layers.new_cache(capacity), layers.Decoder(model)
     layers.full_forward(model, IDS[:, :6], cache)
-    layers.full_forward(model, torch.tensor([[90, 91, 92]]), cache)  # to be rejected
-    cache.rollback([3])
-    assert cache.get_seq_length(0) == 6
+    decoder.full_forward(torch.tensor([[90, 91, 92]]), cache)  # rejected: not committed
+    assert cache.held == [6]
     logits = layers.full_forward(model, IDS[:, 6:], cache)
     torch.testing.assert_close(logits, reference_logits(model)[:, 6:], atol=ATOL, rtol=RTOL)
 
@@ -97,8 +97,10 @@ def test_other_llama_layout_models(build, compiled):
     ids = torch.randint(0, 96, (1, 20), generator=torch.Generator().manual_seed(0))
     cache, decoder = layers.new_cache(32), layers.Decoder(model)
     passes = layers.CompiledPasses(decoder, {(0, 3, 1)}) if compiled else None
-    pieces = [decoder.full_forward(ids[:, :12], cache, compiled=passes)]
-    pieces += [decoder.full_forward(ids[:, i : i + 1], cache, compiled=passes) for i in range(12, 20)]
+    pieces = []
+    for piece in [ids[:, :12]] + [ids[:, i : i + 1] for i in range(12, 20)]:
+        pieces.append(decoder.full_forward(piece, cache, compiled=passes))
+        cache.commit([piece.shape[1]])
     torch.testing.assert_close(torch.cat(pieces, dim=1), reference_logits(model, ids), atol=ATOL, rtol=RTOL)
     assert not compiled or passes.shapes_run == {(0, 3, 1)}  # the one-token passes did run compiled
 
@@ -211,26 +213,26 @@ def test_a_model_cast_or_moved_after_use_runs_with_its_new_weights():
 @torch.inference_mode()
 def test_ragged_batch_rows_equal_their_own_forward(model):
     """Rows of different lengths in one cache: a right-padded prefill, steps of one and of three tokens, and
-    rollbacks of different sizes per row; every row's logits are those of the row alone."""
+    commits of different counts per row; every row's logits are those of the row alone."""
     prompts = [IDS[0, :5].tolist(), IDS[0].tolist(), IDS[0, :8].tolist()]
     width = max(len(p) for p in prompts)
-    cache = layers.new_cache(16, batch=3)  # small: the buffers grow on the way
-    logits = layers.full_forward(model, torch.tensor([p + [0] * (width - len(p)) for p in prompts]), cache)
+    cache, decoder = layers.new_cache(16, batch=3), layers.Decoder(model)  # small: the buffers grow on the way
+    logits = decoder.full_forward(torch.tensor([p + [0] * (width - len(p)) for p in prompts]), cache)
     for row, prompt in enumerate(prompts):
         torch.testing.assert_close(logits[row, : len(prompt)], reference_logits(model, torch.tensor([prompt]))[0],
                                    atol=ATOL, rtol=RTOL)
-    cache.set_row_lengths([len(p) for p in prompts])
+    cache.commit([len(p) for p in prompts])
     sequences = [list(p) for p in prompts]
-    for new, rollback in (([[7], [8], [9]], None), ([[1, 2, 3], [4, 5, 6], [70, 80, 90]], [0, 2, 1]),
-                          ([[10], [11], [12]], None), ([[13, 14, 15], [16, 17, 18], [19, 20, 21]], [3, 0, 2])):
-        out = layers.full_forward(model, torch.tensor(new), cache)
+    for new, kept in (([[7], [8], [9]], None), ([[1, 2, 3], [4, 5, 6], [70, 80, 90]], [3, 1, 2]),
+                      ([[10], [11], [12]], None), ([[13, 14, 15], [16, 17, 18], [19, 20, 21]], [0, 3, 1])):
+        out = decoder.full_forward(torch.tensor(new), cache)
         for row in range(3):
-            sequences[row] += new[row]
-            expected = reference_logits(model, torch.tensor([sequences[row]]))[0, -len(new[row]):]
+            expected = reference_logits(model, torch.tensor([sequences[row] + new[row]]))[0, -len(new[row]):]
             torch.testing.assert_close(out[row], expected, atol=ATOL, rtol=RTOL)
-        if rollback:
-            cache.rollback(rollback)
-            sequences = [s[: len(s) - r] for s, r in zip(sequences, rollback)]
+        kept = kept or [len(row) for row in new]
+        cache.commit(kept)
+        sequences = [s + row[:k] for s, row, k in zip(sequences, new, kept)]
+    assert cache.held == [len(s) for s in sequences] and cache.lengths.tolist() == cache.held
 
 
 def test_a_model_saved_after_generating_reloads_with_the_same_logits(tmp_path):
@@ -247,3 +249,27 @@ def test_a_model_saved_after_generating_reloads_with_the_same_logits(tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     with torch.inference_mode():
         torch.testing.assert_close(reloaded(input_ids=IDS).logits, reference_logits(model), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_rotary_table_holds_what_the_rotary_module_computes(model, dtype):
+    """Bit for bit, shared and per-row positions: the table changes no decoded token."""
+    table = layers.runner.rotary_table(model, torch.device("cpu"), dtype)
+    assert table[0].shape == (model.config.max_position_embeddings, model.config.head_dim)
+    hidden = torch.zeros(2, 2, model.config.hidden_size, dtype=dtype)
+    for positions in (torch.tensor([5, 6]), torch.tensor([[3, 4], [0, 127]])):
+        for gathered, computed in zip(layers.runner.rotary(model, hidden, positions, table),
+                                      layers.runner.rotary(model, hidden, positions)):
+            assert gathered.dtype == dtype and torch.equal(gathered, computed)
+
+
+@torch.inference_mode()
+def test_frequencies_that_change_with_the_length_are_computed_per_pass():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = small(LlamaConfig, LlamaForCausalLM, rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                                    "rope_theta": 10000.0})
+    assert layers.runner.rotary_table(model, torch.device("cpu"), torch.float32) is None
+    ids = torch.randint(0, 96, (1, 20), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(layers.full_forward(model, ids, layers.new_cache()), reference_logits(model, ids),
+                               atol=ATOL, rtol=RTOL)

@@ -59,8 +59,13 @@ def test_an_exit_layer_beyond_the_model_is_refused_naming_the_flag(gqa_tied, nam
 def test_resources_cover_what_a_step_uses(gqa_tied, name, monkeypatch):
     """The cache never grows during a generation, it reports what it holds (every position but the newest token's,
     in each layer the strategy runs), and --compile runs every full-length pass compiled."""
-    grown = []
-    monkeypatch.setattr(layers.cache.KVLayer, "_grown", lambda *args: grown.append(args))
+    grown, make_room = [], layers.cache.Pass._make_room
+
+    def watched(kv, index, *states):
+        grown.extend([index] if kv.keys[index] is not None else [])  # a buffer made bigger, not a new one
+        make_room(kv, index, *states)
+
+    monkeypatch.setattr(layers.cache.Pass, "_make_room", watched)
     generator = Generator(gqa_tied, None, dataclasses.replace(strategy_config(name, 3, 4), compile=True))
     result = generator.generate_ids(PROMPTS[0])
     depth = 3 if name == "early_exit" else 6

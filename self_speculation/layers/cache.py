@@ -1,23 +1,24 @@
-"""The KV cache: one transformers `Cache` for a batch of any size, each row with its own length.
+"""The KV cache: each layer's keys and values for a batch of any size, written where the caller says.
 
-A layer's buffers (B, heads, capacity, head_dim) are written by position: row b's T new positions go to
-lengths[b]..lengths[b] + T - 1. Rejected drafts are rolled back by moving a row's length back, and the next
-writes overwrite them; slots past a row's length hold padding or rejected drafts, which its mask hides.
+A layer's buffers (B, heads, capacity, head_dim) are written by position, gpt-fast's way: a pass writes row b's T
+new tokens at `positions` (the row's length plus an offset within the step: drafting runs the first layers ahead of
+the others), and a step ends by committing how many of the positions it wrote each row keeps (`commit`). What it
+does not keep (rejected drafts) stays where it is, hidden by the mask (a query sees keys at positions up to its
+own), until the next step overwrites it. Nothing is rolled back and no layer counts what it holds.
 
-The cache owns where a pass writes and what its queries see (`begin`, `mask`), so the layer runner never asks
-which kind of batch it holds. While every row has the same length (always for one prompt), positions are shared
-(T,) and a single new token needs no mask: the fast path of decoding one prompt, inside the cache rather than
-beside it. Layers may hold different lengths while drafting (the first `exit_layer` layers run ahead of the
-rest); the layers of one pass always hold the same, so a pass reads them from its first layer. Lengths live on
-the host, where a pass is sized. Within a step every row advances alike (each pass writes T positions to every
-row); rows drift apart only when a step keeps a different number of drafts per row. So how much more row b holds
-than row 0 is the same in every layer: this `skew` (B,) lives on the device, and a ragged pass's positions are
-row 0's length plus it. Nothing goes from the host to the device per pass (on a GPU, a blocking copy).
+Each row's length lives on the device (`lengths`, (B,)), where a batch's positions are made, and on the host
+(`held`), mirrored from the step's one read, where an eager pass is sized; nothing goes from the host to the device
+per pass (on a GPU, a blocking copy). While every row holds as many positions (always for one prompt) positions
+are shared, (T,), made from the host's numbers, and a single new token needs no mask: the fast path of decoding one
+prompt, inside the cache rather than beside it.
+
+Eager and compiled passes run the same write and mask rules (`Pass`); they differ only in how many keys they attend
+over: an eager pass up to its last position, a compiled one the whole buffer, so that one graph serves every step.
+This is not a transformers `Cache`: no transformers code calls it, and a cache whose lengths the caller keeps on
+the device does not fit that interface's (each layer counting what it holds).
 """
 
 import torch
-from transformers import Cache
-from transformers.cache_utils import CacheLayerMixin
 
 
 def upload(values: list, device: torch.device) -> torch.Tensor:
@@ -28,180 +29,145 @@ def upload(values: list, device: torch.device) -> torch.Tensor:
 
 
 def unseen(queries: torch.Tensor, keys: torch.Tensor, window: int | None) -> torch.Tensor:
-    """The mask rule, for the eager and the compiled passes alike: (..., T, keys) True where the query at that
-    position may not see the key at that position: causal, and within the sliding window if there is one.
-    `queries` (T,) or (B, T)."""
+    """(..., T, keys) True where the query at that position may not see the key at that position: causal, and
+    within the sliding window if there is one. `queries` (T,) or (B, T)."""
     hidden = keys > queries[..., None]
     if window is not None:
         hidden |= keys <= queries[..., None] - window
     return hidden
 
 
-def write_rows(buffers: tuple[torch.Tensor, torch.Tensor], states: tuple[torch.Tensor, torch.Tensor],
-               slots: torch.Tensor) -> None:
-    """The write rule of a batch whose rows hold different lengths, eager and compiled alike: row b's T new keys
-    and values (B, heads, T, head_dim) into its positions `slots[b]` (B, T) of the buffers (B, heads, capacity,
-    head_dim). One scatter per buffer: about half the time of an indexed assignment on the CPU."""
-    index = slots[:, None, :, None].expand_as(states[0])
-    for buffer, new in zip(buffers, states):
-        buffer.scatter_(2, index, new)
-
-
-def additive(hide: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    return torch.zeros(hide.shape, dtype=hidden.dtype, device=hidden.device).masked_fill_(hide, float("-inf"))
-
-
-def shared_mask(past: int, positions: torch.Tensor, window: int | None,
-                hidden: torch.Tensor) -> tuple[torch.Tensor | None, int]:
-    """The mask of queries at `positions` (T,) after `past` positions of every row, over the keys from the first
-    one they can see (a sliding window's start) to the last written; None for a single query, which sees them all."""
-    T = positions.shape[0]
-    first = 0 if window is None else max(past + 1 - window, 0)
-    if T == 1:
+def attention_mask(positions: torch.Tensor, seen: int, window: int | None, hidden: torch.Tensor,
+                   exact: bool = True) -> tuple[torch.Tensor | None, int]:
+    """The mask rule: what queries at `positions` (T,) or (B, T) see of the first `seen` keys, as an additive mask
+    (cheaper for SDPA on the CPU than a boolean one), (T, keys) or (B, 1, T, keys), from the first key worth
+    attending over (a sliding window's start, for shared positions). `exact`: the last key is the last query's own
+    (an eager pass), so one query at shared positions sees every key and needs no mask."""
+    T, shared = positions.shape[-1], positions.dim() == 1
+    first = max(seen - T + 1 - window, 0) if exact and shared and window is not None else 0
+    if exact and shared and T == 1:
         return None, first
-    return additive(unseen(positions, torch.arange(first, past + T, device=hidden.device), window), hidden), first
+    mask = unseen(positions, torch.arange(first, seen, device=hidden.device), window)
+    mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=hidden.device).masked_fill_(mask, float("-inf"))
+    return (mask if shared else mask[:, None]), first
 
 
-class KVLayer(CacheLayerMixin):
-    """One layer's keys and values for B rows. Capacity grows (doubling) when a write would pass it, so a
-    generation that outgrows its estimate reallocates O(log n) times."""
+class Pass:
+    """What one pass of `runner.layer_pass` does with the cache: writes each layer's new keys and values at
+    `positions` (the write rule), hands back the keys its queries attend over, and masks those they may not see.
+    `keys`, `values`: the buffers by layer index (a cache's own lists, or the buffers given to a compiled pass,
+    None before its first layer). `seen`: how many keys an eager pass attends over, its buffers made or grown to
+    hold them; None: a compiled pass, over the whole buffers."""
 
-    is_sliding = False
-    is_croppable = True
+    def __init__(self, keys: list, values: list, positions: torch.Tensor, seen: int | None = None,
+                 capacity: int = 0):
+        self.keys, self.values, self.positions, self.seen = keys, values, positions, seen
+        self.capacity = capacity  # a new buffer's least capacity
 
-    def __init__(self, capacity: int, batch: int):
-        super().__init__()
-        self.capacity = capacity
-        self.lengths = [0] * batch  # positions each row holds, on the host
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, index: int):
+        """Write T new positions per row (key_states, value_states (B, heads, T, head_dim)); return the keys and
+        values (B, heads, keys, head_dim) the queries attend over."""
+        if self.seen is not None and (self.keys[index] is None or self.keys[index].shape[2] < self.seen):
+            self._make_room(index, key_states, value_states)
+        keys, values = self.keys[index], self.values[index]
+        positions = self.positions if self.positions.device == keys.device else self.positions.to(keys.device)
+        if positions.dim() == 1:  # every row at the same positions
+            keys.index_copy_(2, positions, key_states)
+            values.index_copy_(2, positions, value_states)
+        else:  # row b at positions[b] (B, T): one scatter per buffer
+            index = positions[:, None, :, None].expand_as(key_states)
+            keys.scatter_(2, index, key_states)
+            values.scatter_(2, index, value_states)
+        if self.seen is None:
+            return keys, values
+        return keys.narrow(2, 0, self.seen), values.narrow(2, 0, self.seen)
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        # zeros, not garbage: a compiled pass attends over the whole buffer with unwritten slots masked, and a
-        # masked NaN would still poison the weighted sum
-        shape = (len(self.lengths), key_states.shape[1], self.capacity, key_states.shape[3])
-        self.keys, self.values = key_states.new_zeros(shape), value_states.new_zeros(shape)
-        self.is_initialized = True
+    def mask(self, positions: torch.Tensor, window: int | None, hidden: torch.Tensor):
+        if self.seen is None:
+            return attention_mask(positions, self.keys[-1].shape[2], window, hidden, exact=False)
+        return attention_mask(positions, self.seen, window, hidden)
 
-    @property
-    def longest(self) -> int:
-        return max(self.lengths)
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, slots=None, **kwargs):
-        """Write T new positions per row, at `slots` (B, T) when the rows' lengths differ; return the buffers up to
-        the longest row."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        T = key_states.shape[2]
-        end = self.longest + T
-        if end > self.keys.shape[2]:
-            self.keys, self.values = (self._grown(t, end) for t in (self.keys, self.values))
-        if slots is None:  # every row at one length
-            start = self.lengths[0]
-            self.keys.narrow(2, start, T).copy_(key_states)
-            self.values.narrow(2, start, T).copy_(value_states)
-        else:
-            write_rows((self.keys, self.values), (key_states, value_states), slots)
-        self.lengths = [length + T for length in self.lengths]
-        return self.keys.narrow(2, 0, end), self.values.narrow(2, 0, end)
-
-    def _grown(self, buffer: torch.Tensor, needed: int) -> torch.Tensor:
-        bigger = buffer.new_zeros((*buffer.shape[:2], max(needed, 2 * buffer.shape[2]), buffer.shape[3]))
-        bigger[:, :, : self.longest] = buffer[:, :, : self.longest]
-        return bigger
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.longest + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.longest
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def crop(self, tokens_to_remove: int) -> None:
-        """Forget the last -tokens_to_remove positions of every row (transformers' convention: a negative count)."""
-        self.lengths = [max(length + min(tokens_to_remove, 0), 0) for length in self.lengths]
-
-    def reset(self) -> None:
-        self.lengths = [0] * len(self.lengths)
+    def _make_room(self, index: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """A layer's buffers made on its first write (zeros, not garbage: a compiled pass attends over unwritten
+        slots, masked, and a masked NaN would still poison the weighted sum), or doubled when full (O(log n)
+        reallocations for a generation that outgrows its estimate)."""
+        for buffers, new in ((self.keys, key_states), (self.values, value_states)):
+            old = buffers[index]
+            capacity = self.seen if old is None else max(self.seen, 2 * old.shape[2])
+            buffers[index] = new.new_zeros((*new.shape[:2], max(capacity, self.capacity), new.shape[3]))
+            if old is not None:
+                buffers[index][:, :, : old.shape[2]] = old
 
 
-class KVCache(Cache):
-    """The cache of B rows (one prompt: B = 1), shared by drafting and verification."""
+class KVCache:
+    """The keys and values of B rows (one prompt: B = 1) in every layer, shared by drafting and verification, and
+    how many positions each row holds: `lengths` on the device, `held` on the host."""
 
     def __init__(self, capacity: int = 256, batch: int = 1):
-        super().__init__(layer_class_to_replicate=lambda: KVLayer(capacity, self.batch))
-        self.batch = batch
-        self.past: list[int] = []  # the rows' lengths where the running pass began
-        self.slots: torch.Tensor | None = None  # (B, T) where it writes, when those lengths differ
-        self.skew: torch.Tensor | None = None  # (B,) on the device: row b's length less row 0's; None: all alike
+        self.capacity = capacity  # a layer's buffers' capacity when made
+        self.keys: list[torch.Tensor | None] = []  # by layer: (B, kv_heads, capacity, head_dim), made on first use
+        self.values: list[torch.Tensor | None] = []
+        self.held = [0] * batch
+        self.lengths: torch.Tensor | None = None  # (B,) on the device, from the first commit
 
-    def lengths(self, layer: int) -> list[int]:
-        """What each row holds in `layer` (zeros before the layer's first pass)."""
-        return self.layers[layer].lengths if layer < len(self.layers) else [0] * self.batch
+    @property
+    def batch(self) -> int:
+        return len(self.held)
 
-    def begin(self, start: int, T: int, device: torch.device, ragged: bool = False) -> torch.Tensor:
-        """Start a pass of T new tokens per row through layers from `start`; its positions: (T,), shared by every
-        row, when they hold one length (unless `ragged`, which a compiled batch asks for to keep one graph as its
-        rows part), else (B, T)."""
-        self.past = list(self.lengths(start))
-        if not ragged and len(set(self.past)) == 1:
-            self.slots = None
-            return torch.arange(self.past[0], self.past[0] + T, device=device)
-        row0 = torch.arange(self.past[0], self.past[0] + T, device=device)
-        self.slots = row0.expand(self.batch, T).contiguous() if self.skew is None else row0 + self.skew[:, None]
-        return self.slots
+    def get_seq_length(self) -> int:
+        return max(self.held)
 
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        return super().update(key_states, value_states, layer_idx, slots=self.slots)
+    def positions(self, offset: int, T: int, device: torch.device, ragged: bool = False) -> torch.Tensor:
+        """Where a pass of T new tokens per row writes, `offset` positions past what each row holds: (T,), shared
+        by every row, while they hold one length (unless `ragged`, which a compiled batch asks for to keep one
+        graph as its rows part), else (B, T)."""
+        if not ragged and len(set(self.held)) == 1:
+            return torch.arange(self.held[0] + offset, self.held[0] + offset + T, device=device)
+        steps = torch.arange(offset, offset + T, device=device)
+        return steps.expand(self.batch, T) + (0 if self.lengths is None else self.lengths[:, None])
 
-    def reset(self) -> None:
-        super().reset()
-        self.skew = None
+    def pass_over(self, end: int, offset: int, T: int, device: torch.device) -> Pass:
+        """An eager pass of T new tokens per row, `offset` past what each row holds, through layers up to `end`:
+        it attends over every key up to the last position it writes."""
+        missing = end - len(self.keys)
+        self.keys += [None] * missing
+        self.values += [None] * missing
+        return Pass(self.keys, self.values, self.positions(offset, T, device), max(self.held) + offset + T,
+                    self.capacity)
 
-    def mask(self, positions: torch.Tensor, window: int | None,
-             hidden: torch.Tensor) -> tuple[torch.Tensor | None, int]:
-        """What the running pass's queries at `positions` see of the keys its layers return (up to the longest
-        row after the write), and the first key worth attending over (a sliding window's start). The mask is
-        additive (cheaper for SDPA on the CPU than a boolean one): (T, keys) for shared positions, (B, 1, T,
-        keys) for ragged ones; None for one new token at shared positions, which sees every key it is given."""
-        if self.slots is None:
-            return shared_mask(self.past[0], positions, window, hidden)
-        keys = torch.arange(max(self.past) + positions.shape[-1], device=hidden.device)
-        return additive(unseen(positions, keys, window), hidden)[:, None], 0
+    def has_room(self, start: int, end: int, last: int) -> bool:
+        """Whether layers [start, end) have buffers that hold `last` positions per row (a compiled pass cannot make
+        or grow them)."""
+        return (len(self.keys) >= end and all(k is not None for k in self.keys[start:end])
+                and self.keys[start].shape[2] >= last)
 
-    def wrote(self, start: int, end: int, T: int) -> None:
-        """Layers [start, end) hold T more positions per row: a compiled pass wrote them into the buffers."""
-        for layer in self.layers[start:end]:
-            layer.lengths = [length + T for length in layer.lengths]
+    def commit(self, counts: list[int], on_device: torch.Tensor | None = None) -> None:
+        """Row b keeps counts[b] more positions (its prompt; a step's accepted drafts and the token after them);
+        `on_device`: the same counts (B,) where the device has them already, else they are uploaded if they
+        differ between rows."""
+        if self.lengths is None:
+            self.lengths = torch.zeros(self.batch, dtype=torch.long, device=self._device())
+        self.held = [length + count for length, count in zip(self.held, counts)]
+        if len(set(counts)) == 1:
+            self.lengths += counts[0]
+        else:
+            self.lengths += upload(counts, self.lengths.device) if on_device is None else on_device
 
-    def set_row_lengths(self, lengths: list[int]) -> None:
-        """After a right-padded prefill: row b holds lengths[b] real positions in every layer."""
-        for layer in self.layers:
-            layer.lengths = list(lengths)
-        skew = [length - lengths[0] for length in lengths]
-        self.skew = upload(skew, self.layers[0].keys.device) if any(skew) else None
-
-    def rollback(self, counts: list[int], on_device: torch.Tensor | None = None) -> None:
-        """Forget the last counts[b] positions of row b in every layer (its rejected drafts); `on_device`: the
-        same counts (B,) where the device has them already, else they are uploaded if rows come to differ."""
-        if any(counts):
-            for layer in self.layers:
-                layer.lengths = [length - count for length, count in zip(layer.lengths, counts)]
-            if len(set(counts)) > 1:
-                counts = upload(counts, self.layers[0].keys.device) if on_device is None else on_device
-                self.skew = (0 if self.skew is None else self.skew) - (counts - counts[:1])
+    def _device(self) -> torch.device:
+        return next(k.device for k in self.keys if k is not None)
 
     def keep_rows(self, rows: list[int], index: torch.Tensor) -> None:
         """Drop every row not in `rows` (finished ones), so that passes no longer compute them; `index`: `rows` on
         the device (`upload`)."""
-        for layer in self.layers:
-            layer.lengths = [layer.lengths[b] for b in rows]
-            if layer.is_initialized:
-                layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
-        if self.skew is not None:
-            skew = self.skew.index_select(0, index)
-            self.skew = skew - skew[:1]
-        self.batch = len(rows)
+        self.held = [self.held[b] for b in rows]
+        for buffers in (self.keys, self.values):
+            buffers[:] = [b if b is None else b.index_select(0, index) for b in buffers]
+        if self.lengths is not None:
+            self.lengths = self.lengths.index_select(0, index)
+
+    def reset(self) -> None:
+        """Empty, its buffers kept where they are (what they hold is hidden until overwritten)."""
+        self.held, self.lengths = [0] * self.batch, None
 
 
 def new_cache(capacity: int = 256, batch: int = 1) -> KVCache:
@@ -211,5 +177,5 @@ def new_cache(capacity: int = 256, batch: int = 1) -> KVCache:
 def cache_bytes(cache: KVCache) -> int:
     """What the cache holds: the keys and values of every row's positions in every layer (not the capacity
     allocated for them, which depends on the budget and the draft length rather than on what was decoded)."""
-    return sum(2 * sum(layer.lengths) * layer.keys.shape[1] * layer.keys.shape[3] * layer.keys.element_size()
-               for layer in cache.layers if layer.is_initialized)
+    return sum(2 * sum(cache.held) * keys.shape[1] * keys.shape[3] * keys.element_size()
+               for keys in cache.keys if keys is not None)

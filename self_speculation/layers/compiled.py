@@ -1,9 +1,9 @@
 """Compiled passes: `runner.layer_pass` through torch.compile, over a cache's whole buffers.
 
-A pass compiled for (start, end, T) attends over its layers' whole buffers with what is not written yet masked,
-and writes at positions given as a device tensor, so a pass reads nothing back from the device and one
-compilation serves every step; for a batch, the batch size is marked dynamic, so one compilation serves every
-batch size from 2 as rows leave.
+A pass compiled for (start, end, T) writes at positions given as a device tensor and attends over its layers'
+whole buffers with what is not written yet masked (through the cache's `Pass`, as an eager pass does), so it reads
+nothing back from the device and one compilation serves every step; for a batch, the batch size is marked dynamic,
+so one compilation serves every batch size from 2 as rows leave.
 
 On the CPU the buffer length is marked dynamic too (one compilation for every cache capacity) and the compiled
 code calls its kernels through a C++ wrapper (less Python per call). On CUDA a pass runs as a CUDA graph
@@ -18,39 +18,21 @@ from collections.abc import Iterable
 
 import torch
 
-from .cache import KVCache, unseen, write_rows
+from .cache import KVCache, Pass
 from .runner import Decoder, layer_pass
 
 
-class _Buffers:
-    """What `layer_pass` needs of a cache inside a compiled pass: write keys and values at `positions`, return
-    the whole buffers, and mask what is not written yet (by the same rule as the eager cache)."""
+def _pass_over_buffers(model, weights: tuple, start: int, table):
+    """The function a compiled pass runs: `layer_pass` of layers `weights` (from `start`) over a cache's whole
+    buffers (the same `Pass` an eager one writes through), as a function with a code object of its own. Dynamo
+    keeps compiled code and counts recompilations against its limit per code object: passes sharing one (as
+    partials of one function do) would share one cache and one limit, and with fullgraph=True reaching it is an
+    error. With its own, a pass compiles once per shape of its inputs."""
+    before = [None] * start
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], positions: torch.Tensor, start: int):
-        self.keys, self.values, self.positions, self.start = keys, values, positions, start
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, index: int):
-        keys, values = self.keys[index - self.start], self.values[index - self.start]
-        if self.positions.dim() == 1:
-            keys.index_copy_(2, self.positions, key_states)
-            values.index_copy_(2, self.positions, value_states)
-        else:  # a batch: row b's tokens at its own positions (B, T)
-            write_rows((keys, values), (key_states, value_states), self.positions)
-        return keys, values
-
-    def mask(self, positions: torch.Tensor, window: int | None, hidden: torch.Tensor):
-        seen = ~unseen(positions, torch.arange(self.keys[0].shape[2], device=hidden.device), window)
-        return (seen if positions.dim() == 1 else seen[:, None]), 0
-
-
-def _pass_over_buffers(model, weights: tuple, start: int):
-    """The function a compiled pass runs: `layer_pass` of layers `weights` (from `start`) over a cache's buffers,
-    as a function with a code object of its own. Dynamo keeps compiled code and counts recompilations against its
-    limit per code object: passes sharing one (as partials of one function do) would share one cache and one
-    limit, and with fullgraph=True reaching it is an error. With its own, a pass compiles once per shape of its
-    inputs."""
     def run(hidden, positions, keys, values):
-        return layer_pass(model, weights, start, hidden, positions, _Buffers(keys, values, positions, start))
+        kv = Pass(before + keys, before + values, positions)
+        return layer_pass(model, weights, start, hidden, positions, kv, table)
 
     return types.FunctionType(run.__code__.replace(), run.__globals__, run.__name__, None, run.__closure__)
 
@@ -58,8 +40,11 @@ def _pass_over_buffers(model, weights: tuple, start: int):
 class _CompiledPass:
     """One pass through torch.compile: `layer_pass` over the buffers of layers [start, end)."""
 
-    def __init__(self, decoder: Decoder, start: int, end: int, graphs: bool):
-        run = _pass_over_buffers(decoder.model, tuple(decoder.weights(start, end)), start)
+    def __init__(self, decoder: Decoder, start: int, end: int, graphs: bool, table):
+        run = _pass_over_buffers(decoder.model, tuple(decoder.weights(start, end)), start, table)
+        if graphs and table is not None:  # read in place, not copied into the graph's memory at every replay
+            for t in table:
+                torch._dynamo.mark_static_address(t)
         # dynamic=False: only the sizes marked dynamic vary. Dynamo's inference of the others keeps a profile per
         # function name and line, on disk across processes, which every pass's copy shares: a head count differing
         # between two models' passes would be taken for a dynamic size
@@ -111,20 +96,17 @@ class CompiledPasses:
         """The shapes (start layer, end layer, new tokens) that have run compiled."""
         return {key[:3] for key in self.passes}
 
-    def run(self, hidden: torch.Tensor, cache: KVCache, start: int, end: int) -> torch.Tensor | None:
-        """The pass over `hidden` (B, T, H) compiled, or None where this shape is not compiled or cannot run yet
-        (the first pass allocates the cache's buffers; a full buffer would have to grow): the caller then runs
-        the layers op by op."""
+    def run(self, hidden: torch.Tensor, cache: KVCache, start: int, end: int, offset: int) -> torch.Tensor | None:
+        """The pass over `hidden` (B, T, H) compiled, `offset` positions past what each row holds, or None where
+        this shape is not compiled or cannot run yet (the first pass makes the cache's buffers; a full buffer would
+        have to grow): the caller then runs the layers op by op."""
         B, T = hidden.shape[:2]
-        run = cache.layers[start:end]
-        if (start, end, T) not in self.shapes or len(run) < end - start or not all(l.is_initialized for l in run):
-            return None
-        if run[0].longest + T > run[0].keys.shape[2]:
+        if (start, end, T) not in self.shapes or not cache.has_room(start, end, max(cache.held) + offset + T):
             return None
         many = B > 1  # a batch always at (B, T) positions: one compilation whether its rows' lengths agree or not
-        positions = cache.begin(start, T, hidden.device, ragged=many)
-        keys, values = [layer.keys for layer in run], [layer.values for layer in run]
-        if not any(hasattr(run[0].keys, mark) for mark in ("_dynamo_dynamic_indices", "_dynamo_static_input_type")):
+        positions = cache.positions(offset, T, hidden.device, ragged=many)
+        keys, values = cache.keys[start:end], cache.values[start:end]
+        if not any(hasattr(keys[0], mark) for mark in ("_dynamo_dynamic_indices", "_dynamo_static_input_type")):
             for buffer in keys + values:
                 if self.graphs:
                     torch._dynamo.mark_static_address(buffer)  # replayed in place; a new buffer re-records
@@ -137,7 +119,5 @@ class CompiledPasses:
             torch._dynamo.mark_dynamic(positions, 0)
         key = (start, end, T, many)
         if key not in self.passes:
-            self.passes[key] = _CompiledPass(self.decoder, start, end, self.graphs)
-        out = self.passes[key](hidden, positions, keys, values)
-        cache.wrote(start, end, T)
-        return out
+            self.passes[key] = _CompiledPass(self.decoder, start, end, self.graphs, self.decoder.rotary_table(hidden))
+        return self.passes[key](hidden, positions, keys, values)

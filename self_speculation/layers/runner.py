@@ -3,8 +3,9 @@
 `layer_pass` computes each decoder layer from the layer's own weights with a handful of tensor operations
 (RMSNorm, projections, rotary, SDPA, gated MLP) instead of calling the layer module: on a small model a decoded
 token's time is mostly per-operation overhead, and the module path spends about twice as many operations. The
-cache it is given writes the keys and values and says what the queries see: a `KVCache` eagerly, the whole
-buffers inside a compiled pass (compiled.py wraps this same function), nothing in training.
+cache's `Pass` it is given writes the keys and values and says what the queries see: eagerly up to the pass's
+last position, compiled over the whole buffers (compiled.py wraps this same function); in training, nothing is
+kept.
 """
 
 from dataclasses import dataclass
@@ -13,16 +14,35 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from .cache import KVCache, shared_mask, upload
+from .cache import KVCache, attention_mask, upload
 from .weights import LayerWeights, Weights, joined
 
 
-def rotary(model: PreTrainedModel, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary(model: PreTrainedModel, hidden: torch.Tensor, positions: torch.Tensor,
+           table: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin (1 or B, T, 1, head_dim) for `positions` (T,) or (B, T), with the sign of rotate_half folded
-    into sin."""
-    cos, sin = model.model.rotary_emb(hidden, positions if positions.dim() == 2 else positions.unsqueeze(0))
+    into sin: gathered from `table` (`rotary_table`) where there is one, else from the model's rotary module."""
+    positions = positions if positions.dim() == 2 else positions.unsqueeze(0)
+    if table is not None:  # positions past the context are a batch's unused slots (drafted beside other rows)
+        positions = positions.clamp_max(table[0].shape[0] - 1)
+        return table[0][positions].unsqueeze(2), table[1][positions].unsqueeze(2)
+    cos, sin = model.model.rotary_emb(hidden, positions)
     half = sin.shape[-1] // 2
     return cos.unsqueeze(2), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(2)
+
+
+def rotary_table(model: PreTrainedModel, device: torch.device,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`rotary`'s cos and sin (context, head_dim) for every position of the model's context, from its own rotary
+    module: the same numbers (each is a position times a frequency, computed alone), in two index operations per
+    pass instead of about ten. None where the module's frequencies change with the sequence's length (dynamic
+    and long-context scaling) or the context is not known."""
+    context, module = getattr(model.config, "max_position_embeddings", None), model.model.rotary_emb
+    rope_type = getattr(module, "rope_type", "default")
+    if context is None or not isinstance(rope_type, str) or "dynamic" in rope_type or rope_type == "longrope":
+        return None
+    cos, sin = rotary(model, torch.empty(0, dtype=dtype, device=device), torch.arange(context, device=device))
+    return cos[0, :, 0], sin[0, :, 0]
 
 
 def _layer(w: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv, index: int,
@@ -48,11 +68,11 @@ def _layer(w: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 
 
 def layer_pass(model: PreTrainedModel, weights: tuple[LayerWeights, ...], start: int, hidden: torch.Tensor,
-               positions: torch.Tensor, kv) -> torch.Tensor:
+               positions: torch.Tensor, kv, table=None) -> torch.Tensor:
     """The one layer loop: layers `weights` (the first is layer `start`) over `hidden` (B, T, H) at `positions`,
     (T,) shared by every row or (B, T); `kv` writes each layer's keys and values (`update`) and says what the
-    queries see (`mask`)."""
-    cos, sin = rotary(model, hidden, positions)
+    queries see (`mask`); `table`: the model's `rotary_table`, if it has one."""
+    cos, sin = rotary(model, hidden, positions, table)
     masks = {window: kv.mask(positions, window, hidden) for window in {w.window for w in weights}}
     for index, w in enumerate(weights, start):
         if w.attn_norm.device != hidden.device:  # a model spread over devices (--device_map)
@@ -69,7 +89,7 @@ class _Uncached:
         return keys, values
 
     def mask(self, positions, window, hidden):
-        return shared_mask(0, positions, window, hidden)
+        return attention_mask(positions, positions.shape[0], window, hidden)
 
 
 @dataclass
@@ -86,6 +106,14 @@ class Decoder:
     def __init__(self, model: PreTrainedModel):
         self.model = model
         self.weights = Weights(model)
+        self.tables: dict[tuple[torch.device, torch.dtype], tuple | None] = {}  # `rotary_table` by where it is
+
+    def rotary_table(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The model's `rotary_table` on `hidden`'s device and in its dtype, built on first use."""
+        key = (hidden.device, hidden.dtype)
+        if key not in self.tables:
+            self.tables[key] = rotary_table(self.model, *key)
+        return self.tables[key]
 
     @property
     def num_layers(self) -> int:
@@ -102,17 +130,19 @@ class Decoder:
         """Final norm and LM head: the same exit for every layer, as the LayerSkip recipe trains it."""
         return self.model.lm_head(self.model.model.norm(hidden)).float()  # (B, T, V)
 
-    def run_layers(self, hidden: torch.Tensor, cache: KVCache | None, start: int, end: int,
-                   compiled=None) -> torch.Tensor:
-        """Layers [start, end) over `hidden` (B, T, H); each of their caches grows by T positions per row. Without
-        a cache the sequence starts at position 0."""
+    def run_layers(self, hidden: torch.Tensor, cache: KVCache | None, start: int, end: int, compiled=None,
+                   offset: int = 0) -> torch.Tensor:
+        """Layers [start, end) over `hidden` (B, T, H), `offset` positions past what each row of the cache holds
+        (drafting: the drafts before this one); their keys and values are written there, and kept once the step
+        commits them. Without a cache the sequence starts at position 0."""
         if cache is None:
             positions = torch.arange(hidden.shape[1], device=hidden.device)
             return layer_pass(self.model, self.weights(start, end), start, hidden, positions, _Uncached())
-        if compiled is not None and (out := compiled.run(hidden, cache, start, end)) is not None:
+        if compiled is not None and (out := compiled.run(hidden, cache, start, end, offset)) is not None:
             return out
-        positions = cache.begin(start, hidden.shape[1], hidden.device)
-        return layer_pass(self.model, self.weights(start, end), start, hidden, positions, cache)
+        kv = cache.pass_over(end, offset, hidden.shape[1], hidden.device)
+        return layer_pass(self.model, self.weights(start, end), start, hidden, kv.positions, kv,
+                          self.rotary_table(hidden))
 
     def full_forward(self, token_ids: torch.Tensor, cache: KVCache | None, last_only: bool = False,
                      compiled=None) -> torch.Tensor:
@@ -120,14 +150,14 @@ class Decoder:
         hidden = self.run_layers(self.embed(token_ids), cache, 0, self.num_layers, compiled)
         return self.head(hidden[:, -1:] if last_only else hidden)
 
-    def exit_hidden(self, token_ids: torch.Tensor, cache: KVCache | None, exit_layer: int,
-                    compiled=None) -> torch.Tensor:
+    def exit_hidden(self, token_ids: torch.Tensor, cache: KVCache | None, exit_layer: int, compiled=None,
+                    offset: int = 0) -> torch.Tensor:
         """Output of layers [0, exit_layer) without the head (B, T, H)."""
-        return self.run_layers(self.embed(token_ids), cache, 0, exit_layer, compiled)
+        return self.run_layers(self.embed(token_ids), cache, 0, exit_layer, compiled, offset)
 
     def early_exit(self, token_ids: torch.Tensor, cache: KVCache | None, exit_layer: int, last_only: bool = False,
-                   compiled=None) -> EarlyExit:
-        hidden = self.exit_hidden(token_ids, cache, exit_layer, compiled)
+                   compiled=None, offset: int = 0) -> EarlyExit:
+        hidden = self.exit_hidden(token_ids, cache, exit_layer, compiled, offset)
         return EarlyExit(self.head(hidden[:, -1:] if last_only else hidden), hidden)
 
     def remainder(self, exit_hiddens: torch.Tensor, cache: KVCache, exit_layer: int, compiled=None) -> torch.Tensor:
@@ -138,9 +168,9 @@ class Decoder:
         """Right-padded prompts (B, T) through layers [0, depth): the logits (B, V) after each row's last prompt
         token (lengths[b] of them). Afterwards every row holds its own prompt, the padding beyond it masked."""
         hidden = self.run_layers(self.embed(token_ids), cache, 0, depth)
-        last = upload(lengths, hidden.device) - 1
-        cache.set_row_lengths(lengths)
-        return self.head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last][:, None])[:, 0]
+        held = upload(lengths, hidden.device)
+        cache.commit(lengths, held)
+        return self.head(hidden[torch.arange(hidden.shape[0], device=hidden.device), held - 1][:, None])[:, 0]
 
 
 # For a single pass outside decoding (training, analysis, tests): a Decoder made for the call.
@@ -152,7 +182,11 @@ def run_layers(model: PreTrainedModel, hidden: torch.Tensor, cache: KVCache | No
 
 def full_forward(model: PreTrainedModel, token_ids: torch.Tensor, cache: KVCache | None,
                  last_only: bool = False) -> torch.Tensor:
-    return Decoder(model).full_forward(token_ids, cache, last_only)
+    """With a cache, which keeps every position the pass wrote: a sequence can be run in pieces."""
+    logits = Decoder(model).full_forward(token_ids, cache, last_only)
+    if cache is not None:
+        cache.commit([token_ids.shape[1]] * token_ids.shape[0])
+    return logits
 
 
 def early_exit(model: PreTrainedModel, token_ids: torch.Tensor, cache: KVCache | None, exit_layer: int,

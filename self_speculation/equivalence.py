@@ -116,8 +116,8 @@ class _RecordingVerifier(SelfSpeculative):
         super().__init__()
         self.rows: dict[int, torch.Tensor] = {}
 
-    def verify(self, d, contexts, drafts, draft_scores, logits):
-        accepted, final = super().verify(d, contexts, drafts, draft_scores, logits)
+    def verify(self, d, contexts, drafts, logits, noise):
+        accepted, final = super().verify(d, contexts, drafts, logits, noise)
         for j in range(int(accepted[0]) + 1):  # row j chose the token after sequence + drafts[:j] (one prompt)
             self.rows[len(d.sequences[0]) + j] = logits[0, j].clone()
         return accepted, final

@@ -108,7 +108,8 @@ class Generator:
         self.graphs = self.compiled is not None and self.compiled.graphs
         self.caches: dict[tuple[int, int], layers.KVCache] = {}  # with CUDA graphs: (rows, capacity) -> cache
         self.device = self.decoder.device
-        self.random = torch.Generator(device=self.device).manual_seed(seed)
+        self.seed = seed
+        self.drawn = 0  # prompts sampled from so far: the next one's noise stream (`sampling.race_noise`)
         self.context_length = context_length(model)
         eos = _token_ids(model.generation_config.eos_token_id if model.generation_config else None)
         if tokenizer is not None:
@@ -119,6 +120,15 @@ class Generator:
             config.stop_words,
             decode=tokenizer.decode if tokenizer is not None else None,
         )
+
+    def _streams(self, rows: int) -> torch.Tensor | None:
+        """When sampling, the noise streams of the next `rows` prompts: the seed and each prompt's number among
+        those this generator has sampled from, so that a prompt draws the same tokens in any batch."""
+        if not self.config.sample:
+            return None
+        streams = [(self.seed << 32) + self.drawn + b for b in range(rows)]
+        self.drawn += rows
+        return layers.upload([s % (1 << 63) for s in streams], self.device)
 
     def new_cache(self, capacity: int, rows: int) -> layers.KVCache:
         """A cache for a generation, or for timing this generator's passes: new, or with CUDA graphs the one of
@@ -188,7 +198,8 @@ class Generator:
         capacity = max(lengths) + max(budgets) + self.strategy.cache_room(self.config, max(budgets))
         drafts = self.strategy.draft_length(self, len(prompts), typical_context(lengths, max(budgets)))
         d = Decoding(decoder=self.decoder, config=self.config, cache=self.new_cache(capacity, len(prompts)),
-                     sequences=[list(p) for p in prompts], processing=Processing(self.config), generator=self.random,
+                     sequences=[list(p) for p in prompts], processing=Processing(self.config),
+                     streams=self._streams(len(prompts)),
                      stop_ids=self.stop.token_ids, on_draft=getattr(streamer, "put_draft", None),
                      compiled=self.compiled, drafts=drafts)
         results = all_results = [self._new_result(len(p)) for p in prompts]

@@ -2,8 +2,12 @@
 and the logits processing a configuration asks for.
 
 The same processing (no-repeat n-grams, temperature, top-k, top-p) is applied to the draft and to the verifier
-scores, so speculative sampling draws from exactly the distribution autoregressive sampling would. Nothing here
-reads a tensor back to the host: a decoding step reads its results once, at its end (strategies.py).
+scores. A sampled token is drawn by the exponential race with noise that belongs to its position in its row's
+sequence (`race_noise`), not to the order of draws: the draft and the verifier of a position race with the same
+noise, and the verifier's winner is what autoregressive sampling with that seed would draw there. So speculative
+sampling is lossless by construction, and its tokens are autoregressive sampling's, whatever the draft length,
+the batch or the timing that chose them. Nothing here reads a tensor back to the host: a decoding step reads its
+results once, at its end (strategies.py).
 """
 
 import torch
@@ -53,30 +57,40 @@ def probabilities(scores: torch.Tensor) -> torch.Tensor:
     return torch.softmax(scores, dim=-1)
 
 
-def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def sample(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """One draw from each distribution in `probs` (..., V): a tensor of shape (...). By the exponential race:
-    with E_i ~ Exp(1) independent, E_i / p_i ~ Exp(p_i), and the smallest of them (the largest p_i / E_i) is i with
-    probability p_i. The same law as `torch.multinomial`, without the two reads of its input it makes on CUDA."""
-    race = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(torch.finfo(probs.dtype).tiny)
-    return (probs / race).argmax(dim=-1)  # p_i = 0: 0 / E = 0, never drawn (E > 0, so never 0 / 0)
+    with E_i ~ Exp(1) independent (`noise`, (..., V)), E_i / p_i ~ Exp(p_i), and the smallest of them (the largest
+    p_i / E_i) is i with probability p_i. The law of `torch.multinomial`, without the two reads of its input it
+    makes on CUDA."""
+    return (probs / noise).argmax(dim=-1)  # p_i = 0: 0 / E = 0, never drawn (E > 0, so never 0 / 0)
 
 
-def accept_draft(p: torch.Tensor, q: torch.Tensor, tokens: torch.Tensor,
-                 generator: torch.Generator | None) -> torch.Tensor:
-    """Speculative rejection test for drafts `tokens` (...) drawn from q (..., V) under the target p: accept each
-    with probability min(1, p[token] / q[token]); q[token] > 0 because the token was drawn from q, and where
-    q <= p the draft is always accepted. True where accepted."""
-    u = torch.rand(tokens.shape, generator=generator, device=p.device)
-    index = tokens.unsqueeze(-1)
-    return u * q.gather(-1, index).squeeze(-1) <= p.gather(-1, index).squeeze(-1)
+# splitmix64's constants as signed 64-bit integers (torch has no unsigned arithmetic): the golden-ratio step, which
+# spreads consecutive keys apart, and the finalizer's two multipliers
+_STEP, _M1, _M2 = -7046029254386353131, -4658895280553007687, -7723592293110705685
 
 
-def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """The distributions (..., V) to resample from after a rejection: max(0, p - q), normalised."""
-    r = (p - q).clamp_min(0)
-    total = r.sum(dim=-1, keepdim=True)
-    # total == 0 only if p == q, in which case nothing is ever rejected; p is the safe answer.
-    return torch.where(total > 0, r / total.clamp_min(torch.finfo(r.dtype).tiny), p)
+def _shift(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """x >> bits, unsigned (torch shifts a signed integer's sign bit in)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finalizer: each output bit depends on every input bit (products wrap around, as in C)."""
+    x = (x ^ _shift(x, 30)) * _M1
+    x = (x ^ _shift(x, 27)) * _M2
+    return x ^ _shift(x, 31)
+
+
+def race_noise(streams: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Exp(1) noise (B, T, V) for the tokens at `positions` (B, T) of B sequences, `streams` (B,) naming each (a
+    seed and the sequence's number): a hash of (stream, position, token) made uniform and then exponential, so a
+    position's noise is the same whenever and beside whatever it is drawn. torch's generators cannot give that:
+    their draws depend on the order and the shapes they are made in. 53 bits per draw, as float64 draws have."""
+    keys = _mix(streams[:, None] + positions * _STEP)  # (B, T)
+    bits = _mix(keys[..., None] + torch.arange(vocab, device=keys.device) * _STEP)  # (B, T, V)
+    uniform = (_shift(bits, 11).double() + 0.5) * 2.0**-53  # in (0, 1)
+    return uniform.log().neg_().float()
 
 
 def first_rejection(accepted: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from . import layers
 from .config import GenerationConfig
 from .costs import PassCosts, PassTimer
 from .errors import UsageError
-from .sampling import Processing, accept_draft, first_rejection, greedy, probabilities, residual, sample
+from .sampling import Processing, first_rejection, greedy, probabilities, race_noise, sample
 
 
 @dataclass
@@ -29,7 +29,7 @@ class Decoding:
     cache: layers.KVCache
     sequences: list[list[int]]  # per row: prompt and generated tokens; the last one is not in the cache yet
     processing: Processing
-    generator: torch.Generator | None
+    streams: torch.Tensor | None  # (B,) when sampling: each row's noise key (`sampling.race_noise`)
     stop_ids: frozenset[int]  # drafting ends at these
     on_draft: Callable[[int], None] | None = None  # one row only: shown as drafted (a device read per draft)
     compiled: layers.CompiledPasses | None = None  # --compile: the passes run through torch.compile
@@ -43,6 +43,17 @@ class Decoding:
         self.cache.keep_rows(rows, index)
         self.sequences = [self.sequences[b] for b in rows]
         self.current = self.current.index_select(0, index)
+        if self.streams is not None:
+            self.streams = self.streams.index_select(0, index)
+
+    def noise(self, ahead: int, count: int) -> torch.Tensor | None:
+        """When sampling, the race noise (B, count, V) of the tokens at `ahead`.. positions past every row's
+        cached length (`sampling.race_noise`): a position's noise, whatever drafts or verifies it. None when
+        greedy."""
+        if not self.config.sample:
+            return None
+        positions = self.cache.lengths[:, None] + torch.arange(ahead, ahead + count, device=self.cache.lengths.device)
+        return race_noise(self.streams, positions, self.decoder.vocab_size)
 
     def commit(self, counts: list[int], on_device: torch.Tensor | None = None) -> None:
         """The end of a step: row b keeps the first counts[b] positions it wrote (`on_device`: the same counts
@@ -75,12 +86,11 @@ class Decoding:
         """What a token is chosen from (..., V): the probabilities when sampling, else the scores themselves."""
         return probabilities(scores) if self.config.sample else scores
 
-    def pick(self, distribution: torch.Tensor) -> torch.Tensor:
-        """Each row's token (...) from its `distribution`: sampled, or the argmax."""
-        return sample(distribution, self.generator) if self.config.sample else greedy(distribution)
-
-    def choose(self, scores: torch.Tensor) -> torch.Tensor:
-        return self.pick(self.distribution(scores))
+    def choose(self, scores: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+        """Each row's token (...) from its scores (..., V): sampled with `noise` (`Decoding.noise`), or the
+        argmax."""
+        distribution = self.distribution(scores)
+        return sample(distribution, noise) if self.config.sample else greedy(distribution)
 
     def scores_after(self, logits: torch.Tensor, contexts, drafts: torch.Tensor) -> torch.Tensor:
         """Every row's processed scores (B, D + 1, V) at each position of its drafts (B, D) and the one after them,
@@ -93,8 +103,11 @@ class Decoding:
         return torch.stack([self.scores(logits[:, i], contexts, drafts[:, :i]) for i in range(logits.shape[1])], 1)
 
     def take(self, logits: torch.Tensor) -> list[int]:
-        """Each row's next token from its logits (B, V) after its sequence: chosen, kept as `current`, and read."""
-        self.current = self.choose(self.scores(logits, self.contexts(), self.no_drafts()))[:, None]
+        """Each row's next token from its logits (B, V) after its sequence (all of it in the cache): chosen, kept
+        as `current`, and read."""
+        noise = self.noise(0, 1)
+        scores = self.scores(logits, self.contexts(), self.no_drafts())
+        self.current = self.choose(scores, None if noise is None else noise[:, 0])[:, None]
         return read(self.current[:, 0])
 
     def no_drafts(self) -> torch.Tensor:
@@ -230,7 +243,7 @@ def _flag_or_recommended(config: GenerationConfig, model_config, name: str) -> i
 def one_token(d: Decoding, depth: int) -> list[StepResult]:
     """A step of one token per row from layers [0, depth), the final norm and the head."""
     hidden = d.decoder.run_layers(d.decoder.embed(d.current), d.cache, 0, depth, d.compiled)
-    d.commit([1] * hidden.shape[0])
+    d.commit([1] * hidden.shape[0])  # the newest token is in the cache: the next one's position is its length
     return [StepResult([token]) for token in d.take(d.decoder.head(hidden)[:, -1])]
 
 
@@ -379,19 +392,20 @@ class SelfSpeculative(Strategy):
             return one_token(d, d.decoder.num_layers)
         decoder, exit_layer, contexts = d.decoder, d.config.exit_layer, d.contexts()
         shares = [draft_share(d.drafts, budget) for budget in budgets]
-        drafts, draft_dists, exit_hiddens = d.no_drafts(), [], []
+        drafts, exit_hiddens = d.no_drafts(), []
+        noise = d.noise(1, max(shares) + 1)  # (B, D + 1, V): the drafts' positions and the one after them
         for i in range(max(shares)):
             out = decoder.early_exit(d.current, d.cache, exit_layer, compiled=d.compiled, offset=i)
             exit_hiddens.append(out.hidden)
-            draft_dists.append(d.distribution(d.scores(out.logits[:, -1], contexts, drafts)))
-            d.current = d.pick(draft_dists[-1])[:, None]
+            scores = d.scores(out.logits[:, -1], contexts, drafts)
+            d.current = d.choose(scores, None if noise is None else noise[:, i])[:, None]
             drafts = torch.cat([drafts, d.current], dim=1)
             if d.on_draft is not None:
                 d.on_draft(int(d.current[0, 0]))
         # The last draft (or, with no drafts, the newest token) has not been through layers [0, E) yet.
         exit_hiddens.append(decoder.exit_hidden(d.current, d.cache, exit_layer, d.compiled, drafts.shape[1]))
         logits = decoder.remainder(torch.cat(exit_hiddens, dim=1), d.cache, exit_layer, d.compiled)  # (B, D+1, V)
-        accepted, final = self.verify(d, contexts, drafts, draft_dists, logits)
+        accepted, final = self.verify(d, contexts, drafts, logits, noise)
         d.current = final[:, None]
         D, results = drafts.shape[1], []
         for b, row in enumerate(read(torch.cat([drafts, d.current, accepted[:, None]], dim=1))):
@@ -456,27 +470,18 @@ class SelfSpeculative(Strategy):
         return next((i + 1 for i, token in enumerate(drafts[:own]) if token in stop_ids), own)
 
     @staticmethod
-    def verify(d: Decoding, contexts, drafts: torch.Tensor, draft_dists: list[torch.Tensor],
-               logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def verify(d: Decoding, contexts, drafts: torch.Tensor, logits: torch.Tensor,
+               noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """How many of each row's drafts (B, D) the full model accepts, and the token it puts after them (both
-        (B,), on the device), from the verifier's logits (B, D + 1, V) and what each draft was picked from (D of
-        (B, V), `Decoding.distribution`). Greedy: the longest prefix agreeing with the full model's argmax.
-        Sampling: each draft passes the rejection test in turn; the token after the kept ones is drawn from the
-        residual at the first rejected draft, or from the full model after all of them."""
+        (B,), on the device), from the verifier's logits (B, D + 1, V): the full model chooses at every position
+        (greedy: its argmax; sampling: its race with the position's `noise` (B, D + 1, V), the one each draft was
+        drawn with), and a row keeps its drafts up to the first the full model did not choose, then the full
+        model's token there. What is kept is what autoregressive decoding chooses, so sampling is lossless: each
+        token is the full model's draw with its position's noise."""
         D = drafts.shape[1]
-        target = d.distribution(d.scores_after(logits, contexts, drafts))  # (B, D + 1, V)
-        if not d.config.sample:
-            targets = greedy(target)  # (B, D + 1)
-            accepted = first_rejection(drafts == targets[:, :D])
-            return accepted, targets.gather(1, accepted[:, None])[:, 0]
-        if D == 0:
-            return drafts.new_zeros(drafts.shape[0]), sample(target[:, 0], d.generator)
-        q = torch.stack(draft_dists, dim=1)  # (B, D, V)
-        accepted = first_rejection(accept_draft(target[:, :D], q, drafts, d.generator))
-        rows = torch.arange(drafts.shape[0], device=drafts.device)
-        p = target[rows, accepted]  # (B, V) the full model's distribution after the kept drafts
-        after = torch.where((accepted < D)[:, None], residual(p, q[rows, accepted.clamp_max(D - 1)]), p)
-        return accepted, sample(after, d.generator)
+        targets = d.choose(d.scores_after(logits, contexts, drafts), noise)  # (B, D + 1)
+        accepted = first_rejection(drafts == targets[:, :D])
+        return accepted, targets.gather(1, accepted[:, None])[:, 0]
 
 
 class Acceptance:

@@ -243,8 +243,8 @@ def test_correctness_passes(checkpoint, capsys, tmp_path):
 def test_correctness_reports_the_first_differing_token(checkpoint, capsys, tmp_path, monkeypatch):
     real_verify = strategies.SelfSpeculative.verify
 
-    def off_by_one(d, contexts, drafts, draft_scores, logits):
-        accepted, final = real_verify(d, contexts, drafts, draft_scores, logits)
+    def off_by_one(d, contexts, drafts, logits, noise):
+        accepted, final = real_verify(d, contexts, drafts, logits, noise)
         return accepted, (final + 1) % logits.shape[-1]
 
     monkeypatch.setattr(strategies.SelfSpeculative, "verify", staticmethod(off_by_one))

@@ -61,8 +61,8 @@ def shift_verification_by_one(monkeypatch):
     """Verify every draft against the logits of the position before it."""
     real = strategies.SelfSpeculative.verify
     monkeypatch.setattr(strategies.SelfSpeculative, "verify", staticmethod(
-        lambda d, contexts, drafts, scores, logits: real(d, contexts, drafts, scores,
-                                                         torch.cat([logits[:, :1], logits[:, :-1]], dim=1))))
+        lambda d, contexts, drafts, logits, noise: real(d, contexts, drafts,
+                                                        torch.cat([logits[:, :1], logits[:, :-1]], dim=1), noise)))
 
 
 def verify_from_the_wrong_layer(monkeypatch):

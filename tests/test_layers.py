@@ -254,8 +254,8 @@ def test_a_model_saved_after_generating_reloads_with_the_same_logits(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_rotary_table_holds_what_the_rotary_module_computes(model, dtype):
     """Bit for bit, shared and per-row positions: the table changes no decoded token."""
-    table = layers.runner.rotary_table(model, torch.device("cpu"), dtype)
-    assert table[0].shape == (model.config.max_position_embeddings, model.config.head_dim)
+    table = layers.runner.rotary_table(model, torch.device("cpu"), dtype, 128)
+    assert table[0].shape == (128, model.config.head_dim)
     hidden = torch.zeros(2, 2, model.config.hidden_size, dtype=dtype)
     for positions in (torch.tensor([5, 6]), torch.tensor([[3, 4], [0, 127]])):
         for gathered, computed in zip(layers.runner.rotary(model, hidden, positions, table),
@@ -269,7 +269,7 @@ def test_frequencies_that_change_with_the_length_are_computed_per_pass():
 
     model = small(LlamaConfig, LlamaForCausalLM, rope_parameters={"rope_type": "dynamic", "factor": 2.0,
                                                                     "rope_theta": 10000.0})
-    assert layers.runner.rotary_table(model, torch.device("cpu"), torch.float32) is None
+    assert layers.runner.rotary_table(model, torch.device("cpu"), torch.float32, 64) is None
     ids = torch.randint(0, 96, (1, 20), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(layers.full_forward(model, ids, layers.new_cache()), reference_logits(model, ids),
                                atol=ATOL, rtol=RTOL)

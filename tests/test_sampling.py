@@ -6,25 +6,16 @@ import dataclasses
 
 import pytest
 import torch
-import torch.nn.functional as F
-from scipy.stats import chi2_contingency
+from scipy.stats import chi2_contingency, chisquare, kstest
 
 from models import tiny_llama
 from self_speculation import GenerationConfig, Generator, strategies
-from self_speculation.sampling import Processing, accept_draft, first_rejection, greedy, residual, sample
+from self_speculation.sampling import Processing, first_rejection, greedy, race_noise, sample
 
 
 def test_greedy_is_argmax_per_row():
     scores = torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 2.9]])
     assert greedy(scores).tolist() == [1, 0]
-
-
-def test_residual_is_the_normalised_positive_part():
-    p = torch.tensor([0.5, 0.3, 0.2, 0.0])
-    q = torch.tensor([0.2, 0.5, 0.1, 0.2])
-    torch.testing.assert_close(residual(p, q), torch.tensor([0.75, 0.0, 0.25, 0.0]))
-    torch.testing.assert_close(residual(p, p), p)  # nothing to correct
-    torch.testing.assert_close(residual(torch.stack([p, p]), torch.stack([q, p])), torch.stack([residual(p, q), p]))
 
 
 def test_first_rejection_counts_the_leading_acceptances():
@@ -33,41 +24,43 @@ def test_first_rejection_counts_the_leading_acceptances():
     assert first_rejection(torch.ones((2, 0), dtype=torch.bool)).tolist() == [0, 0]
 
 
-def test_accept_draft_probability_is_min_of_one_and_p_over_q():
-    p = torch.tensor([0.2, 0.8])
-    q = torch.tensor([0.5, 0.5])
-    generator = torch.Generator().manual_seed(0)
-    p, q = p.expand(20000, 2), q.expand(20000, 2)  # one test per row
-    accepted = accept_draft(p, q, torch.zeros(20000, dtype=torch.long), generator).float().mean().item()
-    assert abs(accepted - 0.4) < 0.015
-    assert accept_draft(p, q, torch.ones(20000, dtype=torch.long), generator).all()  # q <= p: always accept
+def draws(probs: torch.Tensor, streams: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Tokens (N, T) drawn from `probs` (V,) at `positions` (N, T) of `streams` (N,)."""
+    return sample(probs, race_noise(streams, positions, probs.shape[0]))
 
 
 def test_sample_follows_the_distribution():
-    probs = torch.tensor([0.1, 0.6, 0.3])
-    generator = torch.Generator().manual_seed(0)
-    counts = collections.Counter(sample(probs.expand(20000, 3), generator).tolist())
-    assert abs(counts[1] / 20000 - 0.6) < 0.015 and counts[0] > 0 and counts[2] > 0
+    N = 20000
+    counts = collections.Counter(draws(torch.tensor([0.1, 0.6, 0.3, 0.0]), torch.arange(N), torch.zeros(N, 1,
+                                 dtype=torch.long))[:, 0].tolist())
+    assert chisquare([counts[i] for i in range(3)], [N * p for p in (0.1, 0.6, 0.3)]).pvalue > 1e-3
+    assert counts[3] == 0  # probability 0: never drawn
 
 
-def test_one_speculative_step_draws_exactly_from_the_full_model(monkeypatch):
-    """The acceptance rule and the residual, exactly: every draft token (weighted by q) against a grid of N evenly
-    spaced uniform draws through `SelfSpeculative.verify`; the first token a step emits (the draft if accepted,
-    else the residual's draw, taken as its distribution) is then distributed as p up to 1/N. Accepting every
-    draft would give q; resampling from p after a rejection, or accepting with q / p, neither."""
-    p, q, N, V = torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.tensor([0.4, 0.3, 0.2, 0.1]), 1000, 4
-    drafts = torch.arange(V).repeat_interleave(N)[:, None]  # (V·N, 1): each draft token N times
-    grid = ((torch.arange(N) + 0.5) / N).repeat(V)[:, None]  # the uniform draws, evenly spaced for each token
-    monkeypatch.setattr(torch, "rand", lambda shape, **kwargs: grid.view(shape))
-    drawn_from = []
-    monkeypatch.setattr(strategies, "sample", lambda probs, generator: drawn_from.append(probs) or probs.argmax(-1))
-    config = GenerationConfig(sample=True, temperature=1.0, top_p=1.0)  # p and q as they are
-    d = strategies.Decoding(None, config, None, [], Processing(config), None, frozenset())
-    logits = torch.stack([p.log(), torch.full((V,), -1.0)]).expand(V * N, 2, V)  # the verifier: p, then anything
-    accepted, _ = strategies.SelfSpeculative.verify(d, None, drafts, [q.expand(V * N, V)], logits)
-    first = torch.where((accepted > 0)[:, None], F.one_hot(drafts[:, 0], V).float(), drawn_from[-1])  # (V·N, V)
-    emitted = (q[:, None] * first.view(V, N, V).mean(dim=1)).sum(dim=0)
-    torch.testing.assert_close(emitted, p, atol=2 / N, rtol=0)
+def test_race_noise_is_exponential_and_independent_between_positions_streams_and_tokens():
+    """Exp(1) by a Kolmogorov-Smirnov test; draws at neighbouring positions of one stream, and at one position
+    of neighbouring streams, independent by a chi-square test of their joint counts."""
+    N, probs = 20000, torch.tensor([0.2, 0.5, 0.3])
+    noise = race_noise(torch.arange(4) + (42 << 32), torch.arange(N // 8).expand(4, N // 8), 8).flatten()
+    assert kstest(noise.double().numpy(), "expon").pvalue > 1e-3
+    streams = torch.arange(N) + (7 << 32)
+    pairs = [draws(probs, streams, torch.tensor([[5, 6]]).expand(N, 2)),  # one stream, two positions
+             draws(probs, streams, torch.full((N, 1), 9)).view(N // 2, 2)]  # one position, two streams
+    for pair in pairs:
+        joint = collections.Counter(map(tuple, pair.tolist()))
+        assert chi2_contingency([[joint[a, b] for b in range(3)] for a in range(3)]).pvalue > 1e-3
+
+
+def test_race_noise_belongs_to_its_position_whatever_is_drawn_beside_it():
+    """A position's noise is the same drawn alone, among others in any order, or in another row: the property
+    that makes a speculative step's draws those of autoregressive decoding."""
+    streams = torch.tensor([3, 4])
+    together = race_noise(streams, torch.tensor([[10, 11, 12], [12, 10, 11]]), 16)
+    alone = race_noise(streams[:1], torch.tensor([[11]]), 16)
+    torch.testing.assert_close(together[0, 1], alone[0, 0], atol=0, rtol=0)
+    torch.testing.assert_close(together[1, 2], race_noise(streams[1:], torch.tensor([[11]]), 16)[0, 0], atol=0, rtol=0)
+    assert not torch.equal(together[0, 0], together[1, 1])  # position 10 of two streams
+    assert (together > 0).all() and torch.isfinite(together).all()
 
 
 def test_warpers_follow_the_config():
@@ -131,7 +124,7 @@ def test_speculative_sampling_matches_autoregressive_sampling(small_vocab_model,
 
 def test_the_same_test_catches_a_wrong_acceptance_rule(small_vocab_model, autoregressive_samples, monkeypatch):
     """Accepting every draft samples from the early exit instead of the full model; the test must notice."""
-    monkeypatch.setattr(strategies, "accept_draft", lambda p, q, tokens, generator: torch.ones_like(tokens).bool())
+    monkeypatch.setattr(strategies, "first_rejection", lambda agree: torch.full(agree.shape[:1], agree.shape[1]))
     wrong = continuations(small_vocab_model, SPECULATIVE, seed=2)
     p_value = homogeneity_p_value(autoregressive_samples, wrong)
     print(f"p = {p_value:.3g}")
@@ -144,3 +137,37 @@ def test_speculative_sampling_is_lossless_in_bfloat16(small_vocab_model):
     p_value = homogeneity_p_value(continuations(model, SAMPLING, seed=1), continuations(model, SPECULATIVE, seed=2))
     print(f"p = {p_value:.3g}")
     assert p_value > 1e-3
+
+
+SETTINGS = [(1, 1), (1, 3), (2, 2), (3, 5), (5, 8)]  # (exit layer, draft length)
+
+
+@pytest.mark.parametrize("name", ["gqa_tied", "mha_untied"])
+def test_speculative_sampling_draws_autoregressive_samplings_tokens(request, name):
+    """Token for token, with the same seed: every token is the full model's draw with its position's noise, for
+    every exit layer and draft length, and in a batch (rows leaving early) as alone."""
+    model, prompts = request.getfixturevalue(name), [[0, 5, 17, 33, 2, 9], [0, 71, 71, 4], [0] + list(range(40, 70))]
+    config = GenerationConfig(sample=True, temperature=1.2, top_k=40, top_p=0.95, max_steps=40, batch_drafts=False)
+    autoregressive = Generator(model, None, config, seed=5)
+    expected = [autoregressive.generate_ids(p).tokens for p in prompts]  # the prompts' streams: 0, 1, 2
+    assert len({tuple(t) for t in expected}) == 3 and all(len(t) == 40 for t in expected)
+    for exit_layer, num_speculations in SETTINGS:
+        speculative = dataclasses.replace(config, generation_strategy="self_speculative", exit_layer=exit_layer,
+                                          num_speculations=num_speculations)
+        alone = Generator(model, None, speculative, seed=5)
+        assert [alone.generate_ids(p).tokens for p in prompts] == expected, (exit_layer, num_speculations)
+        batched = Generator(model, None, speculative, seed=5)
+        assert [r.tokens for r in batched.generate_batch(prompts)] == expected, (exit_layer, num_speculations)
+    other_seed = Generator(model, None, config, seed=6).generate_ids(prompts[0]).tokens
+    assert other_seed != expected[0]
+
+
+def test_a_seeded_sampled_batch_repeats_whatever_draft_length_is_chosen(gqa_tied, monkeypatch):
+    """A batch's draft length is chosen from pass costs timed on this machine; the tokens must not depend on it."""
+    config = dataclasses.replace(SPECULATIVE, exit_layer=3, max_steps=30, batch_drafts=True)
+    prompts = [[0, 5, 17, 33, 2, 9], [0, 71, 71, 4], [0, 3]]
+    outputs = []
+    for drafts in (0, 1, 4):
+        monkeypatch.setattr(strategies.SelfSpeculative, "draft_length", lambda self, g, rows, context: drafts)
+        outputs.append([r.tokens for r in Generator(gqa_tied, None, config, seed=3).generate_batch(prompts)])
+    assert outputs[0] == outputs[1] == outputs[2]

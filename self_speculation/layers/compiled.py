@@ -119,5 +119,8 @@ class CompiledPasses:
             torch._dynamo.mark_dynamic(positions, 0)
         key = (start, end, T, many)
         if key not in self.passes:
-            self.passes[key] = _CompiledPass(self.decoder, start, end, self.graphs, self.decoder.rotary_table(hidden))
+            # the table of the whole context: the compiled code keeps it, whatever the positions it later meets
+            context = getattr(self.decoder.model.config, "max_position_embeddings", None)
+            table = None if context is None else self.decoder.rotary_table(hidden, context)
+            self.passes[key] = _CompiledPass(self.decoder, start, end, self.graphs, table)
         return self.passes[key](hidden, positions, keys, values)

@@ -31,17 +31,16 @@ def rotary(model: PreTrainedModel, hidden: torch.Tensor, positions: torch.Tensor
     return cos.unsqueeze(2), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(2)
 
 
-def rotary_table(model: PreTrainedModel, device: torch.device,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """`rotary`'s cos and sin (context, head_dim) for every position of the model's context, from its own rotary
-    module: the same numbers (each is a position times a frequency, computed alone), in two index operations per
-    pass instead of about ten. None where the module's frequencies change with the sequence's length (dynamic
-    and long-context scaling) or the context is not known."""
-    context, module = getattr(model.config, "max_position_embeddings", None), model.model.rotary_emb
-    rope_type = getattr(module, "rope_type", "default")
-    if context is None or not isinstance(rope_type, str) or "dynamic" in rope_type or rope_type == "longrope":
+def rotary_table(model: PreTrainedModel, device: torch.device, dtype: torch.dtype,
+                 length: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`rotary`'s cos and sin (length, head_dim) for positions [0, length), from the model's own rotary module:
+    the same numbers (each is a position times a frequency, computed alone), in two index operations per pass
+    instead of about ten. None where the module's frequencies change with the sequence's length (dynamic and
+    long-context scaling): those are computed per pass."""
+    rope_type = getattr(model.model.rotary_emb, "rope_type", "default")
+    if not isinstance(rope_type, str) or "dynamic" in rope_type or rope_type == "longrope":
         return None
-    cos, sin = rotary(model, torch.empty(0, dtype=dtype, device=device), torch.arange(context, device=device))
+    cos, sin = rotary(model, torch.empty(0, dtype=dtype, device=device), torch.arange(length, device=device))
     return cos[0, :, 0], sin[0, :, 0]
 
 
@@ -106,13 +105,15 @@ class Decoder:
     def __init__(self, model: PreTrainedModel):
         self.model = model
         self.weights = Weights(model)
-        self.tables: dict[tuple[torch.device, torch.dtype], tuple | None] = {}  # `rotary_table` by where it is
+        self.tables: dict[tuple[torch.device, torch.dtype], tuple | None] = {}  # `rotary_table`s by where they are
 
-    def rotary_table(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The model's `rotary_table` on `hidden`'s device and in its dtype, built on first use."""
+    def rotary_table(self, hidden: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The model's `rotary_table` on `hidden`'s device and in its dtype for at least `length` positions, made on
+        first use and again, twice as long, when a pass needs more."""
         key = (hidden.device, hidden.dtype)
-        if key not in self.tables:
-            self.tables[key] = rotary_table(self.model, *key)
+        table = self.tables.get(key)
+        if key not in self.tables or table is not None and table[0].shape[0] < length:
+            self.tables[key] = rotary_table(self.model, *key, max(length, 2 * table[0].shape[0] if table else 0))
         return self.tables[key]
 
     @property
@@ -122,6 +123,11 @@ class Decoder:
     @property
     def device(self) -> torch.device:
         return self.model.lm_head.weight.device
+
+    @property
+    def vocab_size(self) -> int:
+        """The head's outputs: the last dimension of the logits."""
+        return self.model.lm_head.weight.shape[0]
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.model.model.embed_tokens(token_ids)  # (B, T, H)
@@ -142,7 +148,7 @@ class Decoder:
             return out
         kv = cache.pass_over(end, offset, hidden.shape[1], hidden.device)
         return layer_pass(self.model, self.weights(start, end), start, hidden, kv.positions, kv,
-                          self.rotary_table(hidden))
+                          self.rotary_table(hidden, kv.seen))
 
     def full_forward(self, token_ids: torch.Tensor, cache: KVCache | None, last_only: bool = False,
                      compiled=None) -> torch.Tensor:

@@ -98,9 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [tokenizer(e.prompt).input_ids for e in examples]
     check_prompt_lengths(model, prompts)
     batches = batching.batches(prompts)
-    for _ in range(args.warmup):
-        for runner in runners.values():
-            runner.run_batch(batches[0])
+    for runner in runners.values():
+        runner.warm_up(batches, args.warmup)
     for meter in meters.values():  # compiles what the timed runs will run, and warms it up
         meter.measure(len(batches[0].prompts), max(len(p) for p in batches[0].prompts))
         meter.times.clear()

@@ -95,13 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.autoregressive_each_point:
         plain.append(RUNNERS["autoregressive"](model, tokenizer, config, model_args.seed))
     for runner in plain:  # warmed up as the baseline was
-        runner.warm_up(batches[0], args.warmup)
+        runner.warm_up(batches, args.warmup)
     for exit_layer, num_speculations in tqdm(todo, desc="sweep", unit="point", disable=distributed.rank() != 0):
         # every point drafts exactly its num_speculations at every batch size: a sweep measures the grid
         point = dataclasses.replace(config, exit_layer=exit_layer, num_speculations=num_speculations,
                                     batch_drafts=False)
         speculative = RUNNERS["self_speculative"](model, tokenizer, point, model_args.seed)
-        speculative.warm_up(batches[0], args.warmup)  # with --compile, the point compiles here, not in its timed runs
+        speculative.warm_up(batches, args.warmup)  # with --compile, the point compiles here, not in its timed runs
         samples, *autoregressive = run_in_turn([speculative] + plain, batches)
         if samples is not None:  # rank 0 writes the row
             directory.write_point(model, point, samples, prompts, baseline, *autoregressive)

@@ -75,10 +75,18 @@ class Runner:
             samples = [dataclasses.replace(s, batch=index) for s in self.run_together(batch.prompts)]
         return [dataclasses.replace(s, prompt_id=i) for i, s in zip(batch.ids, samples)]
 
-    def warm_up(self, batch: Batch, runs: int) -> None:
-        """`runs` untimed runs of `batch` (with --compile, where the passes compile)."""
+    def warm_up(self, batches: list[Batch], runs: int) -> None:
+        """`runs` untimed runs of the first batch; with --compile, where the passes compile, then one of each
+        batch that needs code the first did not compile (`Generator.compile_key`: a lone prompt after batches, with
+        CUDA graphs another batch size or cache bucket), so that nothing compiles inside a timed run."""
         for _ in range(runs):
-            self.run_batch(batch)
+            self.run_batch(batches[0])
+        if runs and self.generator is not None and self.generator.compiled is not None:
+            seen = {self.generator.compile_key(batches[0].prompts)}
+            for batch in batches[1:]:
+                if (key := self.generator.compile_key(batch.prompts)) not in seen:
+                    seen.add(key)
+                    self.run_batch(batch)
 
 
 def _ours(name: str):

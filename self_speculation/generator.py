@@ -130,6 +130,25 @@ class Generator:
         self.drawn += rows
         return layers.upload([s % (1 << 63) for s in streams], self.device)
 
+    def _budgets(self, prompts: list[list[int]]) -> tuple[list[int], int]:
+        """Each prompt's budget of new tokens (--max_steps, or less where the context ends first), and the cache
+        capacity of their generation: room for all of it and what a step writes past it, so that the cache never
+        grows."""
+        budgets = [self.config.max_steps if self.context_length is None
+                   else min(self.config.max_steps, self.context_length - len(p)) for p in prompts]
+        room = self.strategy.cache_room(self.config, max(budgets))
+        return budgets, max(len(p) for p in prompts) + max(budgets) + room
+
+    def compile_key(self, prompts: list[list[int]]) -> tuple | None:
+        """What decides the compiled code a generation of `prompts` runs (and with CUDA graphs, the cache and the
+        graphs it replays): generations of one key compile nothing the first did not. None without --compile.
+        A benchmark warms up once per key, so that nothing compiles inside a timed run."""
+        if self.compiled is None:
+            return None
+        if not self.graphs:
+            return (len(prompts) > 1,)  # a batch's passes serve every batch size from 2
+        return len(prompts), layers.capacity_bucket(self._budgets(prompts)[1])
+
     def new_cache(self, capacity: int, rows: int) -> layers.KVCache:
         """A cache for a generation, or for timing this generator's passes: new, or with CUDA graphs the one of
         this size and capacity bucket it keeps (`layers.graph_cache`)."""
@@ -191,11 +210,8 @@ class Generator:
         if streamer is not None and len(prompts) > 1:
             raise ValueError("a streamer shows one prompt's generation")
         check_prompt_lengths(self.model, prompts)
-        budgets = [self.config.max_steps if self.context_length is None
-                   else min(self.config.max_steps, self.context_length - len(p)) for p in prompts]
+        budgets, capacity = self._budgets(prompts)
         lengths = [len(p) for p in prompts]
-        # room for the whole generation and what a step writes past it, so the cache never reallocates
-        capacity = max(lengths) + max(budgets) + self.strategy.cache_room(self.config, max(budgets))
         drafts = self.strategy.draft_length(self, len(prompts), typical_context(lengths, max(budgets)))
         d = Decoding(decoder=self.decoder, config=self.config, cache=self.new_cache(capacity, len(prompts)),
                      sequences=[list(p) for p in prompts], processing=Processing(self.config),

@@ -15,10 +15,11 @@ from .equivalence import tally
 from .errors import UsageError
 from .results import append_line, write_json
 
-COLUMNS = ["exit_layer", "num_speculations", "tokens_per_second_median", "speedup_vs_baseline",
-           "autoregressive_tokens_per_second_median", "speedup_vs_autoregressive", "acceptance_rate",
-           "tokens_per_full_model_pass", "time_per_token_median", "total_time", "outputs_differing_from_baseline",
-           "near_ties", "divergences"]
+# tokens_per_second is the benchmark's headline (`reporting.summarize`): in batches, all tokens over all the time
+COLUMNS = ["exit_layer", "num_speculations", "tokens_per_second", "speedup_vs_baseline",
+           "autoregressive_tokens_per_second", "speedup_vs_autoregressive", "acceptance_rate",
+           "tokens_per_full_model_pass", "tokens_per_second_median", "time_per_token_median", "total_time",
+           "outputs_differing_from_baseline", "near_ties", "divergences"]
 
 
 def run_shared(runner, batches: list[Batch]):
@@ -98,7 +99,7 @@ class SweepDirectory:
         if path.exists():
             return json.loads(path.read_text())
         runner = RUNNERS["hf_generate"](model, tokenizer, config, seed)
-        runner.warm_up(batches[0], warmup)
+        runner.warm_up(batches, warmup)
         samples = run_shared(runner, batches)
         if samples is None:
             return None
@@ -112,13 +113,13 @@ class SweepDirectory:
         samples timed in turn with the point's, its speedup over it; greedy outputs differing from the baseline's
         are split into rounding near ties and divergences."""
         m = summarize(samples)
-        plain = summarize(autoregressive)["tokens_per_second_median"] if autoregressive else None
+        plain = summarize(autoregressive)["tokens_per_second"] if autoregressive else None
         counts = {} if point.sample else tally(model, prompts, baseline["outputs"], [s.tokens for s in samples])
-        row = [point.exit_layer, point.num_speculations, m["tokens_per_second_median"],
-               m["tokens_per_second_median"] / baseline["tokens_per_second_median"], plain,
-               m["tokens_per_second_median"] / plain if plain else None, m["acceptance_rate"],
-               m["tokens_per_full_model_pass"], m["time_per_token_median"], m["total_time"],
-               counts.get("differing"), counts.get("near_ties"), counts.get("divergences")]
+        row = [point.exit_layer, point.num_speculations, m["tokens_per_second"],
+               m["tokens_per_second"] / baseline["tokens_per_second"], plain,
+               m["tokens_per_second"] / plain if plain else None, m["acceptance_rate"],
+               m["tokens_per_full_model_pass"], m["tokens_per_second_median"], m["time_per_token_median"],
+               m["total_time"], counts.get("differing"), counts.get("near_ties"), counts.get("divergences")]
         line = io.StringIO()
         csv.writer(line).writerow(row)
         append_line(self.csv_path, line.getvalue(), kept="the finished points are kept; the same command resumes")
@@ -136,15 +137,15 @@ class SweepDirectory:
         # best by the speedup timed in turn with autoregressive decoding where every point has one: tokens/s of
         # points measured minutes apart follow the machine's drift as much as the setting
         within = frame["speedup_vs_autoregressive"].notna().all()
-        best = frame.loc[frame["speedup_vs_autoregressive" if within else "tokens_per_second_median"].idxmax()]
+        best = frame.loc[frame["speedup_vs_autoregressive" if within else "tokens_per_second"].idxmax()]
         speedups = f"{best['speedup_vs_baseline']:.2f}x hf_generate"
         if within:
             speedups += f", {best['speedup_vs_autoregressive']:.2f}x our autoregressive decoding timed in turn"
         lines = [frame.sort_values(["exit_layer", "num_speculations"]).to_string(
                      index=False, float_format=lambda v: f"{v:.3f}"),
-                 f"baseline hf_generate: {baseline['tokens_per_second_median']:.1f} tokens/s; best: exit_layer "
+                 f"baseline hf_generate: {baseline['tokens_per_second']:.1f} tokens/s; best: exit_layer "
                  f"{int(best['exit_layer'])}, num_speculations {int(best['num_speculations'])}: "
-                 f"{best['tokens_per_second_median']:.1f} tokens/s ({speedups}), "
+                 f"{best['tokens_per_second']:.1f} tokens/s ({speedups}), "
                  + ("no drafts" if math.isnan(best["acceptance_rate"]) else
                     f"acceptance {100 * best['acceptance_rate']:.1f}%")]  # none: every output ended before a draft
         if greedy and frame["divergences"].sum() > 0:
@@ -162,7 +163,7 @@ class SweepDirectory:
 
         frame = self.frame(points)
         try:
-            sweep_plot(frame, "tokens_per_second_median", "self-speculative tokens/s",
+            sweep_plot(frame, "tokens_per_second", "self-speculative tokens/s",
                        self.path / "sweep_tokens_per_second")
             sweep_plot(frame, "acceptance_rate", "acceptance rate", self.path / "sweep_acceptance")
             if frame["speedup_vs_autoregressive"].notna().all():

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from transformers import CompileConfig
+from transformers import CompileConfig, StopStringCriteria, StoppingCriteriaList
 
 from .config import GenerationConfig
 from .costs import CostMeter, sync_device
@@ -153,8 +153,18 @@ def _hf_kwargs(model, tokenizer, config: GenerationConfig) -> dict:
     kwargs["eos_token_id"] = eos or None
     kwargs["pad_token_id"] = model.generation_config.pad_token_id or (eos[0] if eos else 0)
     if config.stop_words:
-        kwargs |= {"stop_strings": config.stop_words, "tokenizer": tokenizer}
+        # as a criterion, not `stop_strings`: assisted generation hands its generation config to the assistant's
+        # own generate without the tokenizer that stop strings need, and fails
+        kwargs["stopping_criteria"] = StoppingCriteriaList([StopStringCriteria(tokenizer, config.stop_words)])
     return kwargs
+
+
+def _recorded(kwargs: dict) -> dict:
+    """generate()'s arguments as a run's JSON records them."""
+    settings = {k: v for k, v in kwargs.items() if k != "stopping_criteria"}
+    if "stopping_criteria" in kwargs:
+        settings["stop_strings"] = list(kwargs["stopping_criteria"][0].stop_strings)
+    return settings
 
 
 def _hf_run(name: str, model, kwargs: dict, stop: StopCondition, patch: dict | None = None):
@@ -203,7 +213,7 @@ def _hf_generate(model, tokenizer, config, seed) -> Runner:
     """model.generate greedy or sampling; with --compile, Hugging Face's own compiled decoding (a static cache and
     its forward compiled by generate), so that compiled runs of ours meet a compiled baseline."""
     kwargs = _hf_kwargs(model, tokenizer, config)
-    settings = {k: v for k, v in kwargs.items() if k != "tokenizer"}
+    settings = _recorded(kwargs)
     if config.compile:
         compile_config = CompileConfig()
         compile_config._compile_all_devices = True  # generate compiles only on accelerators unless told so
@@ -224,7 +234,7 @@ def _hf_assistant_early_exit(model, tokenizer, config, seed) -> Runner:
         "num_assistant_tokens_schedule": "constant",
         "assistant_confidence_threshold": 0.0,
     }
-    settings = {k: v for k, v in kwargs.items() if k != "tokenizer"} | patch
+    settings = _recorded(kwargs) | patch
     run, _ = _hf_run("hf_assistant_early_exit", model, kwargs, _hf_stop(tokenizer, config, kwargs), patch)
     return Runner(run, settings, alone="Hugging Face's assisted generation takes a batch of one", compiles=False)
 

@@ -343,3 +343,21 @@ def test_early_exit_makes_no_full_model_pass(checkpoint):
     config = GenerationConfig(sample=False, max_steps=6, exit_layer=2)
     assert RUNNERS["early_exit"](model, tokenizer, config, 0).run(prompt).passes == 0
     assert RUNNERS["autoregressive"](model, tokenizer, config, 0).run(prompt).passes == 6
+
+
+def test_hugging_faces_assisted_generation_stops_at_stop_words(checkpoint):
+    """Its assistant's own generate gets the generation config without a tokenizer, so stop words given as
+    `stop_strings` ended in transformers' ValueError; as a stopping criterion both runners stop where ours do."""
+    from self_speculation.benchmarking import RUNNERS
+    from self_speculation.config import GenerationConfig
+
+    model, tokenizer = load(str(checkpoint))
+    prompt = tokenizer("def f(x):").input_ids
+    free = RUNNERS["autoregressive"](model, tokenizer, GenerationConfig(sample=False, max_steps=12), 0).run(prompt)
+    word = next(w for w in tokenizer.decode(free.tokens[3:4]) if w.strip() and w not in tokenizer.decode(free.tokens[:3]))
+    config = GenerationConfig(sample=False, max_steps=12, stop_words=[word], exit_layer=2, num_speculations=2)
+    ours = RUNNERS["self_speculative"](model, tokenizer, config, 0)
+    for name in ("hf_generate", "hf_assistant_early_exit"):
+        runner = RUNNERS[name](model, tokenizer, config, 0)
+        assert runner.run(prompt).tokens == ours.run(prompt).tokens == free.tokens[:4], name
+        assert runner.settings["stop_strings"] == [word]

@@ -95,8 +95,10 @@ def read_text(path) -> str:
 
 def jsonl_records(path, text: str, field: str | None) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSONL text, each with a string under `field` (any object
-    when None) and only valid Unicode text; a bad line raises UsageError naming the file and the line."""
-    for number, line in enumerate(text.splitlines(), start=1):
+    when None) and only valid Unicode text; a bad line raises UsageError naming the file and the line. Lines end at
+    "\n" alone (JSON Lines), not at every Unicode line break `str.splitlines` splits on (U+2028, U+0085, ...),
+    which a JSON string may hold as it is."""
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

@@ -1,5 +1,6 @@
 """Training data: the standard-library corpus, sources, tokenizer, packing, held-out split."""
 
+import json
 import sysconfig
 from pathlib import Path
 
@@ -164,3 +165,8 @@ def test_a_hub_dataset_is_saved_once_as_jsonl(tmp_path, monkeypatch):
     assert [text for _, text in corpus.read_documents(files)] == ["first document", "second document"]
     corpus.expand_sources(["hf:owner/name:config"], hub_directory=tmp_path)
     assert calls == [("owner/name", "config", "train")]  # read once, then from the saved file
+
+
+def test_a_corpus_document_may_hold_unicode_line_breaks(tmp_path):
+    (tmp_path / "u.jsonl").write_text(json.dumps({"text": "x = 1\u2028y = 2\x85"}, ensure_ascii=False) + "\n")
+    assert list(read_documents([("u.jsonl", tmp_path / "u.jsonl")])) == [("u.jsonl:1", "x = 1\u2028y = 2\x85")]

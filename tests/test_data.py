@@ -111,3 +111,14 @@ def test_bad_template_and_dataset():
         load_examples("human_eval", DataOptions(), template="no placeholder")
     with pytest.raises(UsageError, match="--dataset"):
         load_examples("imagenet", DataOptions())
+
+
+def test_json_strings_may_hold_unicode_line_breaks(tmp_path):
+    """JSON Lines end lines at "\\n" only: U+2028, U+2029, U+0085 and a form feed inside a JSON string (valid as they
+    are) were split on by str.splitlines, and the file refused as not valid JSON. Windows line ends still work."""
+    prompts = ["a\u2028b", "c\u2029d", "e\x85f", "g\x0ch"]
+    path = tmp_path / "u.jsonl"
+    path.write_text("\r\n".join(json.dumps({"prompt": p}, ensure_ascii=False) for p in prompts) + "\r\n",
+                    encoding="utf-8", newline="")
+    examples = load_examples("custom_jsonl", DataOptions(str(path)), num_samples=10)
+    assert [e.prompt for e in examples] == prompts

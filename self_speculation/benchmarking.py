@@ -12,7 +12,7 @@ from transformers import CompileConfig, StopStringCriteria, StoppingCriteriaList
 
 from .config import GenerationConfig
 from .costs import CostMeter, sync_device
-from .generator import Generator
+from .generator import Generator, context_length
 from .stopping import StopCondition
 from .strategies import STRATEGIES, SelfSpeculative, configured
 
@@ -169,13 +169,19 @@ def _recorded(kwargs: dict) -> dict:
 
 def _hf_run(name: str, model, kwargs: dict, stop: StopCondition, patch: dict | None = None):
     """model.generate over a batch of prompts, left-padded (one prompt: no padding); a sample per prompt, cut where
-    `stop` ends it (the rest is padding)."""
-    device = model.lm_head.weight.device
+    `stop` ends it (the rest is padding) or at its budget: --max_steps, or less where the model's context ends
+    first, as our generator gives it (generate gives every row of a batch the largest)."""
+    device, context = model.lm_head.weight.device, context_length(model)
 
-    def cut(row: list[int]) -> list[int]:
+    def budget(prompt: list[int]) -> int:
+        return kwargs["max_new_tokens"] if context is None else min(kwargs["max_new_tokens"], context - len(prompt))
+
+    def cut(row: list[int], budget: int) -> list[int]:
+        row = row[:budget]
         return row[: next((i + 1 for i in range(len(row)) if stop.reason(row[: i + 1]) is not None), len(row))]
 
     def run_together(prompts):
+        budgets = [budget(p) for p in prompts]
         width = max(len(p) for p in prompts)
         ids = torch.tensor([[kwargs["pad_token_id"]] * (width - len(p)) + p for p in prompts], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
@@ -187,13 +193,14 @@ def _hf_run(name: str, model, kwargs: dict, stop: StopCondition, patch: dict | N
                 sync_device(device)
                 start = time.perf_counter()
                 with torch.inference_mode():
-                    out = model.generate(ids, attention_mask=mask, **kwargs)
+                    out = model.generate(ids, attention_mask=mask, **kwargs | {"max_new_tokens": max(budgets)})
                 sync_device(device)
                 elapsed = time.perf_counter() - start
         finally:
             for key, value in saved.items():
                 setattr(model.generation_config, key, value)
-        return [Sample(name, -1, cut(row), elapsed, peak_gpu_bytes=peak.get("bytes")) for row in out[:, width:].tolist()]
+        return [Sample(name, -1, cut(row, b), elapsed, peak_gpu_bytes=peak.get("bytes"))
+                for row, b in zip(out[:, width:].tolist(), budgets)]
 
     return (lambda prompt_ids: run_together([prompt_ids])[0]), run_together
 

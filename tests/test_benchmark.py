@@ -361,3 +361,22 @@ def test_hugging_faces_assisted_generation_stops_at_stop_words(checkpoint):
         runner = RUNNERS[name](model, tokenizer, config, 0)
         assert runner.run(prompt).tokens == ours.run(prompt).tokens == free.tokens[:4], name
         assert runner.settings["stop_strings"] == [word]
+
+
+def test_hugging_faces_baselines_get_our_budget_where_the_context_ends_first(checkpoint):
+    """A prompt 3 tokens short of the context: our strategies stop there (context_length), and so must the
+    baselines, or the comparison would call a budget difference a divergence. In a batch each row gets its own."""
+    from self_speculation.benchmarking import RUNNERS
+    from self_speculation.config import GenerationConfig
+
+    model, tokenizer = load(str(checkpoint))
+    long, short = tokenizer("def f(x):\n    return x + 1").input_ids, tokenizer("import os").input_ids
+    model.config.max_position_embeddings = len(long) + 3
+    config = GenerationConfig(sample=False, max_steps=10, exit_layer=2, num_speculations=2)
+    ours = RUNNERS["autoregressive"](model, tokenizer, config, 0).run_together([long, short])
+    assert [len(s.tokens) for s in ours] == [3, min(10, len(long) + 3 - len(short))]
+    for name in ("hf_generate", "hf_assistant_early_exit"):
+        runner = RUNNERS[name](model, tokenizer, config, 0)
+        assert [runner.run(p).tokens for p in (long, short)] == [s.tokens for s in ours], name
+    together = RUNNERS["hf_generate"](model, tokenizer, config, 0).run_together([long, short])
+    assert [s.tokens for s in together] == [s.tokens for s in ours]

@@ -13,6 +13,7 @@ pass_costs.json written by an earlier run on a quiet machine (costs depend on th
 
 import csv
 import dataclasses
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,13 +45,20 @@ class ExitsArguments:
                                          "config.json (`layerskip`), which every script then uses by default; one "
                                          "local model directory only"})
     pass_costs: str | None = field(
-        default=None, metadata={"help": "read pass costs from this pass_costs.json instead of measuring them"})
-    output_dir: str = field(default="./logs", metadata={"help": "where exits.csv, predictions.csv and "
-                                                                "pass_costs.json go"})
+        default=None, metadata={"help": "read pass costs from this pass_costs.json instead of measuring them (one "
+                                        "file for every model: costs depend on the shape, not the weights)"})
+    output_dir: str = field(default="./logs", metadata={"help": "where exits.csv, predictions.csv and the measured "
+                                                                "pass costs go (pass_costs.json; with several models "
+                                                                "pass_costs_LABEL.json each)"})
 
     def __post_init__(self):
         if self.labels and len(self.labels) != len(self.models):
             raise UsageError("--labels needs one name per --models entry")
+        names = self.labels or self.models
+        if len(set(names)) != len(names):
+            twice = next(n for n in names if names.count(n) > 1)
+            raise UsageError(f"--labels names {twice} twice: each model needs its own columns" if self.labels else
+                             f"--models lists {twice} twice; give --labels to tell the runs apart")
         if not 1 <= self.num_samples <= 164:
             raise UsageError(f"--num_samples must be in [1, 164] (got {self.num_samples})")
         check_range("--max_speculations", self.max_speculations, 1, MAX_SPECULATIONS)
@@ -67,6 +75,7 @@ class ExitsArguments:
 
 
 ARGUMENTS = (ExitsArguments,)
+SAFE = r"[^\w.-]"  # what a label may not bring into a file name
 
 
 def main(argv=None) -> int:
@@ -84,8 +93,9 @@ def main(argv=None) -> int:
         costs = read_costs(args.pass_costs, model, args.max_speculations, exit_layers) if args.pass_costs else None
         reports.append(exit_report(label, model, tokenizer, problems, args.max_steps, exit_layers, speculations,
                                    args.max_speculations, costs))
-        if costs is None:
-            save_costs(out / "pass_costs.json", name, model, args.max_speculations, reports[-1].costs)
+        if costs is None:  # one file per model: two models' costs in one file kept only the last one's
+            file = "pass_costs.json" if len(args.models) == 1 else f"pass_costs_{re.sub(SAFE, '_', label)}.json"
+            save_costs(out / file, name, model, args.max_speculations, reports[-1].costs)
     table = {}
     for report in reports:
         for layer, cells in report.cells(args.num_speculations).items():

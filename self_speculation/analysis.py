@@ -10,6 +10,7 @@ predicted speedup (the same ideal model benchmark.py reports)."""
 
 import dataclasses
 import json
+import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,7 +261,24 @@ def read_costs(path: str, model, max_speculations: int, exit_layers: list[int]) 
     absent = [e for e in exit_layers if str(e) not in costs]
     if absent:
         raise UsageError(f"--pass_costs {path} has no costs for exit layers {', '.join(map(str, absent))}")
-    return {e: PassCosts.from_dict(costs[str(e)]) for e in exit_layers}
+    return {e: _checked_costs(path, e, costs[str(e)], max_speculations) for e in exit_layers}
+
+
+def _checked_costs(path: str, exit_layer: int, saved, max_speculations: int) -> PassCosts:
+    """One exit layer's saved costs, refused in one line where the file was edited into something else: seconds
+    must be finite non-negative numbers, for every verified length up to max_speculations + 1."""
+    def seconds(value) -> bool:
+        return type(value) in (int, float) and math.isfinite(value) and value >= 0
+
+    def table(value) -> bool:
+        return (isinstance(value, dict) and all(seconds(v) for v in value.values())
+                and all(str(t) in value for t in range(1, max_speculations + 2)))
+
+    if not (isinstance(saved, dict) and seconds(saved.get("draft")) and seconds(saved.get("full"))
+            and table(saved.get("verify")) and table(saved.get("head"))):
+        raise UsageError(f"--pass_costs {path}: the costs of exit layer {exit_layer} are not seconds for draft, full, "
+                         f"and verify/head at 1 to {max_speculations + 1} positions (a file edited by hand?)")
+    return PassCosts.from_dict(saved)
 
 
 def recommend(directory: Path, best: Prediction) -> str:

@@ -234,10 +234,20 @@ def draft_share(num_speculations: int, budget: int) -> int:
     return min(num_speculations, budget - 1)
 
 
-def _flag_or_recommended(config: GenerationConfig, model_config, name: str) -> int:
-    """A flag's value, or where it was left at -1 the checkpoint's recommendation (`layerskip` in its config)."""
-    value = getattr(config, name)
-    return value if value != -1 else (getattr(model_config, "layerskip", None) or {}).get(name, -1)
+def _flag_or_recommended(config: GenerationConfig, model_config, name: str) -> tuple[int, str]:
+    """A flag's value, or where it was left at -1 the checkpoint's recommendation (`layerskip` in its config.json),
+    and what an error about the value names: the flag, or the file's recommendation. A `layerskip` that is not an
+    object of integers (a file edited by hand) is refused, naming the file."""
+    value, recommended = getattr(config, name), getattr(model_config, "layerskip", None)
+    if value != -1 or recommended is None:
+        return value, f"--{name}"
+    where = f"{getattr(model_config, '_name_or_path', None) or 'the model'}/config.json"
+    if not isinstance(recommended, dict) or any(type(recommended.get(key, -1)) is not int
+                                                 for key in ("exit_layer", "num_speculations")):
+        raise UsageError(f"{where}: `layerskip` must be an object of integers (exit_layer, num_speculations); "
+                         f"got {recommended!r}")
+    value = recommended.get(name, -1)
+    return value, (f"--{name}" if value == -1 else f"{name} {value}, recommended by {where} (set --{name})")
 
 
 def one_token(d: Decoding, depth: int) -> list[StepResult]:
@@ -289,11 +299,11 @@ class EarlyExit(Autoregressive):
 
     def configure(self, config, model_config):
         num_layers = model_config.num_hidden_layers
-        exit_layer = _flag_or_recommended(config, model_config, "exit_layer")
-        if exit_layer < 1:
+        exit_layer, source = _flag_or_recommended(config, model_config, "exit_layer")
+        if exit_layer == -1:
             raise UsageError("--exit_layer must be >= 1 for early_exit; this model recommends none")
-        if exit_layer > num_layers:
-            raise UsageError(f"--exit_layer must be in [1, {num_layers}] for this {num_layers}-layer model "
+        if not 1 <= exit_layer <= num_layers:
+            raise UsageError(f"{source} must be in [1, {num_layers}] for this {num_layers}-layer model "
                              f"(got {exit_layer})")
         return dataclasses.replace(config, exit_layer=exit_layer)
 
@@ -323,16 +333,18 @@ class SelfSpeculative(Strategy):
 
     def configure(self, config, model_config):
         num_layers = model_config.num_hidden_layers
-        config = dataclasses.replace(config, exit_layer=_flag_or_recommended(config, model_config, "exit_layer"),
-                                     num_speculations=_flag_or_recommended(config, model_config, "num_speculations"))
-        if config.exit_layer < 1:
+        (exit_layer, exit_source), (drafts, drafts_source) = (
+            _flag_or_recommended(config, model_config, name) for name in ("exit_layer", "num_speculations"))
+        if exit_layer == -1:
             raise UsageError("--exit_layer must be >= 1 for self_speculative; this model recommends none")
-        if config.num_speculations < 1:
+        if drafts == -1:
             raise UsageError("--num_speculations must be >= 1 for self_speculative; this model recommends none")
-        if config.exit_layer >= num_layers:
-            raise UsageError(f"--exit_layer must be in [1, {num_layers - 1}] for self_speculative with this "
-                             f"{num_layers}-layer model (got {config.exit_layer})")
-        return config
+        if not 1 <= exit_layer < num_layers:
+            raise UsageError(f"{exit_source} must be in [1, {num_layers - 1}] for self_speculative with this "
+                             f"{num_layers}-layer model (got {exit_layer})")
+        if drafts < 1:
+            raise UsageError(f"{drafts_source} must be >= 1 (got {drafts})")
+        return dataclasses.replace(config, exit_layer=exit_layer, num_speculations=drafts)
 
     def own(self, config):
         return dataclasses.replace(config, generation_strategy=self.name)

@@ -57,7 +57,7 @@ def test_bad_input(checkpoint, tmp_path, capsys):
         (["--pass_costs", str(tmp_path / "missing.json")], "--pass_costs"),
         (["--max_speculations", "0"], "--max_speculations"),
         (["--models", "facebook/layerskip-llama3.2-1B", "--recommend", "True"], "--recommend"),
-        (["--models", str(checkpoint), str(checkpoint), "--recommend", "True"], "--recommend"),
+        (["--models", str(checkpoint), str(checkpoint), "--labels", "a", "b", "--recommend", "True"], "--recommend"),
         (["--models", str(checkpoint), "--exit_layers", "6"], "--exit_layers"),
         (["--models", str(checkpoint), "--num_samples", "1", "--max_steps", "4", "--pass_costs", str(costs)],
          "not a pass_costs.json"),
@@ -103,3 +103,34 @@ def test_the_best_draft_length_is_within_max_speculations(checkpoint, saved_cost
     grid = list(csv.DictReader((tmp_path / "predictions.csv").open()))
     assert {int(r["num_speculations"]) for r in grid} == {1, 2}
     assert re.search(r"predicted best exit_layer \d+, num_speculations [12]:", out), out
+
+
+@pytest.mark.parametrize("edit", [lambda c: c | {"draft": "0.001"}, lambda c: c | {"verify": [0.002, 0.003]},
+                                  lambda c: c | {"head": {"1": "x"}}, lambda c: [c], lambda c: c | {"full": -1.0},
+                                  lambda c: c | {"verify": {"1": 0.002}}])
+def test_hand_edited_pass_costs_are_refused_in_one_line(checkpoint, saved_costs, tmp_path, capsys, edit):
+    """Strings, lists, negative seconds or a missing verified length: a line naming the file and the exit layer,
+    not a TypeError after the model was loaded."""
+    saved = json.loads(saved_costs.read_text())
+    saved["costs"]["2"] = edit(saved["costs"]["2"])
+    other = tmp_path / "edited.json"
+    other.write_text(json.dumps(saved))
+    argv = ["--models", str(checkpoint), "--num_samples", "1", "--max_steps", "4", "--max_speculations", "2",
+            "--pass_costs", str(other), "--output_dir", str(tmp_path)]
+    assert run(exits.main, argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"error: --pass_costs {other}: the costs of exit layer 2 are not seconds"), error
+
+
+def test_two_models_keep_their_own_pass_costs_and_duplicate_labels_are_refused(checkpoint, tmp_path, capsys):
+    argv = ["--models", str(checkpoint), str(checkpoint), "--num_samples", "1", "--max_steps", "4",
+            "--max_speculations", "2", "--exit_layers", "2", "--output_dir", str(tmp_path)]
+    assert run(exits.main, argv + ["--labels", "a", "a"]) == 2
+    assert "--labels names a twice" in capsys.readouterr().err
+    assert run(exits.main, argv) == 2
+    assert "give --labels" in capsys.readouterr().err
+    assert run(exits.main, argv + ["--labels", "a", "b/c"]) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in tmp_path.glob("pass_costs*.json")) == ["pass_costs_a.json", "pass_costs_b_c.json"]
+    header = next(csv.reader((tmp_path / "exits.csv").open()))
+    assert any(c.startswith("a ") for c in header) and any(c.startswith("b/c ") for c in header), header

@@ -2,6 +2,7 @@
 as its output (for a lossless strategy, the full model's, which `model.generate` gives), and its settings are
 checked against the model. A new entry in STRATEGIES is tested here without a line added."""
 
+import copy
 import dataclasses
 
 import pytest
@@ -94,3 +95,24 @@ def test_the_checkpoints_recommendation_fills_unset_flags(gqa_tied, monkeypatch,
     _, config = configured(STRATEGIES[name]().own(GenerationConfig()), gqa_tied.config)
     assert (config.exit_layer, config.num_speculations) == expected
 
+
+
+@pytest.mark.parametrize("layerskip", [{"exit_layer": "10"}, [10, 3], {"exit_layer": 2, "num_speculations": 1.5},
+                                       {"exit_layer": True}])
+@pytest.mark.parametrize("name", ["early_exit", "self_speculative"])
+def test_a_hand_edited_recommendation_of_the_wrong_type_is_refused_naming_the_file(gqa_tied, name, layerskip):
+    model_config = copy.deepcopy(gqa_tied.config)
+    model_config.layerskip, model_config._name_or_path = layerskip, "runs/m"
+    with pytest.raises(UsageError, match=r"^runs/m/config.json: `layerskip` must be an object of integers"):
+        configured(GenerationConfig(generation_strategy=name), model_config)
+
+
+@pytest.mark.parametrize("name", ["early_exit", "self_speculative"])
+def test_an_out_of_range_recommendation_is_blamed_on_the_file_not_the_flag(gqa_tied, name):
+    model_config = copy.deepcopy(gqa_tied.config)
+    model_config.layerskip, model_config._name_or_path = {"exit_layer": 9, "num_speculations": 2}, "runs/m"
+    with pytest.raises(UsageError, match=r"^exit_layer 9, recommended by runs/m/config.json \(set --exit_layer\) "
+                                         r"must be in \[1, [56]\]"):
+        configured(GenerationConfig(generation_strategy=name), model_config)
+    strategy, config = configured(GenerationConfig(generation_strategy=name, exit_layer=2), model_config)
+    assert config.exit_layer == 2  # the flag wins; the recommendation is not looked at

@@ -252,12 +252,15 @@ def planned(models: dict, args, common: list[str], out: Path) -> list[tuple[tupl
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output_dir", default=str(ROOT / "logs" / "gpu_check"))
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--shape", default="llama-3.2-1b", choices=tuple(SHAPES))
-    parser.add_argument("--num_samples", type=int, default=8)
-    parser.add_argument("--max_steps", type=int, default=64)
-    parser.add_argument("--compile", default="both", choices=("both", "True", "False"))
+    parser.add_argument("--output_dir", default=str(ROOT / "logs" / "gpu_check"),
+                        help="where gpu_check.json, gpu_check.md and every run's own output go")
+    parser.add_argument("--device", default="cuda", help="the device every run uses (cpu: a rehearsal)")
+    parser.add_argument("--shape", default="llama-3.2-1b", choices=tuple(SHAPES),
+                        help="the shape of the randomly initialised model run beside the embedded one")
+    parser.add_argument("--num_samples", type=int, default=8, help="prompts per run (>= 1)")
+    parser.add_argument("--max_steps", type=int, default=64, help="new tokens per prompt (>= 1)")
+    parser.add_argument("--compile", default="both", choices=("both", "True", "False"),
+                        help="the benchmarks' --compile: both runs every strategy eager and compiled in one run")
     parser.add_argument("--batch_size", type=int, default=8, help="the batched benchmark's batch (1: none)")
     parser.add_argument("--time_budget", type=float, default=None,
                         help="seconds for all the runs (default: no limit): a run is stopped when it would pass it, "
@@ -265,6 +268,7 @@ def main() -> int:
     parser.add_argument("--probe", action="store_true",
                         help="only count host waits per step and compilations (the first run of the check)")
     args = parser.parse_args()
+    checked(parser, args)
     started = time.perf_counter()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -286,6 +290,21 @@ def main() -> int:
     print("\n".join(summary(runs)))
     print(f"written to {out / 'gpu_check.json'} and {out / 'gpu_check.md'}")
     return 0 if all(r.get("exit_status") == 0 for r in runs.values()) else 1
+
+
+def checked(parser: argparse.ArgumentParser, args) -> None:
+    """The numbers through the check every script makes (`check_range`), refused as they refuse them: one line,
+    exit status 2, before anything is written."""
+    sys.path.insert(0, str(ROOT))
+    from self_speculation.errors import UsageError, check_range
+
+    try:
+        for flag in ("num_samples", "max_steps", "batch_size"):
+            check_range(f"--{flag}", getattr(args, flag), 1)
+        if args.time_budget is not None:
+            check_range("--time_budget", args.time_budget, 0)  # 0: plan the runs, start none
+    except UsageError as error:
+        parser.exit(2, f"error: {error}\n")
 
 
 def write(out: Path, args, runs: dict) -> None:

@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 SPEC = importlib.util.spec_from_file_location("gpu_check", Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.py")
 gpu_check = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(gpu_check)
@@ -74,3 +76,14 @@ def test_the_probe_counts_compilations_and_says_where_it_cannot_count_waits(tmp_
                                "compilations_later_runs": 1}}
     assert gpu_check.probe_cell(counted) == ("host waits per step beyond the read: at most 2.50 (x); "
                                              "compilations: 3 in first runs, 1 after")
+
+
+@pytest.mark.parametrize("flag, value", [("--time_budget", "-5"), ("--time_budget", "nan"), ("--batch_size", "0"),
+                                         ("--num_samples", "0"), ("--max_steps", "-1")])
+def test_bad_numbers_are_refused_in_one_line_with_nothing_written(tmp_path, monkeypatch, capsys, flag, value):
+    out = tmp_path / "check"
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--device", "cpu", "--output_dir", str(out), flag, value])
+    with pytest.raises(SystemExit) as stop:
+        gpu_check.main()
+    assert stop.value.code == 2 and not out.exists()
+    assert capsys.readouterr().err.strip().startswith(f"error: {flag} must be")

@@ -247,6 +247,8 @@ def read_costs(path: str, model, max_speculations: int, exit_layers: list[int]) 
         saved = json.loads(Path(path).read_text())
         theirs, ours = saved["key"], cost_key(model, max_speculations)
         costs = saved["costs"]
+        if not isinstance(theirs, dict) or not isinstance(costs, dict):
+            raise TypeError
     except (OSError, ValueError, KeyError, TypeError):
         raise UsageError(f"--pass_costs {path}: not a pass_costs.json written by exits.py") from None
     shape = theirs.get("shape") if isinstance(theirs.get("shape"), dict) else {}

@@ -77,6 +77,18 @@ def append_jsonl(path: Path, record: dict, kept: str = "the records before this 
     append_line(path, json.dumps(record, default=str) + "\n", kept)
 
 
+def read_json_object(path: Path, remedy: str) -> dict:
+    """A JSON object the toolkit wrote and a user may have edited: refused in one line naming the file, with
+    `remedy`, where it is not valid JSON or not an object."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise UsageError(f"{path}: not readable JSON ({error}); {remedy}") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{path}: expected a JSON object, found {type(value).__name__}; {remedy}")
+    return value
+
+
 def read_text(path) -> str:
     """A data file's text (gzip-compressed when it ends in .gz); one that is not UTF-8 raises UsageError naming the
     file and the line of the first undecodable byte."""

@@ -13,7 +13,7 @@ from .benchmarking import RUNNERS, Batch
 from .reporting import summarize
 from .equivalence import tally
 from .errors import UsageError
-from .results import append_line, write_json
+from .results import append_line, read_json_object, write_json
 
 # tokens_per_second is the benchmark's headline (`reporting.summarize`): in batches, all tokens over all the time
 COLUMNS = ["exit_layer", "num_speculations", "tokens_per_second", "speedup_vs_baseline",
@@ -49,7 +49,8 @@ class SweepDirectory:
         not a setting, so a sweep moved elsewhere resumes there."""
         self.path, self.settings = path, json.loads(json.dumps(settings, default=str))
         self.settings_path, self.csv_path = path / "sweep_config.json", path / "sweep.csv"
-        if self.settings_path.exists() and not self.same_settings(json.loads(self.settings_path.read_text())):
+        saved = read_json_object(self.settings_path, "use another --output_dir") if self.settings_path.exists() else None
+        if saved is not None and not self.same_settings(saved):
             raise UsageError(f"--output_dir {path} holds a sweep with other flags; use another directory to start anew")
 
     def same_settings(self, saved: dict) -> bool:
@@ -97,7 +98,15 @@ class SweepDirectory:
         None off rank 0."""
         path = self.path / "sweep_baseline.json"
         if path.exists():
-            return json.loads(path.read_text())
+            saved = read_json_object(path, "delete it to measure the baseline again")
+            outputs = saved.get("outputs")
+            if (type(saved.get("tokens_per_second")) not in (int, float) or not isinstance(outputs, list)
+                    or len(outputs) != sum(len(b.prompts) for b in batches)
+                    or not all(isinstance(o, list) and all(type(t) is int for t in o) for o in outputs)):
+                raise UsageError(f"{path}: expected tokens_per_second and the outputs of the "
+                                 f"{sum(len(b.prompts) for b in batches)} prompts; delete it to measure the "
+                                 "baseline again")
+            return saved
         runner = RUNNERS["hf_generate"](model, tokenizer, config, seed)
         runner.warm_up(batches, warmup)
         samples = run_shared(runner, batches)

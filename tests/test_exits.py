@@ -134,3 +134,13 @@ def test_two_models_keep_their_own_pass_costs_and_duplicate_labels_are_refused(c
     assert sorted(p.name for p in tmp_path.glob("pass_costs*.json")) == ["pass_costs_a.json", "pass_costs_b_c.json"]
     header = next(csv.reader((tmp_path / "exits.csv").open()))
     assert any(c.startswith("a ") for c in header) and any(c.startswith("b/c ") for c in header), header
+
+
+@pytest.mark.parametrize("content", ['{"key": "cpu", "costs": {}}', '[1]', '{"key": {}, "costs": [1]}'])
+def test_a_pass_costs_file_of_another_form_is_refused_in_one_line(checkpoint, tmp_path, capsys, content):
+    other = tmp_path / "other.json"
+    other.write_text(content)
+    argv = ["--models", str(checkpoint), "--num_samples", "1", "--max_steps", "4", "--pass_costs", str(other),
+            "--output_dir", str(tmp_path)]
+    assert run(exits.main, argv) == 2
+    assert "not a pass_costs.json written by exits.py" in capsys.readouterr().err

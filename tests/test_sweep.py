@@ -162,3 +162,21 @@ def test_a_batched_point_is_ranked_by_all_its_tokens_over_all_its_time(tmp_path)
     assert list(row) == COLUMNS
     assert float(row["tokens_per_second"]) == 10 and float(row["tokens_per_second_median"]) == 20
     assert float(row["speedup_vs_baseline"]) == 2.5 and float(row["speedup_vs_autoregressive"]) == 2
+
+
+@pytest.mark.parametrize("name, content, fragment", [
+    ("sweep_config.json", "[1, 2]", "sweep_config.json: expected a JSON object, found list; use another --output_dir"),
+    ("sweep_config.json", "{not json", "sweep_config.json: not readable JSON"),
+    ("sweep_baseline.json", '{"tokens_per_second": "fast", "outputs": []}', "sweep_baseline.json: expected "
+     "tokens_per_second and the outputs of the 2 prompts; delete it"),
+    ("sweep_baseline.json", '{"tokens_per_second": 9.0, "outputs": [[1, 2]]}', "the outputs of the 2 prompts"),
+])
+def test_a_sweep_directorys_files_edited_by_hand_are_refused_in_one_line(argv, tmp_path, capsys, name, content,
+                                                                         fragment):
+    quick = argv[:argv.index("--exit_layer_last") + 1] + ["1"] + argv[argv.index("--exit_layer_last") + 2:]
+    assert run(sweep.main, quick) == 0
+    capsys.readouterr()
+    (tmp_path / "out" / name).write_text(content)
+    assert run(sweep.main, quick) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the model's loading bar
+    assert error.startswith("error: ") and fragment in error, error

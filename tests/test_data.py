@@ -1,6 +1,7 @@
 """Dataset loaders on small local files, and the offline error for hub datasets."""
 
 import json
+import re
 import time
 
 import pandas as pd
@@ -122,3 +123,28 @@ def test_json_strings_may_hold_unicode_line_breaks(tmp_path):
                     encoding="utf-8", newline="")
     examples = load_examples("custom_jsonl", DataOptions(str(path)), num_samples=10)
     assert [e.prompt for e in examples] == prompts
+
+
+@pytest.mark.parametrize("dataset, rows, fragment", [
+    ("human_eval", [{"prompt": "   ", "canonical_solution": "x"}], "example 1: the prompt is empty"),
+    ("cnn_dm_lm", [{"article": ""}], "row 1: the text field 'article' is empty"),
+    ("cnn_dm_summarization", [{"article": "a b", "highlights": " "}], "row 1: the text field 'highlights' is empty"),
+    ("custom_jsonl", [{"prompt": "p", "response": 3}], "line 1: 'response' must be text or null (got 3)"),
+    ("human_eval", [{"prompt": "def f():", "canonical_solution": ["x"]}], "'canonical_solution' must be text or null"),
+])
+def test_empty_prompts_and_references_that_are_not_text_are_refused_by_every_loader(tmp_path, dataset, rows, fragment):
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(UsageError, match=re.escape(fragment)):
+        load_examples(dataset, DataOptions(path))
+
+
+@pytest.mark.parametrize("dataset, field", [("custom_jsonl", "response"), ("human_eval", "canonical_solution")])
+def test_a_null_or_missing_reference_is_no_reference_not_the_text_none(tmp_path, dataset, field):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "def f():", field: None}, {"prompt": "def g():"}])
+    assert [e.reference for e in load_examples(dataset, DataOptions(path))] == ["", ""]
+
+
+def test_a_response_field_that_is_the_prompt_field_is_refused(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"q": "question"}])
+    with pytest.raises(UsageError, match="--response_field q is the prompt's own field"):
+        load_examples("custom_jsonl", DataOptions(path, prompt_field="q", response_field="q"))

@@ -17,7 +17,8 @@ strategy flags are no task's business and always apply. The JSON records, per ge
 that ran (`generation`), besides the flags as parsed and which of them were given.
 
 Writes eval_<time>_<id>.json (the run id, lm-eval's results, speed figures, configuration) to --output_dir, and
-its _samples.jsonl with --log_samples, each record carrying the run id: runs started together never share files.
+with --log_samples its _samples.jsonl (at the end) and _generations.jsonl (each generation as its batch finishes,
+kept if the run is interrupted), each record carrying the run id: runs started together never share files.
 """
 
 import dataclasses
@@ -46,7 +47,9 @@ class EvalArguments:
     num_fewshot: int | None = field(default=None, metadata={"help": "few-shot examples (default: the task's)"})
     include_path: list[str] = field(default_factory=list,
                                     metadata={"help": "more directories of task YAMLs (this project's tasks/ always)"})
-    log_samples: bool = field(default=False, metadata={"help": "also write every request and response"})
+    log_samples: bool = field(default=False, metadata={
+        "help": "also write every request and response (_samples.jsonl, at the end), and every generation as it "
+                "finishes (_generations.jsonl, kept if the run is interrupted)"})
     apply_chat_template: bool = field(default=False, metadata={"help": "format prompts with the chat template"})
     allow_code_execution: bool = field(
         default=False, metadata={"help": "allow tasks that execute generated code (e.g. humaneval) to run it"}
@@ -100,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"--apply_chat_template: the model {model_args.model} has no chat template")
     lm = LayerSkipLM(model, tokenizer, config=config, given=given, seed=model_args.seed,
                      batch_size=batching.batch_size)
+    if args.log_samples:
+        lm.generations = (stem.with_name(stem.name + "_generations.jsonl"), stem.name)
     results = evaluate(lm, task_manager, args.tasks, online, num_fewshot=args.num_fewshot, limit=args.limit,
                        log_samples=args.log_samples, apply_chat_template=args.apply_chat_template,
                        random_seed=model_args.seed, numpy_random_seed=model_args.seed,

@@ -26,6 +26,7 @@ from .config import GenerationConfig
 from .generator import Generator
 from .errors import UsageError
 from .loading import load
+from .results import append_jsonl
 from .strategies import configured
 
 
@@ -127,6 +128,9 @@ class LayerSkipLM(HFLM):
         self.generators: dict[str, Generator] = {}  # one per configuration run: --compile compiles once for each
         self.ran: dict[str, list[dict]] = {}  # task -> the configurations its requests ran with
         self._task: str | None = None  # the task generate_until is running
+        # eval.py --log_samples: (path, run id) where every generation is appended as its batch finishes, so that an
+        # interrupted run keeps them (lm-eval hands its samples over only at the end)
+        self.generations: tuple | None = None
         batch_size = int(kwargs.pop("batch_size", 1) or 1)  # requests lm-eval hands over together
         super().__init__(pretrained=pretrained, tokenizer=tokenizer, batch_size=batch_size, **kwargs)
 
@@ -238,6 +242,12 @@ class LayerSkipLM(HFLM):
         prompts = contexts if mask is None else [row[m.bool()].tolist() for row, m in zip(context, mask)]
         results = generator.generate_batch(prompts)
         self.speed.add(results)
+        if self.generations is not None:
+            path, run_id = self.generations
+            for prompt, result in zip(prompts, results):
+                append_jsonl(path, {"run_id": run_id, "task": self._task, "prompt": self.tokenizer.decode(prompt),
+                                    "generation": self.tokenizer.decode(result.tokens),
+                                    "stop_reason": result.stop_reason})
         rows = [row + result.tokens for row, result in zip(contexts, results)]  # lm-eval cuts the context width off
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id

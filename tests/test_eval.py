@@ -284,3 +284,25 @@ def test_runs_started_in_the_same_second_keep_their_own_files(checkpoint, tmp_pa
         assert run_id == path.stem
         records = (tmp_path / f"{run_id}_samples.jsonl").read_text().splitlines()
         assert records and all(json.loads(r)["run_id"] == run_id for r in records)
+
+
+def test_an_interrupted_run_keeps_the_generations_it_finished(checkpoint, tmp_path, monkeypatch):
+    """lm-eval hands its samples over only at the end: ctrl-c at the third batch of generations wrote nothing."""
+    from self_speculation import Generator
+
+    real, calls = Generator.generate_batch, []
+
+    def interrupted(generator, prompts, *args, **kwargs):
+        calls.append(len(prompts))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(generator, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(Generator, "generate_batch", interrupted)
+    code = run(eval_script.main, ["--model", str(checkpoint), "--tasks", LINE, "--limit", "6", "--max_steps", "4",
+                                  "--batch_size", "2", "--log_samples", "True", "--output_dir", str(tmp_path)])
+    assert code == 130
+    [path] = tmp_path.glob("eval_*_generations.jsonl")
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(records) == sum(calls[:2]) == 4 and all(r["task"] == LINE and r["prompt"] for r in records)
+    assert records[0]["run_id"] == path.name.removesuffix("_generations.jsonl")

@@ -50,15 +50,26 @@ class SweepDirectory:
         self.path, self.settings = path, json.loads(json.dumps(settings, default=str))
         self.settings_path, self.csv_path = path / "sweep_config.json", path / "sweep.csv"
         saved = read_json_object(self.settings_path, "use another --output_dir") if self.settings_path.exists() else None
-        if saved is not None and not self.same_settings(saved):
-            raise UsageError(f"--output_dir {path} holds a sweep with other flags; use another directory to start anew")
+        if saved is not None and (differing := self.differing_flags(saved)):
+            raise UsageError(f"--output_dir {path} holds a sweep with other flags ({'; '.join(differing)}); resume "
+                             "with its flags, or use another directory to start anew")
 
-    def same_settings(self, saved: dict) -> bool:
-        """Whether saved flags are these, the directory's own name aside."""
-        def without_directory(settings: dict) -> dict:
-            return settings | {"model": {k: v for k, v in settings.get("model", {}).items() if k != "output_dir"}}
+    def differing_flags(self, saved: dict) -> list[str]:
+        """The flags whose saved values are not these, as "--flag X, here Y": the directory's own name aside, and a
+        local path the same however it is written (relative or absolute)."""
+        def flags(settings: dict) -> dict:
+            found = {}
+            for section in settings.values() if isinstance(settings, dict) else ():
+                for key, value in section.items() if isinstance(section, dict) else ():
+                    if isinstance(value, str) and value and Path(value).exists():
+                        value = str(Path(value).resolve())
+                    found[key] = value
+            found.pop("output_dir", None)
+            return found
 
-        return without_directory(saved) == without_directory(self.settings)
+        theirs, ours = flags(saved), flags(self.settings)
+        return [f"--{key} {json.dumps(theirs.get(key))}, here {json.dumps(ours.get(key))}"
+                for key in sorted(set(theirs) | set(ours)) if theirs.get(key) != ours.get(key)]
 
     def start(self) -> set[tuple[int, int]]:
         """Claim the directory for this sweep (call once every flag is checked) and return the finished points.

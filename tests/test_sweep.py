@@ -47,10 +47,13 @@ def test_interrupted_sweep_resumes_with_every_point_once(argv, tmp_path, monkeyp
     assert "best: exit_layer" in capsys.readouterr().out
 
 
-def test_resuming_with_other_flags_is_refused(argv, capsys):
+def test_resuming_with_other_flags_is_refused_naming_them(argv, capsys, checkpoint, monkeypatch):
     assert run(sweep.main, argv) == 0
     assert run(sweep.main, argv + ["--max_steps", "9"]) == 2
-    assert "other flags" in capsys.readouterr().err
+    assert "other flags (--max_steps 8, here 9); resume with its flags" in capsys.readouterr().err
+    monkeypatch.chdir(checkpoint.parent)  # the same model, written relative to where the command runs
+    relative = [checkpoint.name if a == str(checkpoint) else a for a in argv]
+    assert run(sweep.main, relative) == 0
 
 
 def test_a_rejected_command_leaves_the_directory_free(argv, tmp_path, capsys):

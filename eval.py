@@ -79,6 +79,20 @@ def task_index(names: list[str], include_path: list[str]):
     return TaskManager(include_path=paths)
 
 
+def unreadable_task_files(include_path: list[str]) -> list[str]:
+    """The YAML files under --include_path that lm-eval's index skips in silence (it logs them at debug level), as
+    "path (the error)": a malformed one is why a task named in --tasks is unknown."""
+    from lm_eval.tasks._yaml_loader import load_yaml  # what lm-eval's TaskManager reads task files with
+
+    broken = []
+    for path in sorted(p for directory in include_path for p in Path(directory).rglob("*.y*ml")):
+        try:
+            load_yaml(path, resolve_func=False)
+        except Exception as error:  # yaml's errors, a missing include, a file that is not a mapping
+            broken.append(f"{path} ({str(error).splitlines()[0]})")
+    return broken
+
+
 ARGUMENTS = (ModelArguments, GenerationArguments, BatchArguments, EvalArguments)
 
 
@@ -96,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
 
     task_manager = task_index(args.tasks, args.include_path)
     unknown = [t for t in args.tasks if t not in task_manager.all_tasks]
+    if unknown and (broken := unreadable_task_files(args.include_path)):
+        raise UsageError(f"--tasks: unknown {', '.join(unknown)}; {len(broken)} task file(s) under --include_path "
+                         f"could not be read, the first {broken[0]}")
     if unknown:
         raise UsageError(f"--tasks: unknown {', '.join(unknown)} (add their YAML directory with --include_path)")
     model, tokenizer = model_args.load()

@@ -278,6 +278,9 @@ def evaluate(lm: LayerSkipLM, task_manager, tasks: list[str], online: bool, **op
             check_fewshot(task_manager, tasks, options["num_fewshot"])
         return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=task_manager, **options)
     except (ConnectionError, OSError) as error:
+        if isinstance(error, FileNotFoundError) and ("hf.co" not in str(error) and "huggingface" not in str(error)):
+            raise UsageError(f"--tasks {','.join(tasks)}: a data file of the task is missing "
+                             f"({str(error).splitlines()[0]})") from None
         if online:
             raise
         metric = re.search(r"Module '([\w-]+)' doesn't exist", str(error))

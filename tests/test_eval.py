@@ -306,3 +306,28 @@ def test_an_interrupted_run_keeps_the_generations_it_finished(checkpoint, tmp_pa
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(records) == sum(calls[:2]) == 4 and all(r["task"] == LINE and r["prompt"] for r in records)
     assert records[0]["run_id"] == path.name.removesuffix("_generations.jsonl")
+
+
+def test_a_malformed_task_file_is_named_rather_than_called_an_unknown_task(checkpoint, tmp_path, capsys):
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "mine.yaml").write_text("task: mine\noutput_type: [generate_until\n")  # an unclosed list
+    assert run(eval_script.main, ["--model", str(checkpoint), "--tasks", "mine", "--include_path", str(tasks),
+                                  "--output_dir", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: --tasks: unknown mine; 1 task file(s) under --include_path could not be read, "
+                            f"the first {tasks / 'mine.yaml'} (")
+
+
+def test_a_task_whose_local_data_file_is_missing_says_so_not_that_the_hub_is_unreachable(checkpoint, tmp_path,
+                                                                                        capsys):
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "mine.yaml").write_text(
+        "task: mine\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: " + str(tmp_path / "gone.jsonl")
+        + "\ntest_split: test\noutput_type: generate_until\ndoc_to_text: '{{prompt}}'\ndoc_to_target: '{{answer}}'\n"
+        "generation_kwargs:\n  until: ['\\n']\n  max_gen_toks: 4\nmetric_list:\n  - metric: exact_match\n")
+    assert run(eval_script.main, ["--model", str(checkpoint), "--tasks", "mine", "--include_path", str(tasks),
+                                  "--output_dir", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: --tasks mine: a data file of the task is missing"), error

@@ -18,7 +18,7 @@ from self_speculation.streamers import STREAMERS
 
 MAX_WARMUP = 100  # warm-up runs the first batch; past a few runs it only delays the measurement
 
-__all__ = ["MAX_WARMUP", "SAMPLING", "BatchArguments", "DataArguments", "GenerateArguments", "GenerationArguments", "ModelArguments", "given_flags", "parse", "pop_list", "run", "warn_ignored"]
+__all__ = ["MAX_WARMUP", "SAMPLING", "BatchArguments", "DataArguments", "GenerateArguments", "GenerationArguments", "ModelArguments", "given_flags", "parse", "pop_list", "run", "warn_ignored", "warn_unused"]
 
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's ways of spreading a model
@@ -190,6 +190,25 @@ def warn_ignored(argv: list[str] | None, names: tuple[str, ...], reason: str) ->
 
 
 SAMPLING = ("temperature", "top_k", "top_p")
+
+
+def warn_unused(argv: list[str] | None, readers: dict[str, frozenset[str]], batch_size: int) -> None:
+    """"Accepted means used, or one warning line" for the flags whose use depends on what a script runs: a
+    strategy flag (`STRATEGY_FLAGS`) that none of the strategies it runs reads (`readers`: each one's flags), and a
+    flag of batches (--batch_drafts, --group_by_length) at --batch_size 1."""
+    from self_speculation.strategies import STRATEGY_FLAGS
+
+    given = given_flags(argv)
+    spelled = {flag: {flag, "no_" + flag} & given for flag in STRATEGY_FLAGS + ("group_by_length",)}
+    unread = [flag for flag in STRATEGY_FLAGS if spelled[flag] and not any(flag in r for r in readers.values())]
+    if unread:
+        names = ", ".join(f"--{flag}" for flag in unread)
+        print(f"warning: {names} ignored: {', '.join(readers)} {'does' if len(readers) == 1 else 'do'} not use "
+              f"{'it' if len(unread) == 1 else 'them'}", file=sys.stderr)
+    batch_only = [f"--{name}" for flag in ("batch_drafts", "group_by_length") if flag not in unread
+                  for name in sorted(spelled[flag])]
+    if batch_size == 1 and batch_only:
+        print(f"warning: {', '.join(batch_only)} ignored: one prompt at a time (--batch_size 1)", file=sys.stderr)
 
 
 def pop_list(argv: list[str], flag: str, default: str) -> list[str]:

@@ -17,10 +17,10 @@ from tqdm import tqdm
 from transformers.hf_argparser import string_to_bool
 
 from arguments import (MAX_WARMUP, SAMPLING, DatasetBatchArguments, DataArguments, GenerationArguments, ModelArguments,
-                       given_flags, parse, pop_list, run, warn_ignored)
+                       given_flags, parse, pop_list, run, warn_ignored, warn_unused)
 from self_speculation import UsageError
 from self_speculation.errors import check_range
-from self_speculation.benchmarking import RUNNERS, cost_meter, decoded_context, profile, record
+from self_speculation.benchmarking import RUNNER_FLAGS, RUNNERS, cost_meter, decoded_context, profile, record
 from self_speculation.reporting import compare, report
 from self_speculation.generator import check_prompt_lengths
 from self_speculation import distributed
@@ -42,7 +42,9 @@ class BenchmarkArguments:
 
 ARGUMENTS = (ModelArguments, GenerationArguments, DataArguments, DatasetBatchArguments, BenchmarkArguments)
 HELP = {"--generation_strategy": f"strategies to compare, comma-separated (or the flag given again), from: "
-                                 f"{', '.join(RUNNERS)}",
+                                 f"{', '.join(RUNNERS)}. Every strategy gets the same flags and reads its own: "
+                                 "autoregressive here is always the full model (the baseline; early_exit is early "
+                                 "exit), and a flag no strategy reads is warned of",
         "--compile": ("run the decoding passes through torch.compile (True/False), or both: every strategy eager "
                       "and compiled, interleaved batch by batch, as rows NAME and NAME+compiled", "{True,False,both}")}
 COMPILED = "+compiled"
@@ -82,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     model_args, config, data_args, batching, args = parse(ARGUMENTS, argv, help=HELP)
     if not config.sample and distributed.rank() == 0:
         warn_ignored(argv, SAMPLING, "greedy decoding (--sample False)")
+    if distributed.rank() == 0:
+        warn_unused(argv, {name: RUNNER_FLAGS[name] for name in strategies}, batching.batch_size)
     out = ensure_output_dir(model_args.output_dir)
     examples = data_args.load(model_args.seed)
     distributed.setup()

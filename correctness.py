@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field
 
 from arguments import (SAMPLING, DatasetBatchArguments, DataArguments, GenerationArguments, ModelArguments, parse, run,
-                       warn_ignored)
+                       warn_ignored, warn_unused)
 from self_speculation import Generator
 from self_speculation.errors import check_range
 from self_speculation import distributed
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if distributed.rank() == 0:
         warn_ignored(argv, ("generation_strategy", "sample") + SAMPLING,
                      "correctness.py compares greedy self_speculative with greedy autoregressive decoding")
+        warn_unused(argv, {s.name: s.flags for s in (Autoregressive, SelfSpeculative)}, batching.batch_size)
     speculative = SelfSpeculative().own(dataclasses.replace(config, sample=False))
     baseline = Autoregressive().own(dataclasses.replace(config, sample=False))
     output_dir = ensure_output_dir(model_args.output_dir)

@@ -28,7 +28,7 @@ import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from arguments import BatchArguments, GenerationArguments, ModelArguments, given_flags, parse, run
+from arguments import BatchArguments, GenerationArguments, ModelArguments, given_flags, parse, run, warn_unused
 from self_speculation import UsageError
 from self_speculation.errors import check_range
 from self_speculation.loading import hub_reachable
@@ -36,6 +36,7 @@ from self_speculation.results import append_jsonl, ensure_output_dir, new_run, w
 
 LOCAL_TASKS = Path(__file__).resolve().parent / "tasks"
 GENERATION_FLAGS = {f.name for f in fields(GenerationArguments)}
+SCORING_FLAGS = {"generation_strategy", "exit_layer"}  # which layer scores log-likelihoods; the rest only generate
 
 
 @dataclass
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                      batch_size=batching.batch_size)
     if args.log_samples:
         lm.generations = (stem.with_name(stem.name + "_generations.jsonl"), stem.name)
+    warn_unused(argv, {lm.strategy.name: lm.strategy.flags}, batching.batch_size)
     results = evaluate(lm, task_manager, args.tasks, online, num_fewshot=args.num_fewshot, limit=args.limit,
                        log_samples=args.log_samples, apply_chat_template=args.apply_chat_template,
                        random_seed=model_args.seed, numpy_random_seed=model_args.seed,
@@ -136,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         for task, samples in results["samples"].items():
             for sample in samples:
                 append_jsonl(samples_path, {"run_id": run_id, "task": task} | sample)
+    if not lm.ran and (unused := sorted(given - SCORING_FLAGS)):  # no task generated anything
+        print(f"warning: {', '.join('--' + f for f in unused)} ignored: the tasks score log-likelihoods and "
+              "generate nothing", file=sys.stderr)
     print(make_table(results))
     print(lm.summary_line(stem.with_suffix(".json")))
     return 0

@@ -6,7 +6,8 @@
 
 import sys
 
-from arguments import SAMPLING, GenerateArguments, GenerationArguments, ModelArguments, parse, run, warn_ignored
+from arguments import (SAMPLING, GenerateArguments, GenerationArguments, ModelArguments, parse, run, warn_ignored,
+                       warn_unused)
 from self_speculation import Generator, UsageError
 from self_speculation.distributed import rank
 from self_speculation.streamers import STREAMERS
@@ -60,8 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0  # under torchrun only the first process talks to the terminal
     if not config.sample:
         warn_ignored(argv, SAMPLING, "greedy decoding (--sample False)")
+    warn_ignored(argv, ("output_dir",), "generate.py prints what it generates and writes no file")
     model, tokenizer = model_args.load()
     generator = Generator(model, tokenizer, config, seed=model_args.seed)
+    warn_unused(argv, {generator.strategy.name: generator.strategy.flags}, 1)  # after the hand-over to early_exit
     if config.compile:
         print("--compile: the first generation compiles the decoding passes (about half a minute each); its time "
               "includes that", file=sys.stderr)

@@ -56,7 +56,7 @@ class SweepArguments:
         check_range("--warmup", self.warmup, 0, MAX_WARMUP)
 
 
-IGNORED = ("generation_strategy", "exit_layer", "num_speculations", "batch_drafts")  # the sweep sets them at every point
+IGNORED = ("generation_strategy", "exit_layer", "num_speculations", "batch_drafts", "no_batch_drafts")  # the sweep sets them at every point
 
 
 ARGUMENTS = (ModelArguments, GenerationArguments, DataArguments, DatasetBatchArguments, SweepArguments)
@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                                     "(--exit_layer_first/last/step, --num_speculations_first/last/step)")
         if not config.sample:
             warn_ignored(argv, SAMPLING, "greedy decoding (--sample False)")
+        if batching.batch_size == 1:
+            warn_ignored(argv, ("group_by_length", "no_group_by_length"), "one prompt at a time (--batch_size 1)")
     done = directory.start()  # every flag is checked: from here on the directory holds this sweep
     batches = batching.batches(prompts)
     baseline = directory.baseline(model, tokenizer, config, model_args.seed, batches, args.warmup)

@@ -246,6 +246,10 @@ def _hf_assistant_early_exit(model, tokenizer, config, seed) -> Runner:
     return Runner(run, settings, alone="Hugging Face's assisted generation takes a batch of one", compiles=False)
 
 
+# what each runner reads of the strategy flags (STRATEGY_FLAGS): a benchmark warns of one none of its runners reads
+RUNNER_FLAGS = {name: strategy.flags for name, strategy in STRATEGIES.items()} | {
+    "hf_generate": frozenset(), "hf_assistant_early_exit": frozenset({"exit_layer", "num_speculations"})}
+
 RUNNERS: dict[str, Callable] = {
     **{name: _ours(name) for name in STRATEGIES},
     "hf_generate": _hf_generate,

@@ -278,12 +278,13 @@ def evaluate(lm: LayerSkipLM, task_manager, tasks: list[str], online: bool, **op
             check_fewshot(task_manager, tasks, options["num_fewshot"])
         return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=task_manager, **options)
     except (ConnectionError, OSError) as error:
-        if isinstance(error, FileNotFoundError) and ("hf.co" not in str(error) and "huggingface" not in str(error)):
+        metric = re.search(r"Module '([\w-]+)' doesn't exist", str(error))
+        if isinstance(error, FileNotFoundError) and not metric and not re.search(r"hf\.co|hugging ?face", str(error),
+                                                                                  re.IGNORECASE):
             raise UsageError(f"--tasks {','.join(tasks)}: a data file of the task is missing "
                              f"({str(error).splitlines()[0]})") from None
         if online:
             raise
-        metric = re.search(r"Module '([\w-]+)' doesn't exist", str(error))
         if metric:  # the `evaluate` library fetches metric code (code_eval for humaneval) from the hub
             raise UsageError(f"--tasks {','.join(tasks)}: the metric {metric.group(1)} is loaded from the Hugging "
                              "Face hub by the evaluate library, and the hub is unreachable; run it where the hub is "

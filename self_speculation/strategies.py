@@ -157,6 +157,7 @@ class Strategy:
     name: str
     lossless: bool
     full_model = True  # every step (and the prompt) ends in a pass through every layer
+    flags: frozenset[str] = frozenset()  # the strategy flags (STRATEGY_FLAGS) it reads
 
     def configure(self, config: GenerationConfig, model_config) -> GenerationConfig:
         raise NotImplementedError
@@ -296,6 +297,7 @@ class EarlyExit(Autoregressive):
     output is not the full model's)."""
 
     name, lossless, full_model = "early_exit", False, False
+    flags = frozenset({"exit_layer"})
 
     def configure(self, config, model_config):
         num_layers = model_config.num_hidden_layers
@@ -325,6 +327,7 @@ class SelfSpeculative(Strategy):
     hidden states, keep the longest agreeing prefix plus one token of the full model."""
 
     name, lossless = "self_speculative", True
+    flags = frozenset({"exit_layer", "num_speculations", "batch_drafts"})
 
     def __init__(self):
         self.acceptance = Acceptance()  # of every step this instance ran: what the draft length is chosen from
@@ -531,6 +534,8 @@ class Acceptance:
             tokens += chance
         return tokens
 
+
+STRATEGY_FLAGS = ("exit_layer", "num_speculations", "batch_drafts")  # flags that some strategies do not read
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "autoregressive": Autoregressive,

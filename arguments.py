@@ -1,5 +1,6 @@
 """Command-line arguments of every script, defined once as dataclasses (help text, choices, validation)."""
 
+import argparse
 import difflib
 import sys
 from collections.abc import Callable
@@ -28,7 +29,8 @@ DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate
 class ModelArguments:
     model: str = field(
         default=str(DEFAULT_MODEL),
-        metadata={"help": "Hugging Face hub id or local directory of the model; the default is the embedded model"},
+        metadata={"help": "Hugging Face hub id or local directory of the model (default: the embedded model, "
+                          "models/layerskip-stdlib)"},
     )
     dtype: str = field(
         default="auto",
@@ -37,7 +39,7 @@ class ModelArguments:
             "choices": ("auto", "float32", "bfloat16", "float16"),
         },
     )
-    device: str = field(default="auto", metadata={"help": "auto (CUDA when present), cpu, cuda or cuda:N"})
+    device: str = field(default="auto", metadata={"help": "auto (CUDA when present), cpu, cuda, cuda:N or mps"})
     device_map: str | None = field(
         default=None, metadata={"help": "spread the model over several GPUs, e.g. auto (needs accelerate)"}
     )
@@ -144,9 +146,21 @@ class DatasetBatchArguments(BatchArguments):
         return batches(prompts, self.batch_size, self.group_by_length)
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The default after each flag's help, unless the help says it already (the embedded model's path is this
+    machine's, not something to show)."""
+
+    def _get_help_string(self, action):
+        return action.help if "(default: " in (action.help or "") else super()._get_help_string(action)
+
+
 class _Parser(HfArgumentParser):
     def __init__(self, types: tuple[type, ...]):
-        super().__init__(types, allow_abbrev=False)  # a prefix of a flag is a typo, not that flag
+        super().__init__(types, allow_abbrev=False, formatter_class=_Formatter)  # a prefix of a flag is a typo
+        for action in self._actions:  # transformers gives --no_X its --X's help, which then reads as its opposite
+            negative = next((s for s in action.option_strings if s.startswith("--no_")), None)
+            if negative is not None and f"--{negative[5:]}" in self._option_string_actions:
+                action.help, action.default = f"the same as --{negative[5:]} False", argparse.SUPPRESS
 
     def error(self, message: str):
         raise UsageError(message)
@@ -160,11 +174,23 @@ class _Parser(HfArgumentParser):
         return f"unknown flag {flag}" + (f" (did you mean {closest[0]}?)" if closest else "; see --help")
 
 
-def parse(types: tuple[type, ...], argv: list[str] | None = None, help: dict[str, str] | None = None) -> tuple:
+def description(doc: str) -> str:
+    """What a script's --help opens with, from its docstring: what it does (the first paragraph) and its first
+    example command (with the lines it continues onto)."""
+    first = doc.strip().split("\n\n")[0]
+    example = next(line for line in doc.splitlines() if line.lstrip().startswith("python "))
+    return f"{' '.join(first.split())}\n\nexample:\n  {' '.join(example.split())}"  # a docstring's \ joined its lines
+
+
+def parse(types: tuple[type, ...], argv: list[str] | None = None, help: dict[str, str] | None = None,
+          doc: str | None = None) -> tuple:
     """Parse argv (default: sys.argv[1:]) into one instance of each dataclass; bad input raises UsageError.
     `help` replaces the help text of flags a script reads differently (and drops their listed choices): text, or
-    (text, metavar); the metavar is NAMES unless given."""
+    (text, metavar); the metavar is NAMES unless given. `doc`: the script's docstring, which --help opens with
+    (`description`)."""
     parser = _Parser(types)
+    if doc is not None:
+        parser.description = description(doc)
     for flag, text in (help or {}).items():
         action = parser._option_string_actions[flag]
         text, metavar = (text, "NAMES") if isinstance(text, str) else text

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise UsageError(f"--generation_strategy: unknown {', '.join(unknown)} (choose from {', '.join(RUNNERS)})")
     both = pop_compile_both(argv)
-    model_args, config, data_args, batching, args = parse(ARGUMENTS, argv, help=HELP)
+    model_args, config, data_args, batching, args = parse(ARGUMENTS, argv, help=HELP, doc=__doc__)
     if not config.sample and distributed.rank() == 0:
         warn_ignored(argv, SAMPLING, "greedy decoding (--sample False)")
     if distributed.rank() == 0:

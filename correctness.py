@@ -42,7 +42,7 @@ ARGUMENTS = (ModelArguments, GenerationArguments, DataArguments, DatasetBatchArg
 
 
 def main(argv: list[str] | None = None) -> int:
-    model_args, config, data_args, batching, args = parse(ARGUMENTS, argv)
+    model_args, config, data_args, batching, args = parse(ARGUMENTS, argv, doc=__doc__)
     # Greedy on both sides: the invariant is token-for-token identity.
     if distributed.rank() == 0:
         warn_ignored(argv, ("generation_strategy", "sample") + SAMPLING,

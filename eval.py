@@ -98,7 +98,7 @@ ARGUMENTS = (ModelArguments, GenerationArguments, BatchArguments, EvalArguments)
 
 
 def main(argv: list[str] | None = None) -> int:
-    model_args, config, batching, args = parse(ARGUMENTS, argv)
+    model_args, config, batching, args = parse(ARGUMENTS, argv, doc=__doc__)
     given = given_flags(argv) & GENERATION_FLAGS
     out = ensure_output_dir(model_args.output_dir)
     stem = new_run(out, "eval")

@@ -79,7 +79,7 @@ SAFE = r"[^\w.-]"  # what a label may not bring into a file name
 
 
 def main(argv=None) -> int:
-    (args,) = parse(ARGUMENTS, argv)
+    (args,) = parse(ARGUMENTS, argv, doc=__doc__)
     out = ensure_output_dir(args.output_dir)
     problems = humaneval_problems()[: args.num_samples]
     speculations = list(range(1, args.max_speculations + 1))

@@ -56,7 +56,7 @@ ARGUMENTS = (ModelArguments, GenerationArguments, GenerateArguments)
 
 
 def main(argv: list[str] | None = None) -> int:
-    model_args, config, args = parse(ARGUMENTS, argv)
+    model_args, config, args = parse(ARGUMENTS, argv, doc=__doc__)
     if rank() != 0:
         return 0  # under torchrun only the first process talks to the terminal
     if not config.sample:

@@ -63,7 +63,7 @@ ARGUMENTS = (ModelArguments, GenerationArguments, DataArguments, DatasetBatchArg
 
 
 def main(argv: list[str] | None = None) -> int:
-    model_args, config, data_args, batching, args = parse(ARGUMENTS, argv)
+    model_args, config, data_args, batching, args = parse(ARGUMENTS, argv, doc=__doc__)
     out = ensure_output_dir(model_args.output_dir)
     directory = SweepDirectory(out, {"model": dataclasses.asdict(model_args), "generation": dataclasses.asdict(config),
                                      "data": dataclasses.asdict(data_args),

@@ -22,7 +22,7 @@ ARGUMENTS = (TrainConfig,)
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        (config,) = parse(ARGUMENTS, argv)
+        (config,) = parse(ARGUMENTS, argv, doc=__doc__)
         final = train(config)
     except UsageError:
         if distributed.rank() > 0 and not dist.is_initialized():

@@ -1,6 +1,7 @@
 """The runners a benchmark compares on the same prompts: ours (the strategy table) and Hugging Face's peers."""
 
 import dataclasses
+import logging
 import statistics
 import time
 from collections.abc import Callable
@@ -230,6 +231,15 @@ def _hf_generate(model, tokenizer, config, seed) -> Runner:
     return Runner(run, settings, run_together)
 
 
+class _InternalDeprecation(logging.Filter):
+    """Drops transformers' notice that generate was given a generation config together with generation arguments
+    when transformers itself does it (its assisted generation calls the assistant's generate that way): a
+    warning the user cannot act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Passing `generation_config` together with generation-related")
+
+
 def _hf_assistant_early_exit(model, tokenizer, config, seed) -> Runner:
     """Hugging Face's LayerSkip: the first E layers draft with their own cache, the full model verifies. Its draft
     length is read from the model's generation config (not from generate() arguments), so it is set there for the
@@ -242,6 +252,9 @@ def _hf_assistant_early_exit(model, tokenizer, config, seed) -> Runner:
         "assistant_confidence_threshold": 0.0,
     }
     settings = _recorded(kwargs) | patch
+    generation_logger = logging.getLogger("transformers.generation.utils")
+    if not any(isinstance(f, _InternalDeprecation) for f in generation_logger.filters):
+        generation_logger.addFilter(_InternalDeprecation())
     run, _ = _hf_run("hf_assistant_early_exit", model, kwargs, _hf_stop(tokenizer, config, kwargs), patch)
     return Runner(run, settings, alone="Hugging Face's assisted generation takes a batch of one", compiles=False)
 

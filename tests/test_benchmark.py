@@ -380,3 +380,22 @@ def test_hugging_faces_baselines_get_our_budget_where_the_context_ends_first(che
         assert [runner.run(p).tokens for p in (long, short)] == [s.tokens for s in ours], name
     together = RUNNERS["hf_generate"](model, tokenizer, config, 0).run_together([long, short])
     assert [s.tokens for s in together] == [s.tokens for s in ours]
+
+
+def test_the_quick_start_prints_no_warning_a_user_cannot_act_on(checkpoint, tmp_path):
+    """transformers' assisted generation calls the assistant's generate with a generation config and generation
+    arguments, and transformers then warns the user of its own deprecated call."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root, prompts = Path(__file__).resolve().parents[1], tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "def f(x):"}\n{"prompt": "import os"}\n')
+    done = subprocess.run([sys.executable, str(root / "benchmark.py"), "--model", str(checkpoint), "--dataset",
+                           "custom_jsonl", "--data_path", str(prompts),
+                           "--max_steps", "6", "--sample", "False", "--exit_layer", "2", "--num_speculations", "2",
+                           "--generation_strategy", "autoregressive,self_speculative,hf_generate,hf_assistant_early_exit",
+                           "--output_dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    noise = [line for line in done.stderr.splitlines() if "warn" in line.lower() or "deprecat" in line.lower()]
+    assert noise == []

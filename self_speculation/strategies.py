@@ -235,11 +235,38 @@ def draft_share(num_speculations: int, budget: int) -> int:
     return min(num_speculations, budget - 1)
 
 
+# Settings the LayerSkip authors published for their checkpoints, which carry no `layerskip` key of ours: the
+# paper's (Elhoushi et al., ACL 2024) self-speculative results after continual pretraining, Llama2 7B at E8 d6 on
+# HumanEval (also the reference toolkit's example command) and Llama2 13B at E15 d12 on CNN/DM. Other models: none.
+PUBLISHED = {
+    "facebook/layerskip-llama2-7b": {"exit_layer": 8, "num_speculations": 6},
+    "facebook/layerskip-llama2-13b": {"exit_layer": 15, "num_speculations": 12},
+}
+
+
+CHOOSE = " (exits.py predicts the best settings from a few prompts, sweep.py measures a grid)"
+
+
+def _published(model_config) -> tuple[dict | None, str]:
+    """The published settings of a checkpoint named like one in PUBLISHED (a hub id, or a local copy in a directory
+    of that name), and where they come from."""
+    name = (getattr(model_config, "_name_or_path", None) or "").rstrip("/").lower()
+    for model_id, settings in PUBLISHED.items():
+        if name == model_id or name.endswith("/" + model_id.split("/")[1]) or name == model_id.split("/")[1]:
+            return settings, f"published for {model_id} by the LayerSkip paper"
+    return None, ""
+
+
 def _flag_or_recommended(config: GenerationConfig, model_config, name: str) -> tuple[int, str]:
-    """A flag's value, or where it was left at -1 the checkpoint's recommendation (`layerskip` in its config.json),
-    and what an error about the value names: the flag, or the file's recommendation. A `layerskip` that is not an
-    object of integers (a file edited by hand) is refused, naming the file."""
+    """A flag's value, or where it was left at -1 the checkpoint's recommendation (`layerskip` in its config.json,
+    else the settings published for it: PUBLISHED), and what an error about the value names: the flag, or where
+    the recommendation comes from. A `layerskip` that is not an object of integers (a file edited by hand) is
+    refused, naming the file."""
     value, recommended = getattr(config, name), getattr(model_config, "layerskip", None)
+    if value == -1 and recommended is None:
+        published, source = _published(model_config)
+        if published is not None:
+            return published[name], f"{name} {published[name]}, {source} (set --{name})"
     if value != -1 or recommended is None:
         return value, f"--{name}"
     where = f"{getattr(model_config, '_name_or_path', None) or 'the model'}/config.json"
@@ -303,7 +330,7 @@ class EarlyExit(Autoregressive):
         num_layers = model_config.num_hidden_layers
         exit_layer, source = _flag_or_recommended(config, model_config, "exit_layer")
         if exit_layer == -1:
-            raise UsageError("--exit_layer must be >= 1 for early_exit; this model recommends none")
+            raise UsageError(f"--exit_layer must be >= 1 for early_exit; this model recommends none{CHOOSE}")
         if not 1 <= exit_layer <= num_layers:
             raise UsageError(f"{source} must be in [1, {num_layers}] for this {num_layers}-layer model "
                              f"(got {exit_layer})")
@@ -339,9 +366,10 @@ class SelfSpeculative(Strategy):
         (exit_layer, exit_source), (drafts, drafts_source) = (
             _flag_or_recommended(config, model_config, name) for name in ("exit_layer", "num_speculations"))
         if exit_layer == -1:
-            raise UsageError("--exit_layer must be >= 1 for self_speculative; this model recommends none")
+            raise UsageError(f"--exit_layer must be >= 1 for self_speculative; this model recommends none{CHOOSE}")
         if drafts == -1:
-            raise UsageError("--num_speculations must be >= 1 for self_speculative; this model recommends none")
+            raise UsageError("--num_speculations must be >= 1 for self_speculative; this model recommends "
+                             f"none{CHOOSE}")
         if not 1 <= exit_layer < num_layers:
             raise UsageError(f"{exit_source} must be in [1, {num_layers - 1}] for self_speculative with this "
                              f"{num_layers}-layer model (got {exit_layer})")

@@ -116,3 +116,23 @@ def test_an_out_of_range_recommendation_is_blamed_on_the_file_not_the_flag(gqa_t
         configured(GenerationConfig(generation_strategy=name), model_config)
     strategy, config = configured(GenerationConfig(generation_strategy=name, exit_layer=2), model_config)
     assert config.exit_layer == 2  # the flag wins; the recommendation is not looked at
+
+
+@pytest.mark.parametrize("directory, settings", [("layerskip-llama2-7B", (8, 6)), ("layerskip-llama2-13B", (15, 12))])
+def test_a_facebook_checkpoint_without_our_key_runs_with_its_published_settings(tmp_path, directory, settings):
+    """Offline: a local copy in a directory named as the hub checkpoint (its config has no `layerskip` key)."""
+    from models import save_tiny_checkpoint
+
+    from self_speculation.loading import load
+
+    save_tiny_checkpoint(tmp_path / directory, num_layers=16, eos_token_id=None)
+    model, _ = load(str(tmp_path / directory))
+    generator = Generator(model, None, GenerationConfig(generation_strategy="self_speculative", sample=False,
+                                                        max_steps=4))
+    assert (generator.config.exit_layer, generator.config.num_speculations) == settings
+    assert len(generator.generate_ids([0, 5, 17]).tokens) == 4
+
+
+def test_any_other_model_without_settings_is_told_how_to_choose_them(gqa_tied):
+    with pytest.raises(UsageError, match=r"recommends none \(exits.py predicts .*sweep.py measures a grid\)"):
+        configured(GenerationConfig(generation_strategy="self_speculative"), gqa_tied.config)

@@ -242,19 +242,14 @@ PUBLISHED = {
     "facebook/layerskip-llama2-7b": {"exit_layer": 8, "num_speculations": 6},
     "facebook/layerskip-llama2-13b": {"exit_layer": 15, "num_speculations": 12},
 }
-
-
 CHOOSE = " (exits.py predicts the best settings from a few prompts, sweep.py measures a grid)"
 
 
-def _published(model_config) -> tuple[dict | None, str]:
-    """The published settings of a checkpoint named like one in PUBLISHED (a hub id, or a local copy in a directory
-    of that name), and where they come from."""
-    name = (getattr(model_config, "_name_or_path", None) or "").rstrip("/").lower()
-    for model_id, settings in PUBLISHED.items():
-        if name == model_id or name.endswith("/" + model_id.split("/")[1]) or name == model_id.split("/")[1]:
-            return settings, f"published for {model_id} by the LayerSkip paper"
-    return None, ""
+def _published(model_config) -> str | None:
+    """The PUBLISHED id of a checkpoint named like one there (the hub id, or a local copy in a directory of that
+    name), or None."""
+    name = (getattr(model_config, "_name_or_path", None) or "").rstrip("/").lower().rsplit("/", 1)[-1]
+    return next((model_id for model_id in PUBLISHED if model_id.split("/")[1] == name), None)
 
 
 def _flag_or_recommended(config: GenerationConfig, model_config, name: str) -> tuple[int, str]:
@@ -263,12 +258,14 @@ def _flag_or_recommended(config: GenerationConfig, model_config, name: str) -> t
     the recommendation comes from. A `layerskip` that is not an object of integers (a file edited by hand) is
     refused, naming the file."""
     value, recommended = getattr(config, name), getattr(model_config, "layerskip", None)
-    if value == -1 and recommended is None:
-        published, source = _published(model_config)
-        if published is not None:
-            return published[name], f"{name} {published[name]}, {source} (set --{name})"
-    if value != -1 or recommended is None:
+    if value != -1:
         return value, f"--{name}"
+    if recommended is None:
+        model_id = _published(model_config)
+        if model_id is None:
+            return -1, f"--{name}"
+        value = PUBLISHED[model_id][name]
+        return value, f"{name} {value}, published for {model_id} by the LayerSkip paper (set --{name})"
     where = f"{getattr(model_config, '_name_or_path', None) or 'the model'}/config.json"
     if not isinstance(recommended, dict) or any(type(recommended.get(key, -1)) is not int
                                                  for key in ("exit_layer", "num_speculations")):

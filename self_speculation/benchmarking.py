@@ -13,7 +13,7 @@ from transformers import CompileConfig, StopStringCriteria, StoppingCriteriaList
 
 from .config import GenerationConfig
 from .costs import CostMeter, sync_device
-from .generator import Generator, context_length
+from .generator import Generator, context_length, token_budget
 from .stopping import StopCondition
 from .strategies import STRATEGIES, SelfSpeculative, configured
 
@@ -174,15 +174,12 @@ def _hf_run(name: str, model, kwargs: dict, stop: StopCondition, patch: dict | N
     first, as our generator gives it (generate gives every row of a batch the largest)."""
     device, context = model.lm_head.weight.device, context_length(model)
 
-    def budget(prompt: list[int]) -> int:
-        return kwargs["max_new_tokens"] if context is None else min(kwargs["max_new_tokens"], context - len(prompt))
-
     def cut(row: list[int], budget: int) -> list[int]:
         row = row[:budget]
         return row[: next((i + 1 for i in range(len(row)) if stop.reason(row[: i + 1]) is not None), len(row))]
 
     def run_together(prompts):
-        budgets = [budget(p) for p in prompts]
+        budgets = [token_budget(kwargs["max_new_tokens"], context, len(p)) for p in prompts]
         width = max(len(p) for p in prompts)
         ids = torch.tensor([[kwargs["pad_token_id"]] * (width - len(p)) + p for p in prompts], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)

@@ -71,6 +71,12 @@ def _too_long(length: int, context: int | None) -> str | None:
     return None
 
 
+def token_budget(max_steps: int, context: int | None, prompt_length: int) -> int:
+    """How many tokens a prompt may get: --max_steps, or less where the model's context ends first. Every runner of
+    a benchmark, ours and Hugging Face's, gets this budget."""
+    return max_steps if context is None else min(max_steps, context - prompt_length)
+
+
 def check_prompt_lengths(model: PreTrainedModel, prompts: list[list[int]]) -> None:
     """Before the first generation of a dataset: every prompt fits the model's context, or the first that does not
     is named by its 1-based position among the examples."""
@@ -134,8 +140,7 @@ class Generator:
         """Each prompt's budget of new tokens (--max_steps, or less where the context ends first), and the cache
         capacity of their generation: room for all of it and what a step writes past it, so that the cache never
         grows."""
-        budgets = [self.config.max_steps if self.context_length is None
-                   else min(self.config.max_steps, self.context_length - len(p)) for p in prompts]
+        budgets = [token_budget(self.config.max_steps, self.context_length, len(p)) for p in prompts]
         room = self.strategy.cache_room(self.config, max(budgets))
         return budgets, max(len(p) for p in prompts) + max(budgets) + room
 

@@ -110,13 +110,12 @@ class SweepDirectory:
         path = self.path / "sweep_baseline.json"
         if path.exists():
             saved = read_json_object(path, "delete it to measure the baseline again")
-            outputs = saved.get("outputs")
+            outputs, prompts = saved.get("outputs"), sum(len(b.prompts) for b in batches)
             if (type(saved.get("tokens_per_second")) not in (int, float) or not isinstance(outputs, list)
-                    or len(outputs) != sum(len(b.prompts) for b in batches)
+                    or len(outputs) != prompts
                     or not all(isinstance(o, list) and all(type(t) is int for t in o) for o in outputs)):
-                raise UsageError(f"{path}: expected tokens_per_second and the outputs of the "
-                                 f"{sum(len(b.prompts) for b in batches)} prompts; delete it to measure the "
-                                 "baseline again")
+                raise UsageError(f"{path}: expected tokens_per_second and the outputs of the {prompts} prompts; "
+                                 "delete it to measure the baseline again")
             return saved
         runner = RUNNERS["hf_generate"](model, tokenizer, config, seed)
         runner.warm_up(batches, warmup)

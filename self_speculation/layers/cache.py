@@ -75,9 +75,9 @@ class Pass:
             keys.index_copy_(2, positions, key_states)
             values.index_copy_(2, positions, value_states)
         else:  # row b at positions[b] (B, T): one scatter per buffer
-            index = positions[:, None, :, None].expand_as(key_states)
-            keys.scatter_(2, index, key_states)
-            values.scatter_(2, index, value_states)
+            slots = positions[:, None, :, None].expand_as(key_states)
+            keys.scatter_(2, slots, key_states)
+            values.scatter_(2, slots, value_states)
         if self.seen is None:
             return keys, values
         return keys.narrow(2, 0, self.seen), values.narrow(2, 0, self.seen)
@@ -113,9 +113,6 @@ class KVCache:
     @property
     def batch(self) -> int:
         return len(self.held)
-
-    def get_seq_length(self) -> int:
-        return max(self.held)
 
     def positions(self, offset: int, T: int, device: torch.device, ragged: bool = False) -> torch.Tensor:
         """Where a pass of T new tokens per row writes, `offset` positions past what each row holds: (T,), shared

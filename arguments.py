@@ -186,7 +186,7 @@ def parse(types: tuple[type, ...], argv: list[str] | None = None, help: dict[str
           doc: str | None = None) -> tuple:
     """Parse argv (default: sys.argv[1:]) into one instance of each dataclass; bad input raises UsageError.
     `help` replaces the help text of flags a script reads differently (and drops their listed choices): text, or
-    (text, metavar); the metavar is NAMES unless given. `doc`: the script's docstring, which --help opens with
+    (text, metavar); the metavar is NAMES unless given (None: the flag's own). `doc`: the script's docstring, which --help opens with
     (`description`)."""
     parser = _Parser(types)
     if doc is not None:
@@ -194,7 +194,7 @@ def parse(types: tuple[type, ...], argv: list[str] | None = None, help: dict[str
     for flag, text in (help or {}).items():
         action = parser._option_string_actions[flag]
         text, metavar = (text, "NAMES") if isinstance(text, str) else text
-        action.help, action.choices, action.metavar = text, None, metavar
+        action.help, action.choices, action.metavar = text, None, metavar or action.metavar
     _, unknown = parser.parse_known_args(args=argv)
     if unknown:
         raise UsageError(parser.unknown(unknown[0]))

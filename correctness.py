@@ -39,10 +39,13 @@ class CorrectnessArguments:
 
 
 ARGUMENTS = (ModelArguments, GenerationArguments, DataArguments, DatasetBatchArguments, CorrectnessArguments)
+GREEDY_ONLY = "not used: both sides decode greedily (default: greedy)"
+UNUSED_HELP = {"--generation_strategy": ("not used: self_speculative is always compared with autoregressive (default: both)", None),
+               **{f"--{name}": (GREEDY_ONLY, None) for name in ("sample",) + SAMPLING}}
 
 
 def main(argv: list[str] | None = None) -> int:
-    model_args, config, data_args, batching, args = parse(ARGUMENTS, argv, doc=__doc__)
+    model_args, config, data_args, batching, args = parse(ARGUMENTS, argv, doc=__doc__, help=UNUSED_HELP)
     # Greedy on both sides: the invariant is token-for-token identity.
     if distributed.rank() == 0:
         warn_ignored(argv, ("generation_strategy", "sample") + SAMPLING,

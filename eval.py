@@ -36,6 +36,16 @@ from self_speculation.results import append_jsonl, ensure_output_dir, new_run, w
 
 LOCAL_TASKS = Path(__file__).resolve().parent / "tasks"
 GENERATION_FLAGS = {f.name for f in fields(GenerationArguments)}
+TASK_HELP = {  # a generation task brings these; the flag, when given, wins (see the docstring)
+    "--max_steps": ("maximum number of new tokens (>= 1) (default: the task's max_gen_toks)", None),
+    "--sample": ("sample (True) or greedy decoding (False) (default: the task's; a sampling flag given samples)",
+                 None),
+    "--temperature": ("sampling temperature (> 0) (default: the task's, else 0.6)", None),
+    "--top_k": ("keep the k most likely tokens when sampling (0: all) (default: the task's, else 0)", None),
+    "--top_p": ("nucleus sampling mass, in (0, 1] (default: the task's, else 0.9)", None),
+    "--no_repeat_ngram_size": ("forbid repeating n-grams of this size (0: off) (default: the task's, else 0)", None),
+    "--stop_words": ("stop after any of these strings, besides the task's own `until`", None),
+}
 SCORING_FLAGS = {"generation_strategy", "exit_layer"}  # which layer scores log-likelihoods; the rest only generate
 
 
@@ -98,7 +108,7 @@ ARGUMENTS = (ModelArguments, GenerationArguments, BatchArguments, EvalArguments)
 
 
 def main(argv: list[str] | None = None) -> int:
-    model_args, config, batching, args = parse(ARGUMENTS, argv, doc=__doc__)
+    model_args, config, batching, args = parse(ARGUMENTS, argv, doc=__doc__, help=TASK_HELP)
     given = given_flags(argv) & GENERATION_FLAGS
     out = ensure_output_dir(model_args.output_dir)
     stem = new_run(out, "eval")

@@ -40,3 +40,15 @@ def test_every_flag_has_help_and_no_negative_flag_reads_as_its_opposite(name, mo
             positive = parser._option_string_actions[f"--{flag[5:]}"]
             assert action.help == f"the same as --{flag[5:]} False" and action.help != positive.help, flag
     assert str(Path(__file__).resolve().parents[1]) not in parser.format_help()  # no machine's own path shown
+
+
+def test_defaults_shown_are_the_ones_that_apply(monkeypatch, capsys):
+    """correctness.py decodes greedily whatever --sample says, and eval.py's generation tasks bring their own
+    settings: neither shows a default that does not apply."""
+    parser, _ = help_of("correctness", monkeypatch, capsys)
+    for flag in ("--sample", "--temperature", "--top_k", "--top_p", "--generation_strategy"):
+        text = parser._option_string_actions[flag].help
+        assert text.startswith("not used") and "(default: True)" not in parser.format_help(), flag
+    parser, _ = help_of("eval", monkeypatch, capsys)
+    for flag in ("--max_steps", "--sample", "--temperature", "--top_k", "--top_p", "--no_repeat_ngram_size"):
+        assert "(default: the task's" in parser._option_string_actions[flag].help, flag

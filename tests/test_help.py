@@ -48,7 +48,7 @@ def test_defaults_shown_are_the_ones_that_apply(monkeypatch, capsys):
     parser, _ = help_of("correctness", monkeypatch, capsys)
     for flag in ("--sample", "--temperature", "--top_k", "--top_p", "--generation_strategy"):
         text = parser._option_string_actions[flag].help
-        assert text.startswith("not used") and "(default: True)" not in parser.format_help(), flag
+        assert text.startswith("not used") and "(default: " in text, flag  # the formatter adds no other default
     parser, _ = help_of("eval", monkeypatch, capsys)
     for flag in ("--max_steps", "--sample", "--temperature", "--top_k", "--top_p", "--no_repeat_ngram_size"):
         assert "(default: the task's" in parser._option_string_actions[flag].help, flag

@@ -28,6 +28,7 @@ class Sample:
     drafted: int = 0
     accepted: int = 0
     passes: int = 0  # full-model passes (prompt pass included) for our strategies
+    steps: int = 0  # decoding steps after the prompt's pass (our strategies): what their cost models price
     cache_bytes: int | None = None  # keys and values the KV cache held at its largest (our strategies)
     peak_gpu_bytes: int | None = None  # peak GPU memory allocated during the run, weights included (CUDA only)
     batch: int = -1  # samples of one batch (>= 0) were generated together: `total_time` is the batch's wall time
@@ -100,7 +101,7 @@ def _ours(name: str):
 
         def sample(r, peak) -> Sample:
             return Sample(name, -1, r.tokens, r.total_time, r.time_to_first_token, r.drafted, r.accepted,
-                          full_passes * (r.steps + 1), r.cache_bytes, peak.get("bytes"))
+                          full_passes * (r.steps + 1), r.steps, r.cache_bytes, peak.get("bytes"))
 
         def run(prompt_ids):
             with _peak_gpu_memory(generator.device) as peak:

@@ -203,8 +203,8 @@ class Strategy:
             return {}
         measured = predicted = tokens = 0.0
         for rows in batches:
-            steps = max(s.passes - 1 for s in rows)
-            drafted = sum(s.drafted for s in rows) / max(sum(s.passes - 1 for s in rows), 1)
+            steps = max(s.steps for s in rows)
+            drafted = sum(s.drafted for s in rows) / max(sum(s.steps for s in rows), 1)
             measured += rows[0].total_time - (rows[0].time_to_first_token or 0.0)
             predicted += steps * self.step_seconds(costs, drafted)
             tokens += sum(len(s.tokens) - 1 for s in rows)
@@ -470,7 +470,7 @@ class SelfSpeculative(Strategy):
             report["draft_length_by_batch_size"] = dict(sorted(self.chosen.items()))
         if costs is not None:
             report |= {"ideal_speedup_vs_autoregressive": self.ideal_speedup(
-                costs, steps=sum(s.passes - 1 for s in samples), drafted=sum(s.drafted for s in samples),
+                costs, steps=sum(s.steps for s in samples), drafted=sum(s.drafted for s in samples),
                 accepted=sum(s.accepted for s in samples)), "pass_costs_seconds": dataclasses.asdict(costs)}
         if plain:
             report["speedup_vs_autoregressive"] = mine["tokens_per_second"] / plain["tokens_per_second"]
@@ -489,7 +489,7 @@ class SelfSpeculative(Strategy):
         lines = []
         if "ideal_speedup_vs_autoregressive" in m:
             lines.append(f"{name}: ideal speedup over autoregressive {m['ideal_speedup_vs_autoregressive']:.2f}x "
-                         "(acceptance and pass costs measured here; model in README)")
+                         "(acceptance and pass costs measured here; model in docs/performance.md)")
             if "efficiency" in m:
                 lines[-1] += (f", measured {m['speedup_vs_autoregressive']:.2f}x (after the first token "
                               f"{m['decode_speedup_vs_autoregressive']:.2f}x), efficiency {100 * m['efficiency']:.0f}%")

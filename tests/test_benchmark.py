@@ -58,6 +58,11 @@ def test_benchmark_runs_every_strategy_and_writes_valid_json(checkpoint, prompts
         spec["decode_speedup_vs_autoregressive"] / spec["ideal_speedup_vs_autoregressive"])
     assert spec["speedup_vs_autoregressive"] == pytest.approx(
         spec["tokens_per_second"] / metrics["autoregressive"]["tokens_per_second"])
+    # every strategy of ours is priced by its steps, early_exit too, which makes no full-model pass
+    for name in ("autoregressive", "early_exit", "self_speculative"):
+        predicted, measured = (metrics[name][k] for k in ("predicted_ms_per_token_after_first",
+                                                          "ms_per_token_after_first"))
+        assert 0.1 < predicted / measured < 10, (name, predicted, measured)
     assert 1.0 <= spec["kv_cache_vs_autoregressive"] <= 1.25  # room for one step's drafts (3 of 16+ positions)
     assert "ideal speedup over autoregressive" in out and "efficiency" in out
 

@@ -15,7 +15,7 @@ margin is within the rounding error of the dtype:
 
 eps is the dtype's machine epsilon (2^-7 for bfloat16, 2^-10 for float16, 2^-23 for float32): one rounding of a
 logit of that magnitude. Logits come out of a head whose inputs went through every layer's rounding, so the margin a
-flip needs is several such roundings; `TIE_TOLERANCE` is that number, measured (see README). Anything else is a
+flip needs is several such roundings; `TIE_TOLERANCE` is that number, measured (docs/correctness.md). Anything else is a
 **divergence**: one side chose a token the full model clearly ranks lower, which rounding cannot explain.
 """
 

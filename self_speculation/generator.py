@@ -56,7 +56,7 @@ class GenerationResult:
 
 
 # Finished rows leave the batch (their cache rows dropped) rather than being held in it: measured on the embedded
-# model with HumanEval's stop words, 25 of 32 rows stopping early, dropping was 1.3-1.6x faster (README).
+# model with HumanEval's stop words, 25 of 32 rows stopping early, dropping was 1.3-1.6x faster (docs/benchmarks.md).
 SHRINK_BATCHES = True
 
 

@@ -172,7 +172,7 @@ class SweepDirectory:
                          "see divergences")
         elif greedy and frame["near_ties"].sum() > 0:
             lines.append(f"{int(frame['near_ties'].sum())} greedy outputs differ from the baseline's by rounding near "
-                         "ties (half precision; see README)")
+                         "ties (half precision; see docs/correctness.md)")
         return "\n".join(lines)
 
     def plot(self, points: list[tuple[int, int]]) -> str:

@@ -162,7 +162,7 @@ LLAMA_3_2_1B_WIDTH = dict(hidden_size=2048, intermediate_size=8192, num_attentio
         # deep, and with every layer adding at full scale: rounding grows through 32 layers (10% of the largest
         # logit in bfloat16, twice what the check allowed before)
         lambda: tiny_llama(num_layers=32, layer_scale=1.0, vocab_size=512),
-        # Llama 3.2 1B's width (its 16 layers and 128k vocabulary are measured in the README, too slow for a test)
+        # Llama 3.2 1B's width (its 16 layers and 128k vocabulary are measured in docs/benchmarks.md, too slow for a test)
         lambda: small(LlamaConfig, LlamaForCausalLM, num_hidden_layers=2, **LLAMA_3_2_1B_WIDTH),
     ],
     ids=["deep", "llama-3.2-1b-width"],

@@ -7,7 +7,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def test_the_python_snippet_runs(capsys):
-    section = README.read_text().split("**From Python**", 1)[1]
+    section = README.read_text().split("## From Python", 1)[1]
     [code] = re.findall(r"```python\n(.*?)```", section, flags=re.S)[:1]
     exec(compile(code, "README.md", "exec"), {})
     out = capsys.readouterr().out.splitlines()

@@ -56,7 +56,8 @@ class SweepArguments:
         check_range("--warmup", self.warmup, 0, MAX_WARMUP)
 
 
-IGNORED = ("generation_strategy", "exit_layer", "num_speculations", "batch_drafts", "no_batch_drafts")  # the sweep sets them at every point
+# the sweep sets them at every point
+IGNORED = ("generation_strategy", "exit_layer", "num_speculations", "batch_drafts", "no_batch_drafts", "draft_policy")
 
 
 ARGUMENTS = (ModelArguments, GenerationArguments, DataArguments, DatasetBatchArguments, SweepArguments)
@@ -99,9 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     for runner in plain:  # warmed up as the baseline was
         runner.warm_up(batches, args.warmup)
     for exit_layer, num_speculations in tqdm(todo, desc="sweep", unit="point", disable=distributed.rank() != 0):
-        # every point drafts exactly its num_speculations at every batch size: a sweep measures the grid
+        # every point drafts exactly its num_speculations at every step and batch size: a sweep measures the grid
         point = dataclasses.replace(config, exit_layer=exit_layer, num_speculations=num_speculations,
-                                    batch_drafts=False)
+                                    batch_drafts=False, draft_policy="static")
         speculative = RUNNERS["self_speculative"](model, tokenizer, point, model_args.seed)
         speculative.warm_up(batches, args.warmup)  # with --compile, the point compiles here, not in its timed runs
         samples, *autoregressive = run_in_turn([speculative] + plain, batches)

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from .errors import UsageError, check_range, check_text
 
 
+DRAFT_POLICIES = ("static", "adaptive")  # drafting.POLICIES
+
+
 @dataclass
 class GenerationConfig:
     generation_strategy: str = field(
@@ -25,13 +28,20 @@ class GenerationConfig:
     )
     num_speculations: int = field(
         default=-1,
-        metadata={"help": "tokens drafted per verification (>= 1) for self_speculative; -1: the model's recommendation"},
+        metadata={"help": "tokens drafted per step (>= 1) by self_speculative: at every step with --draft_policy "
+                          "static, at the first with adaptive; -1: the model's recommendation"},
     )
     batch_drafts: bool = field(
         default=True,
         metadata={"help": "self_speculative at batch sizes above 1 drafts as many tokens per step (0 to "
                           "--num_speculations; 0 is autoregressive decoding) as this machine's pass costs at that "
                           "batch size and the acceptance seen so far make fastest; False: always --num_speculations"},
+    )
+    draft_policy: str = field(
+        default="adaptive",
+        metadata={"help": "how many tokens each self_speculative step drafts: adaptive (one prompt: from its recent "
+                          "acceptance, starting at --num_speculations, up to 12, none while drafting does not pay; "
+                          "a batch: as static) or static (--num_speculations; in batches see --batch_drafts)"},
     )
     compile: bool = field(
         default=False,
@@ -48,6 +58,8 @@ class GenerationConfig:
 
     def __post_init__(self):
         check_range("--max_steps", self.max_steps, 1)
+        if self.draft_policy not in DRAFT_POLICIES:
+            raise UsageError(f"--draft_policy must be one of {', '.join(DRAFT_POLICIES)} (got {self.draft_policy!r})")
         if self.exit_layer != -1:
             check_range("--exit_layer", self.exit_layer, 1)
         if self.num_speculations != -1:

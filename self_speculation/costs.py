@@ -41,9 +41,10 @@ class PassCosts:
 
     @staticmethod
     def at(table: dict[int, float], positions: float) -> float:
-        """Linear interpolation for a mean number of positions."""
-        low = int(positions)
-        high = min(low + 1, max(table))
+        """Linear interpolation for a mean number of positions; past the longest timed, the last two's slope."""
+        last = max(table)
+        low = min(int(positions), last - 1) if last > 1 else last
+        high = min(low + 1, last)
         return table[low] + (positions - low) * (table[high] - table[low])
 
 

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import layers
+from .drafting import Replayed
 from .generator import Generator
 from .strategies import SelfSpeculative
 
@@ -112,8 +113,8 @@ class _RecordingVerifier(SelfSpeculative):
     """Self-speculative decoding that keeps, for every token it emits after the prompt's, the verifier's logits
     that chose it, by the token's index in the whole sequence."""
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, policy):
+        super().__init__(policy)
         self.rows: dict[int, torch.Tensor] = {}
 
     def verify(self, d, contexts, drafts, logits, noise):
@@ -124,9 +125,10 @@ class _RecordingVerifier(SelfSpeculative):
 
 
 def verifier_logits(generator: Generator, prompt_ids: list[int]) -> dict[int, torch.Tensor]:
-    """Run the self-speculative `generator` on the prompt again, keeping the verifier's logits: generated token
-    index -> logits (V,) that chose it."""
-    recorder = _RecordingVerifier()
+    """Run the self-speculative `generator` on the prompt again, drafting as its last generation (this prompt's)
+    did, keeping the verifier's logits: generated token index -> logits (V,) that chose it."""
+    strategy = generator.strategy
+    recorder = _RecordingVerifier(Replayed(generator.config, strategy.trail, strategy.policy.longest))
     replay = copy.copy(generator)  # the same configuration and compiled passes, so the same rounding
     replay.strategy = recorder
     replay.generate_ids(prompt_ids)

@@ -217,12 +217,12 @@ class Generator:
         check_prompt_lengths(self.model, prompts)
         budgets, capacity = self._budgets(prompts)
         lengths = [len(p) for p in prompts]
-        drafts = self.strategy.draft_length(self, len(prompts), typical_context(lengths, max(budgets)))
+        plans = self.strategy.begin(self, len(prompts), typical_context(lengths, max(budgets)))
         d = Decoding(decoder=self.decoder, config=self.config, cache=self.new_cache(capacity, len(prompts)),
                      sequences=[list(p) for p in prompts], processing=Processing(self.config),
                      streams=self._streams(len(prompts)),
                      stop_ids=self.stop.token_ids, on_draft=getattr(streamer, "put_draft", None),
-                     compiled=self.compiled, drafts=drafts)
+                     compiled=self.compiled, plans=plans)
         results = all_results = [self._new_result(len(p)) for p in prompts]
         padded = layers.upload([p + [p[-1]] * (max(lengths) - len(p)) for p in prompts], self.device)
         first, largest = None, 0

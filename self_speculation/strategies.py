@@ -13,7 +13,8 @@ import torch
 
 from . import layers
 from .config import GenerationConfig
-from .costs import PassCosts, PassTimer
+from .costs import PassCosts
+from .drafting import POLICIES, DraftPolicy, draft_share, drafting_seconds
 from .errors import UsageError
 from .sampling import Processing, first_rejection, greedy, probabilities, race_noise, sample
 
@@ -34,7 +35,7 @@ class Decoding:
     on_draft: Callable[[int], None] | None = None  # one row only: shown as drafted (a device read per draft)
     compiled: layers.CompiledPasses | None = None  # --compile: the passes run through torch.compile
     current: torch.Tensor | None = None  # (B, 1) each row's newest token, on the device
-    drafts: int = 0  # tokens a step drafts at most (self_speculative: `Strategy.draft_length` for this batch)
+    plans: list | None = None  # per row, what a strategy keeps of it across steps (self_speculative: its draft plan)
     idle: list[bool] | None = None  # per row: stopped, but kept in the batch (its steps are not kept)
 
     def keep_rows(self, rows: list[int]) -> None:
@@ -42,6 +43,8 @@ class Decoding:
         index = layers.upload(rows, self.current.device)
         self.cache.keep_rows(rows, index)
         self.sequences = [self.sequences[b] for b in rows]
+        if self.plans is not None:
+            self.plans = [self.plans[b] for b in rows]
         self.current = self.current.index_select(0, index)
         if self.streams is not None:
             self.streams = self.streams.index_select(0, index)
@@ -188,10 +191,11 @@ class Strategy:
         """What its cost model needs timed beside the full pass: (exit layer or None, most positions verified)."""
         return None, 1
 
-    def draft_length(self, generator, rows: int, context: int) -> int:
-        """How many tokens a step of `generator` (its decoder, configuration, compiled passes) drafts at most for
-        a batch of `rows` rows, decided before the batch's clock starts; 0 for a strategy that does not draft."""
-        return 0
+    def begin(self, generator, rows: int, context: int) -> list | None:
+        """A generation of `rows` rows by `generator` (its decoder, configuration, compiled passes) begins, about
+        `context` positions deep; before its clock starts. Returns what the strategy keeps per row across its
+        steps (`Decoding.plans`), or None."""
+        return None
 
     def metrics(self, mine: dict, plain: dict | None, batches: list[list], costs: PassCosts | None) -> dict:
         """What a benchmark reports of this strategy beyond the common metrics `mine`, from its samples by the
@@ -228,11 +232,6 @@ class Strategy:
             return 1.0
         token = Autoregressive().step_seconds(costs, 0.0)
         return (accepted + steps) * token / (steps * self.step_seconds(costs, drafted / steps))
-
-
-def draft_share(num_speculations: int, budget: int) -> int:
-    """How many tokens a step drafts with `budget` tokens left: never past the budget, since the verifier adds one."""
-    return min(num_speculations, budget - 1)
 
 
 # Settings the LayerSkip authors published for their checkpoints, which carry no `layerskip` key of ours: the
@@ -351,12 +350,11 @@ class SelfSpeculative(Strategy):
     hidden states, keep the longest agreeing prefix plus one token of the full model."""
 
     name, lossless = "self_speculative", True
-    flags = frozenset({"exit_layer", "num_speculations", "batch_drafts"})
+    flags = frozenset({"exit_layer", "num_speculations", "batch_drafts", "draft_policy"})
 
-    def __init__(self):
-        self.acceptance = Acceptance()  # of every step this instance ran: what the draft length is chosen from
-        self.batch_costs: dict[int, PassCosts] = {}  # rows -> pass costs timed at that batch size
-        self.chosen: dict[int, int] = {}  # rows -> the draft length last chosen for that batch size
+    def __init__(self, policy: DraftPolicy | None = None):
+        self.policy = policy  # how many tokens each step drafts: set by `configure` unless given
+        self.trail: list[tuple[int, bool]] = []  # the last generation's steps: (drafts, shadow draft)
 
     def configure(self, config, model_config):
         num_layers = model_config.num_hidden_layers
@@ -372,66 +370,53 @@ class SelfSpeculative(Strategy):
                              f"{num_layers}-layer model (got {exit_layer})")
         if drafts < 1:
             raise UsageError(f"{drafts_source} must be >= 1 (got {drafts})")
-        return dataclasses.replace(config, exit_layer=exit_layer, num_speculations=drafts)
+        completed = dataclasses.replace(config, exit_layer=exit_layer, num_speculations=drafts)
+        self.policy = self.policy or POLICIES[completed.draft_policy](completed)
+        return completed
 
     def own(self, config):
         return dataclasses.replace(config, generation_strategy=self.name)
 
     def passes(self, config, num_layers):
-        """Drafting one token at a time, verifying a full draft (a shorter one, at the end of the budget, runs
-        uncompiled)"""
-        # and the full pass of a step without drafts (`draft_length` 0), compiled only if one runs
-        return {(0, config.exit_layer, 1), (config.exit_layer, num_layers, config.num_speculations + 1),
-                (0, num_layers, 1)}
+        """Drafting one token at a time, verifying a draft of each length the policy may choose (a shorter one, at
+        the end of the budget, runs uncompiled), and a step without drafts, a full pass (each compiled only if
+        one runs)"""
+        shadow = {0} if self.policy.shadows else set()  # a step without drafts that looks at the exit's choice
+        return ({(0, config.exit_layer, 1), (0, num_layers, 1)}
+                | {(config.exit_layer, num_layers, k + 1) for k in self.policy.lengths() if k > 0 or k in shadow})
 
     def timed_passes(self, config):
-        return config.exit_layer, draft_share(config.num_speculations, config.max_steps) + 1
+        return config.exit_layer, draft_share(self.policy.longest, config.max_steps) + 1
 
     def cache_room(self, config, budget):
-        return min(config.num_speculations, budget) + 1  # one step's drafts, never more than the budget
+        return min(self.policy.longest, budget) + 1  # one step's drafts, never more than the budget
 
     def output_layer(self, config, num_layers):
         return num_layers
 
     def step_seconds(self, costs, drafts):
-        """A step with k drafts runs layers [0, E) over one position k + 1 times (k drafts, then the last draft's
-        exit hidden state), layers [E, L) once over k + 1 positions, the head k times over one position and once
-        over k + 1."""
-        k = drafts
-        return (k + 1) * costs.draft + costs.at(costs.verify, k + 1) + k * costs.head[1] + costs.at(costs.head, k + 1)
+        return drafting_seconds(costs, drafts)
 
-    def draft_length(self, generator, rows, context):
-        """--num_speculations for one prompt (the recommendation is tuned there, and sweeps measure it). For a
-        batch with --batch_drafts, the length from 0 to --num_speculations that the cost model makes fastest, from
-        pass costs timed at this batch size (once per size) and the acceptance per draft position seen so far;
-        0 drafts is a full-model pass per token, autoregressive decoding, so a batch never runs slower than it
-        by the model's account. Compiled, the choice is --num_speculations or 0 (the passes compiled)."""
-        config, compiled = generator.config, generator.compiled
-        if rows == 1 or not config.batch_drafts or not self.acceptance.seen:
-            return config.num_speculations
-        most = draft_share(config.num_speculations, config.max_steps)  # never more than a generation drafts
-        if rows not in self.batch_costs:
-            timer = PassTimer(generator.decoder, context, most + 1, compiled, rows, 5, generator.new_cache)
-            self.batch_costs[rows] = timer.costs(config.exit_layer, most + 1)
-        costs = self.batch_costs[rows]
-        lengths = range(most + 1) if compiled is None else (0, most)
-        self.chosen[rows] = max(lengths, key=lambda k: self.acceptance.tokens_per_step(k) / self._seconds(costs, k))
-        return self.chosen[rows]
-
-    def _seconds(self, costs: PassCosts, drafts: int) -> float:
-        return Autoregressive().step_seconds(costs, 0.0) if drafts == 0 else self.step_seconds(costs, drafts)
+    def begin(self, generator, rows, context):
+        self.trail = []
+        return self.policy.begin(generator, rows, context)
 
     def step(self, d, budgets):
-        """Every row drafts with layers [0, E) as many tokens as the largest share (a row's share: up to
-        `d.drafts`, never past its budget); one pass of layers [E, L) verifies every row's drafts over
+        """Every row drafts with layers [0, E) as many tokens as the largest share (a row's share: up to the
+        draft length the policy chose for this step, never past its budget); one pass of layers [E, L) verifies
+        every row's drafts over
         their cached exit-layer hidden states; each row keeps its own agreeing prefix. Drafting, verification and
         acceptance stay on the device; the step reads it once, at its end. A row's drafts past its share or after
         a stop token (drafted alongside others) are not counted, and the caller drops its tokens past its budget
         or a stop token: it gets what it gets alone."""
-        if d.drafts == 0:
-            return one_token(d, d.decoder.num_layers)
+        length, shadow = self.policy.drafts(d.plans), self.policy.shadow(d.plans)
+        self.trail.append((length, shadow))
+        if length == 0 and not shadow:
+            results = one_token(d, d.decoder.num_layers)
+            self.policy.observe(d.plans, [0] * len(results), [0] * len(results))
+            return results
         decoder, exit_layer, contexts = d.decoder, d.config.exit_layer, d.contexts()
-        shares = [draft_share(d.drafts, budget) for budget in budgets]
+        shares = [draft_share(length, budget) for budget in budgets]
         drafts, exit_hiddens = d.no_drafts(), []
         noise = d.noise(1, max(shares) + 1)  # (B, D + 1, V): the drafts' positions and the one after them
         for i in range(max(shares)):
@@ -448,11 +433,18 @@ class SelfSpeculative(Strategy):
         accepted, final = self.verify(d, contexts, drafts, logits, noise)
         d.current = final[:, None]
         D, results = drafts.shape[1], []
-        for b, row in enumerate(read(torch.cat([drafts, d.current, accepted[:, None]], dim=1))):
-            n = row[-1]
+        # a step without drafts can still tell whether one would have been accepted: the exit's choice from the
+        # hidden state the full pass went through, against the full model's (the head once more, no pass)
+        shadowed = accepted[:, None] if D or not shadow else (d.choose(
+            d.scores(decoder.head(exit_hiddens[0])[:, -1], contexts, drafts), None if noise is None else noise[:, 0])
+            == final)[:, None].long()
+        rows = read(torch.cat([drafts, d.current, accepted[:, None], shadowed], dim=1))
+        for b, row in enumerate(rows):
+            n = row[D + 1]
             own = self._own_drafts(row[:D], shares[b], d.stop_ids)
             results.append(StepResult(row[:n] + [row[D]], drafted=own, accepted=min(n, own)))
-            self.acceptance.add(own, min(n, own))
+        self.policy.observe(d.plans, [r.drafted for r in results], [r.accepted for r in results],
+                            [row[-1] for row in rows] if D == 0 else None)
         # every row keeps its accepted drafts and the token before them; the device's counts where rows differ
         kept = [len(r.tokens) for r in results]
         d.commit(kept, accepted + 1 if len(set(kept)) > 1 else None)
@@ -466,8 +458,7 @@ class SelfSpeculative(Strategy):
         the draft length chosen per batch size."""
         report = super().metrics(mine, plain, batches, costs)
         samples = [s for rows in batches for s in rows]
-        if self.chosen:
-            report["draft_length_by_batch_size"] = dict(sorted(self.chosen.items()))
+        report |= self.policy.metrics()
         if costs is not None:
             report |= {"ideal_speedup_vs_autoregressive": self.ideal_speedup(
                 costs, steps=sum(s.steps for s in samples), drafted=sum(s.drafted for s in samples),
@@ -501,6 +492,11 @@ class SelfSpeculative(Strategy):
         if "draft_length_by_batch_size" in m:
             chosen = ", ".join(f"{k} at batch {b}" for b, k in m["draft_length_by_batch_size"].items())
             lines.append(f"{name}: drafts per step chosen from the cost model: {chosen} (0: autoregressive)")
+        if m.get("drafts_per_step_histogram"):  # a policy that varies its length from step to step
+            steps = m["drafts_per_step_histogram"]
+            line = (f"{name}: {m['draft_policy']} drafting: {m['mean_drafts_per_step']:.2f} drafts per step, none in "
+                    f"{100 * steps.get(0, 0) / sum(steps.values()):.0f}% of steps, at most {max(steps)}")
+            lines.append(line + (f"; break-even rate of first drafts {m['break_even']:.2f}" if m["break_even"] else ""))
         return lines + super().report_lines(name, m)
 
     @staticmethod
@@ -524,43 +520,7 @@ class SelfSpeculative(Strategy):
         return accepted, targets.gather(1, accepted[:, None])[:, 0]
 
 
-class Acceptance:
-    """Per draft position, how often a step reached it (every draft before it accepted) and accepted it: the
-    chance of accepting draft i given the ones before, from which the cost model predicts the tokens a step of
-    k drafts yields."""
-
-    def __init__(self):
-        self.reached: list[int] = []
-        self.passed: list[int] = []
-
-    @property
-    def seen(self) -> bool:
-        return bool(self.reached)
-
-    def add(self, drafted: int, accepted: int) -> None:
-        """One row's step: `accepted` of its `drafted` drafts kept."""
-        for i in range(drafted):
-            if i == len(self.reached):
-                self.reached.append(0)
-                self.passed.append(0)
-            if i > accepted:
-                break
-            self.reached[i] += 1
-            self.passed[i] += i < accepted
-
-    def tokens_per_step(self, drafts: int) -> float:
-        """Expected tokens of a step drafting `drafts` tokens: the verifier's one, and each draft while every one
-        before it was accepted (a position never reached counts as the last one seen)."""
-        tokens, chance, rate = 1.0, 1.0, 0.0
-        for i in range(drafts):
-            if i < len(self.reached) and self.reached[i]:
-                rate = self.passed[i] / self.reached[i]
-            chance *= rate
-            tokens += chance
-        return tokens
-
-
-STRATEGY_FLAGS = ("exit_layer", "num_speculations", "batch_drafts")  # flags that some strategies do not read
+STRATEGY_FLAGS = ("exit_layer", "num_speculations", "batch_drafts", "draft_policy")  # flags that some strategies do not read
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "autoregressive": Autoregressive,

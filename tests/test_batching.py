@@ -15,9 +15,9 @@ PROMPTS = [[0, 5, 17, 33, 2, 9], [0, 71, 71, 4], [0] + list(range(40, 70)), [0, 
 
 def config_for(name: str, exit_layer: int, num_speculations: int, **extra) -> GenerationConfig:
     """Greedy, with every batch drafting `num_speculations` (as a batch of one does), so that rows can be compared
-    with their batches of one draft for draft (test_draft_length.py covers the lengths chosen per batch size)."""
+    with their batches of one draft for draft (test_drafting.py covers the lengths chosen per batch size and step)."""
     config = GenerationConfig(sample=False, max_steps=32, exit_layer=exit_layer, num_speculations=num_speculations,
-                              batch_drafts=False)
+                              batch_drafts=False, draft_policy="static")
     return STRATEGIES[name]().own(dataclasses.replace(config, **extra))
 
 

@@ -25,6 +25,7 @@ PROMPTS = [[0, 5, 17, 33, 2, 9], [0, 71, 4], [0] + list(range(40, 60)), [0, 3]]
 SETTINGS = {
     "autoregressive": {},
     "self_speculative": {"exit_layer": 2, "num_speculations": 3},
+    "self_speculative+adaptive": {"exit_layer": 2, "num_speculations": 3, "draft_policy": "adaptive"},
 }
 CHOICE = {
     "greedy": {"sample": False},
@@ -116,7 +117,8 @@ def test_one_device_read_per_step_and_nothing_else_waits(model, strategy, choice
                 torch._C._push_on_torch_function_stack(mode)
 
     monkeypatch.setattr(layers.compiled._CompiledPass, "__call__", uncounted)
-    config = GenerationConfig(generation_strategy=strategy, max_steps=40, compile=compiled, **SETTINGS[strategy],
+    config = GenerationConfig(generation_strategy=strategy.split("+")[0], max_steps=40, compile=compiled,
+                              **SETTINGS[strategy],
                               **CHOICE[choice])
     prompts = PROMPTS[:1] if batch == "one prompt" else PROMPTS
     generator = Generator(model, None, config, seed=0)

@@ -14,7 +14,8 @@ from self_speculation import GenerationConfig, Generator
 from self_speculation.strategies import STRATEGIES
 
 PROMPTS = [[0, 5, 17, 33, 2, 9], [0, 71, 71, 4]]
-VALUES = {"exit_layer": (2, 3), "num_speculations": (1, 3)}  # two settings a strategy reading the flag tells apart
+VALUES = {"exit_layer": (2, 3), "num_speculations": (1, 3),  # two settings a strategy reading the flag tells apart
+          "draft_policy": ("static", "adaptive")}
 
 
 @pytest.mark.parametrize("flag", list(VALUES))
@@ -24,7 +25,8 @@ def test_a_strategy_declares_exactly_the_flags_that_change_what_it_does(gqa_tied
     runs = []
     for value in VALUES[flag]:
         config = STRATEGIES[name]().own(dataclasses.replace(base, **{flag: value}))  # as a benchmark runs it
-        results = Generator(gqa_tied, None, config).generate_batch(PROMPTS)
+        generator = Generator(gqa_tied, None, config)
+        results = generator.generate_batch(PROMPTS) + [generator.generate_ids(p) for p in PROMPTS]  # and alone
         runs.append([(r.tokens, r.drafted, r.accepted, r.steps) for r in results])
     assert (runs[0] != runs[1]) == (flag in STRATEGIES[name].flags)
 

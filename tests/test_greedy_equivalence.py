@@ -43,10 +43,12 @@ def test_autoregressive_equals_hugging_face_generate(request, name, prompt_index
 @pytest.mark.parametrize("num_speculations", [1, 2, 3, 5, 8])
 @pytest.mark.parametrize("exit_layer", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("name", ["gqa_tied", "mha_untied"])
-def test_grid(request, name, exit_layer, num_speculations, autoregressive_outputs):
+@pytest.mark.parametrize("policy", ["static", "adaptive"])
+def test_grid(request, name, exit_layer, num_speculations, policy, autoregressive_outputs):
     model = request.getfixturevalue(name)
+    config = dataclasses.replace(speculative(GREEDY, exit_layer, num_speculations), draft_policy=policy)
     for i, prompt in enumerate(PROMPTS):
-        result = generate(model, speculative(GREEDY, exit_layer, num_speculations), prompt)
+        result = generate(model, config, prompt)
         assert result.tokens == autoregressive_outputs[name, i], f"prompt {i}"
         assert len(result.tokens) == MAX_STEPS and result.stop_reason == "max_steps"
         assert result.accepted <= result.drafted
@@ -113,7 +115,7 @@ def test_compiled_passes_give_the_same_tokens(request, name, autoregressive_outp
     """--compile runs the decoding passes through torch.compile over whole fixed-size buffers with a mask; the
     tokens must not change (a few compilations: slow-ish)."""
     model = request.getfixturevalue(name)
-    compiled = dataclasses.replace(GREEDY, compile=True)
+    compiled = dataclasses.replace(GREEDY, compile=True, draft_policy="static")  # the passes of a fixed length
     generators = [Generator(model, None, compiled)] + [
         Generator(model, None, speculative(compiled, exit_layer, num_speculations))
         for exit_layer, num_speculations in ((2, 1), (4, 3))]

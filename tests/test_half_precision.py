@@ -109,8 +109,10 @@ def test_correctness_script_in_bfloat16(checkpoint, tmp_path, capsys, exit_layer
 
 def test_correctness_script_fails_on_a_broken_verifier_in_bfloat16(checkpoint, tmp_path, capsys, monkeypatch):
     shift_verification_by_one(monkeypatch)
+    # static: every step drafts, so every prompt meets the broken verifier (the adaptive policy stops drafting
+    # where drafts are rejected, and a step without drafts verifies nothing)
     code, result, out = run_correctness(checkpoint, tmp_path, capsys, "--dtype", "bfloat16", "--exit_layer", 3,
-                                        "--num_speculations", 4)
+                                        "--num_speculations", 4, "--draft_policy", "static")
     assert code == 1 and result["num_divergences"] == 5 and "5 divergences" in out
     record = result["results"][0]["comparison"]
     assert record["status"] == "divergence" and abs(record["full_margin"]) > record["tolerance"]
@@ -119,7 +121,7 @@ def test_correctness_script_fails_on_a_broken_verifier_in_bfloat16(checkpoint, t
 def test_strict_fails_on_near_ties(checkpoint, tmp_path, capsys, monkeypatch):
     """A tolerance wide enough makes every mismatch a near tie: exit 0, unless --strict."""
     shift_verification_by_one(monkeypatch)
-    wide = ["--exit_layer", 3, "--num_speculations", 4, "--tie_tolerance", 1e9]
+    wide = ["--exit_layer", 3, "--num_speculations", 4, "--tie_tolerance", 1e9, "--draft_policy", "static"]
     code, result, _ = run_correctness(checkpoint, tmp_path / "a", capsys, *wide)
     assert code == 0 and result["num_near_ties"] == 5
     code, result, _ = run_correctness(checkpoint, tmp_path / "b", capsys, *wide, "--strict", "True")

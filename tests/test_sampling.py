@@ -9,7 +9,7 @@ import torch
 from scipy.stats import chi2_contingency, chisquare, kstest
 
 from models import tiny_llama
-from self_speculation import GenerationConfig, Generator, strategies
+from self_speculation import GenerationConfig, Generator, drafting, strategies
 from self_speculation.sampling import Processing, first_rejection, greedy, race_noise, sample
 
 
@@ -164,10 +164,10 @@ def test_speculative_sampling_draws_autoregressive_samplings_tokens(request, nam
 
 def test_a_seeded_sampled_batch_repeats_whatever_draft_length_is_chosen(gqa_tied, monkeypatch):
     """A batch's draft length is chosen from pass costs timed on this machine; the tokens must not depend on it."""
-    config = dataclasses.replace(SPECULATIVE, exit_layer=3, max_steps=30, batch_drafts=True)
+    config = dataclasses.replace(SPECULATIVE, exit_layer=3, max_steps=30, batch_drafts=True, draft_policy="static")
     prompts = [[0, 5, 17, 33, 2, 9], [0, 71, 71, 4], [0, 3]]
     outputs = []
     for drafts in (0, 1, 4):
-        monkeypatch.setattr(strategies.SelfSpeculative, "draft_length", lambda self, g, rows, context: drafts)
+        monkeypatch.setattr(drafting.Static, "drafts", lambda self, plans: drafts)
         outputs.append([r.tokens for r in Generator(gqa_tied, None, config, seed=3).generate_batch(prompts)])
     assert outputs[0] == outputs[1] == outputs[2]

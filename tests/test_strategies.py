@@ -67,7 +67,8 @@ def test_resources_cover_what_a_step_uses(gqa_tied, name, monkeypatch):
         make_room(kv, index, *states)
 
     monkeypatch.setattr(layers.cache.Pass, "_make_room", watched)
-    generator = Generator(gqa_tied, None, dataclasses.replace(strategy_config(name, 3, 4), compile=True))
+    config = dataclasses.replace(strategy_config(name, 3, 4), compile=True, draft_policy="static")  # its lengths
+    generator = Generator(gqa_tied, None, config)
     result = generator.generate_ids(PROMPTS[0])
     depth = 3 if name == "early_exit" else 6
     per_position = 2 * 2 * 16 * 4  # keys and values, 2 heads of 16, float32

@@ -2,16 +2,19 @@
 
 import argparse
 import difflib
+import itertools
 import sys
+from argparse import ArgumentTypeError
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 import torch
 from transformers import HfArgumentParser
+from transformers.hf_argparser import string_to_bool
 
 from data import DATASETS, DataOptions, Example, load_examples
 from self_speculation.benchmarking import Batch, batches
-from self_speculation.config import GenerationConfig
+from self_speculation.config import DRAFT_POLICIES, GenerationConfig
 from self_speculation.errors import UsageError, check_range, check_seed, check_text
 from self_speculation.loading import DEFAULT_MODEL, load
 from self_speculation.strategies import STRATEGIES
@@ -19,7 +22,8 @@ from self_speculation.streamers import STREAMERS
 
 MAX_WARMUP = 100  # warm-up runs the first batch; past a few runs it only delays the measurement
 
-__all__ = ["MAX_WARMUP", "SAMPLING", "BatchArguments", "DataArguments", "GenerateArguments", "GenerationArguments", "ModelArguments", "given_flags", "parse", "pop_list", "run", "warn_ignored", "warn_unused"]
+__all__ = ["MAX_WARMUP", "SAMPLING", "BatchArguments", "DataArguments", "GenerateArguments", "GenerationArguments", "ModelArguments", "given_flags", "parse", "pop_list", "pop_variants", "run", "warn_ignored",
+           "warn_unused"]
 
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's ways of spreading a model
@@ -260,6 +264,49 @@ def pop_list(argv: list[str], flag: str, default: str) -> list[str]:
     if "" in names:
         raise UsageError(f"{flag}: an empty name in {','.join(values)!r}")
     return list(dict.fromkeys(names))
+
+
+COMPILED = "+compiled"
+
+
+def pop_compile_both(argv: list[str]) -> bool:
+    """Remove `--compile both` (or `--compile=both`) from argv: True where it was given. A value that is neither
+    a boolean nor `both` is refused here, where all three choices can be named; a bare `--compile` is True."""
+    for i, item in enumerate(argv):
+        if item == "--compile":
+            if i + 1 == len(argv) or argv[i + 1].startswith("--"):
+                continue  # a bare --compile: True
+            value, width = argv[i + 1], 2
+        elif item.startswith("--compile="):
+            value, width = item.partition("=")[2], 1
+        else:
+            continue
+        if value == "both":
+            del argv[i : i + width]
+            if "compile" in given_flags(argv):
+                raise UsageError("--compile is given twice")
+            return True
+        try:
+            string_to_bool(value)
+        except ArgumentTypeError:
+            raise UsageError(f"--compile must be True, False or both (got {value!r})") from None
+    return False
+
+
+def pop_variants(argv: list[str]) -> list[tuple[tuple[str, str, object], ...]]:
+    """The variants a benchmark runs of each strategy, interleaved batch by batch, as rows NAME+SUFFIX: `--compile
+    both` gives eager and +compiled, `--draft_policy a,b` gives +a and +b, and together every pair. Each variant
+    is a tuple of (suffix part, flag, value) per axis; both flags leave argv (one policy stays, for the parser)."""
+    axes = [(("", "compile", False), (COMPILED, "compile", True))] if pop_compile_both(argv) else []
+    if "draft_policy" in given_flags(argv):
+        policies = pop_list(argv, "--draft_policy", "static")
+        if unknown := [p for p in policies if p not in DRAFT_POLICIES]:
+            raise UsageError(f"--draft_policy: unknown {', '.join(unknown)} (choose from {', '.join(DRAFT_POLICIES)})")
+        if len(policies) == 1:
+            argv += ["--draft_policy", policies[0]]
+        else:
+            axes.append(tuple((f"+{p}", "draft_policy", p) for p in policies))
+    return list(itertools.product(*axes))
 
 
 def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:

@@ -10,17 +10,16 @@ effective settings, metrics) and benchmark_<time>.jsonl (a record per example an
 
 import dataclasses
 import sys
-from argparse import ArgumentTypeError
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
-from transformers.hf_argparser import string_to_bool
 
 from arguments import (MAX_WARMUP, SAMPLING, DatasetBatchArguments, DataArguments, GenerationArguments, ModelArguments,
-                       given_flags, parse, pop_list, run, warn_ignored, warn_unused)
+                       parse, pop_list, pop_variants, run, warn_ignored, warn_unused)
 from self_speculation import UsageError
 from self_speculation.errors import check_range
-from self_speculation.benchmarking import RUNNER_FLAGS, RUNNERS, cost_meter, decoded_context, profile, record
+from self_speculation.benchmarking import (RUNNER_FLAGS, RUNNERS, cost_meter, decoded_context, profile, record,
+                                           variant_runners)
 from self_speculation.reporting import compare, report
 from self_speculation.generator import check_prompt_lengths
 from self_speculation import distributed
@@ -46,32 +45,10 @@ HELP = {"--generation_strategy": f"strategies to compare, comma-separated (or th
                                  "autoregressive here is always the full model (the baseline; early_exit is early "
                                  "exit), and a flag no strategy reads is warned of",
         "--compile": ("run the decoding passes through torch.compile (True/False), or both: every strategy eager "
-                      "and compiled, interleaved batch by batch, as rows NAME and NAME+compiled", "{True,False,both}")}
-COMPILED = "+compiled"
-
-
-def pop_compile_both(argv: list[str]) -> bool:
-    """Remove `--compile both` (or `--compile=both`) from argv: True where it was given. A value that is neither
-    a boolean nor `both` is refused here, where all three choices can be named; a bare `--compile` is True."""
-    for i, item in enumerate(argv):
-        if item == "--compile":
-            if i + 1 == len(argv) or argv[i + 1].startswith("--"):
-                continue  # a bare --compile: True
-            value, width = argv[i + 1], 2
-        elif item.startswith("--compile="):
-            value, width = item.partition("=")[2], 1
-        else:
-            continue
-        if value == "both":
-            del argv[i : i + width]
-            if "compile" in given_flags(argv):
-                raise UsageError("--compile is given twice")
-            return True
-        try:
-            string_to_bool(value)
-        except ArgumentTypeError:
-            raise UsageError(f"--compile must be True, False or both (got {value!r})") from None
-    return False
+                      "and compiled, interleaved batch by batch, as rows NAME and NAME+compiled", "{True,False,both}"),
+        "--draft_policy": ("how many tokens each self_speculative step drafts: static or adaptive, or several "
+                           "comma-separated (static,adaptive): self_speculative under each, interleaved batch by batch, "
+                           "as rows NAME+POLICY", "{static,adaptive}")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in strategies if s not in RUNNERS]
     if unknown:
         raise UsageError(f"--generation_strategy: unknown {', '.join(unknown)} (choose from {', '.join(RUNNERS)})")
-    both = pop_compile_both(argv)
+    variants = pop_variants(argv)
     model_args, config, data_args, batching, args = parse(ARGUMENTS, argv, help=HELP, doc=__doc__)
     if not config.sample and distributed.rank() == 0:
         warn_ignored(argv, SAMPLING, "greedy decoding (--sample False)")
@@ -90,15 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     examples = data_args.load(model_args.seed)
     distributed.setup()
     model, tokenizer = model_args.load()
-    variants = {"": False, COMPILED: True} if both else {"": config.compile}
-    runners = {name + variant: dataclasses.replace(
-        RUNNERS[name](model, tokenizer, dataclasses.replace(config, compile=compiled), model_args.seed), variant=variant)
-        for name in strategies for variant, compiled in variants.items()}
-    for name in [name for name, runner in runners.items() if runner.variant and not runner.compiles]:
-        del runners[name]
-        print(f"warning: {name.removesuffix(COMPILED)} has no compiled variant (--compile changes nothing in it); "
-              "it runs eager only", file=sys.stderr)
-    meters = {variant: meter for variant in variants if (meter := cost_meter(runners, variant)) is not None}
+    runners, eager_only = variant_runners(strategies, variants, model, tokenizer, config, model_args.seed)
+    for name in eager_only:
+        print(f"warning: {name} has no compiled variant (--compile changes nothing in it); it runs eager only",
+              file=sys.stderr)
+    meters = {variant: meter for variant in {r.baseline for r in runners.values()}
+              if (meter := cost_meter(runners, variant)) is not None}
     prompts = [tokenizer(e.prompt).input_ids for e in examples]
     check_prompt_lengths(model, prompts)
     batches = batching.batches(prompts)
@@ -135,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     write_json(stem.with_suffix(".json"), {
         "run_id": stem.name,
         "arguments": {"model": dataclasses.asdict(model_args), "generation": dataclasses.asdict(config),
-                      "data": dataclasses.asdict(data_args), "strategies": strategies, "compile_both": both,
+                      "data": dataclasses.asdict(data_args), "strategies": strategies,
+                      "variants": [r.variant for r in runners.values() if r.variant] or None,
                       "benchmark": dataclasses.asdict(args) | batching.settings()},
         "settings": {name: r.settings for name, r in runners.items()},
         "metrics": metrics,

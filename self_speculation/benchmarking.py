@@ -65,7 +65,10 @@ class Runner:
     run_together: Callable[[list[list[int]]], list[Sample]] | None = None
     alone: str | None = None
     generator: Generator | None = None  # ours: its strategy adds metrics and report lines
-    variant: str = ""  # "+compiled" for the compiled half of `benchmark.py --compile both`
+    variant: str = ""  # its suffix among a benchmark's variants (`variant_runners`): "+compiled", "+adaptive"...
+    baseline: str = ""  # the variant of the rows it is measured against (hf_generate, autoregressive): compiled or not
+    # what it varies: e.g. "eager" -> ("compiled", the eager row); "static" -> ("adaptive", the row with static)
+    siblings: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
     compiles: bool = True  # False: --compile changes nothing in this runner (no compiled variant of it is run)
 
     def run_batch(self, batch: Batch, index: int = 0) -> list[Sample]:
@@ -121,7 +124,7 @@ def _ours(name: str):
 def cost_meter(runners: dict[str, Runner], variant: str = "") -> CostMeter | None:
     """What times the passes beside a benchmark's runs of one variant (eager, or "+compiled"): the generator of
     ours whose cost model needs the most passes timed, its decoder and compiled passes; None without ours."""
-    ours = [r.generator for r in runners.values() if r.generator is not None and r.variant == variant]
+    ours = [r.generator for r in runners.values() if r.generator is not None and r.baseline == variant]
     if not ours:
         return None
     needs = {id(g): g.strategy.timed_passes(g.config) for g in ours}
@@ -255,6 +258,35 @@ def _hf_assistant_early_exit(model, tokenizer, config, seed) -> Runner:
         generation_logger.addFilter(_InternalDeprecation())
     run, _ = _hf_run("hf_assistant_early_exit", model, kwargs, _hf_stop(tokenizer, config, kwargs), patch)
     return Runner(run, settings, alone="Hugging Face's assisted generation takes a batch of one", compiles=False)
+
+
+COMPILED = "+compiled"
+
+
+def variant_runners(strategies: list[str], variants: list[tuple], model, tokenizer, config: GenerationConfig,
+                    seed: int) -> tuple[dict[str, Runner], list[str]]:
+    """Every strategy under every variant that changes it (`arguments.pop_variants`: per axis a (suffix part, flag,
+    value)), as NAME+SUFFIX; a variant of a flag the runner does not read is the same runner, run once. Each row
+    knows its siblings: the row with one axis at its first value ("eager", "static"), which it is compared with.
+    Also returns the strategies that have no compiled variant (run eager only)."""
+    runners, eager_only = {}, []
+    for name in strategies:
+        for variant in variants:
+            parts = [(part, flag, value) for part, flag, value in variant
+                     if flag == "compile" or flag in RUNNER_FLAGS[name]]
+            suffix = "".join(part for part, _, _ in parts)
+            if name + suffix in runners or name in eager_only:
+                continue
+            runner = RUNNERS[name](model, tokenizer, dataclasses.replace(config, **{f: v for _, f, v in parts}), seed)
+            if COMPILED in suffix and not runner.compiles:
+                eager_only.append(name)
+                continue
+            firsts = {flag: part for part, flag, _ in variants[0]}  # every axis at its first value
+            siblings = {(firsts[flag] or "+eager")[1:]: (part[1:], name + suffix.replace(part, firsts[flag]))
+                        for part, flag, _ in parts if part != firsts[flag]}
+            runners[name + suffix] = dataclasses.replace(runner, variant=suffix, siblings=siblings,
+                                                         baseline=COMPILED if COMPILED in suffix else "")
+    return runners, eager_only
 
 
 # what each runner reads of the strategy flags (STRATEGY_FLAGS): a benchmark warns of one none of its runners reads

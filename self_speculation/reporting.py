@@ -68,7 +68,7 @@ def compare(model, tokenizer, config: GenerationConfig, runners: dict[str, Runne
         if runners[name].alone is not None:
             metrics[name]["one_at_a_time"] = runners[name].alone
     for name, m in metrics.items():
-        hf = "hf_generate" + runners[name].variant  # a compiled row meets compiled hf_generate
+        hf = "hf_generate" + runners[name].baseline  # a compiled row meets compiled hf_generate
         if hf in metrics:
             m["speedup_vs_hf_generate"] = m["tokens_per_second"] / metrics[hf]["tokens_per_second"]
             if not config.sample:  # near ties: rounding flips where the two best logits are closer than it
@@ -78,13 +78,14 @@ def compare(model, tokenizer, config: GenerationConfig, runners: dict[str, Runne
                 m["near_ties_vs_hf_generate"] = counts["near_ties"]
                 m["divergences_vs_hf_generate"] = counts["divergences"]
     for name, runner in runners.items():
-        eager = name.removesuffix(runner.variant)
-        if runner.variant and eager in metrics:
-            metrics[name]["speedup_vs_eager"] = metrics[name]["tokens_per_second"] / metrics[eager]["tokens_per_second"]
+        for label, (_, sibling) in runner.siblings.items():  # a variant over the row it varies, within this run
+            if sibling in metrics:
+                metrics[name][f"speedup_vs_{label}"] = (metrics[name]["tokens_per_second"]
+                                                        / metrics[sibling]["tokens_per_second"])
         if runner.generator is not None:
-            plain = metrics.get(Autoregressive.name + runner.variant)
+            plain = metrics.get(Autoregressive.name + runner.baseline)
             metrics[name] |= runner.generator.strategy.metrics(metrics[name], plain, by_batch(by_strategy[name]),
-                                                     (costs or {}).get(runner.variant))
+                                                     (costs or {}).get(runner.baseline))
     return metrics
 
 
@@ -94,10 +95,13 @@ def report(metrics: dict, profiles: dict, runners: dict[str, Runner]) -> str:
     if any(m["rows_per_batch"] > 1 for m in metrics.values()):
         lines += [f"{name}: one prompt at a time ({m['one_at_a_time']}); its figures are batch-1 figures"
                   for name, m in metrics.items() if "one_at_a_time" in m]
-    compiled = [f"{name.removesuffix(runners[name].variant)} {m['speedup_vs_eager']:.2f}x"
-                for name, m in metrics.items() if "speedup_vs_eager" in m]
-    if compiled:
-        lines.append(f"compiled over eager, interleaved in this run: {', '.join(compiled)}")
+    ratios: dict[str, list[str]] = {}  # "compiled over eager" -> each row's ratio over the row it varies
+    for name, runner in runners.items():
+        for label, (part, _) in runner.siblings.items():
+            if f"speedup_vs_{label}" in metrics[name]:
+                ratios.setdefault(f"{part} over {label}", []).append(
+                    f"{name.replace('+' + part, '', 1)} {metrics[name][f'speedup_vs_{label}']:.2f}x")
+    lines += [f"{pair}, interleaved in this run: {', '.join(rows)}" for pair, rows in ratios.items()]
     lines += [line for name, m in metrics.items() if runners[name].generator is not None
               for line in runners[name].generator.strategy.report_lines(name, m)]
     lines += [format_profile(name, p) for name, p in profiles.items()]

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import arguments
 import benchmark
 from arguments import pop_list, run
 from self_speculation import layers
@@ -200,7 +201,7 @@ def test_compile_both_measures_eager_and_compiled_interleaved(checkpoint, prompt
     result = json.loads(path.read_text())
     metrics = result["metrics"]
     names = ["autoregressive", "autoregressive+compiled", "self_speculative", "self_speculative+compiled"]
-    assert list(metrics) == names and result["arguments"]["compile_both"] is True
+    assert list(metrics) == names and result["arguments"]["variants"] == ["+compiled", "+compiled"]
     assert [result["settings"][name]["compile"] for name in names] == [False, True, False, True]
     records = [json.loads(line) for line in path.with_suffix(".jsonl").read_text().splitlines()]
     outputs = {(r["strategy"], r["prompt_id"]): r["tokens"] for r in records}
@@ -225,21 +226,21 @@ def test_compile_both_measures_eager_and_compiled_interleaved(checkpoint, prompt
 @pytest.mark.parametrize("argv", [["--compile", "both"], ["--compile=both"]])
 def test_pop_compile_both(argv):
     rest = ["--max_steps", "4"]
-    assert benchmark.pop_compile_both(argv + rest) is True
-    assert benchmark.pop_compile_both(["--compile", "True"] + rest) is False
+    assert arguments.pop_compile_both(argv + rest) is True
+    assert arguments.pop_compile_both(["--compile", "True"] + rest) is False
     with pytest.raises(UsageError, match="--compile is given twice"):
-        benchmark.pop_compile_both(argv + ["--compile", "False"])
+        arguments.pop_compile_both(argv + ["--compile", "False"])
 
 
 @pytest.mark.parametrize("argv", [["--compile", "maybe"], ["--compile=bothh"], ["--compile", "Tru"]])
 def test_a_compile_value_that_is_neither_a_boolean_nor_both_names_the_three_choices(argv):
     with pytest.raises(UsageError, match=r"--compile must be True, False or both \(got '"):
-        benchmark.pop_compile_both(argv + ["--max_steps", "4"])
+        arguments.pop_compile_both(argv + ["--max_steps", "4"])
 
 
 @pytest.mark.parametrize("argv", [["--compile"], ["--compile", "--max_steps", "4"], ["--compile", "yes"]])
 def test_a_bare_or_boolean_compile_is_left_to_the_parser(argv):
-    assert benchmark.pop_compile_both(list(argv)) is False
+    assert arguments.pop_compile_both(list(argv)) is False
 
 
 def test_pass_costs_timed_beside_decoding_cover_every_pass(checkpoint):
@@ -269,7 +270,8 @@ def test_a_compiled_row_meets_compiled_hf_generate(checkpoint):
     from self_speculation.reporting import compare
 
     model, tokenizer = load(str(checkpoint))
-    runners = {name + variant: Runner(run=None, settings={}, variant=variant)
+    runners = {name + variant: Runner(run=None, settings={}, variant=variant, baseline=variant,
+                                      siblings={"eager": ("compiled", name)} if variant else {})
                for name in ("hf_generate", "autoregressive") for variant in ("", "+compiled")}
     seconds = {"hf_generate": 4.0, "hf_generate+compiled": 2.0, "autoregressive": 2.0, "autoregressive+compiled": 1.0}
     samples = [Sample(name, 0, [1, 2, 3, 4], total) for name, total in seconds.items()]
@@ -404,3 +406,47 @@ def test_the_quick_start_prints_no_warning_a_user_cannot_act_on(checkpoint, tmp_
     assert done.returncode == 0, done.stderr
     noise = [line for line in done.stderr.splitlines() if "warn" in line.lower() or "deprecat" in line.lower()]
     assert noise == []
+
+
+def test_draft_policies_run_interleaved_as_rows_of_one_run(checkpoint, prompts_file, tmp_path, capsys):
+    """--draft_policy static,adaptive: self_speculative under each policy, as rows NAME+POLICY beside one
+    autoregressive row; the same tokens; each policy's choices and the adaptive row's ratio over the static one."""
+    code = run(benchmark.main, ["--model", str(checkpoint), "--dataset", "custom_jsonl", "--data_path",
+                                str(prompts_file), "--max_steps", "12", "--sample", "False", "--exit_layer", "3",
+                                "--num_speculations", "2", "--output_dir", str(tmp_path), "--draft_policy",
+                                "static,adaptive", "--generation_strategy", "autoregressive,self_speculative"])
+    out = capsys.readouterr().out
+    assert code == 0
+    [path] = tmp_path.glob("benchmark_*.json")
+    metrics = json.loads(path.read_text())["metrics"]
+    assert list(metrics) == ["autoregressive", "self_speculative+static", "self_speculative+adaptive"]
+    records = [json.loads(line) for line in path.with_suffix(".jsonl").read_text().splitlines()]
+    outputs = {(r["strategy"], r["prompt_id"]): r["tokens"] for r in records}
+    assert all(outputs[name, i] == outputs["autoregressive", i] for name in metrics for i in range(3))
+    adaptive, static = metrics["self_speculative+adaptive"], metrics["self_speculative+static"]
+    assert adaptive["draft_policy"] == "adaptive" and static["draft_policy"] == "static"
+    assert adaptive["speedup_vs_static"] == pytest.approx(adaptive["tokens_per_second"] / static["tokens_per_second"])
+    assert "mean_drafts_per_step" in adaptive and "drafts_per_step_histogram" in adaptive
+    assert "adaptive over static, interleaved in this run: self_speculative " in out
+
+
+@pytest.mark.parametrize("argv, variants", [
+    (["--draft_policy", "static,adaptive"], [(("+static", "draft_policy", "static"),),
+                                              (("+adaptive", "draft_policy", "adaptive"),)]),
+    (["--compile", "both", "--draft_policy=adaptive,static"], [
+        (("", "compile", False), ("+adaptive", "draft_policy", "adaptive")),
+        (("", "compile", False), ("+static", "draft_policy", "static")),
+        (("+compiled", "compile", True), ("+adaptive", "draft_policy", "adaptive")),
+        (("+compiled", "compile", True), ("+static", "draft_policy", "static"))]),
+    (["--max_steps", "4"], [()]),
+])
+def test_variants_are_parsed_in_one_place(argv, variants):
+    argv = list(argv)
+    assert arguments.pop_variants(argv) == variants and "--compile" not in argv and "--draft_policy" not in " ".join(argv)
+
+
+def test_one_draft_policy_is_left_to_the_parser_and_an_unknown_one_is_named():
+    argv = ["--draft_policy", "adaptive"]
+    assert arguments.pop_variants(argv) == [()] and argv == ["--draft_policy", "adaptive"]
+    with pytest.raises(UsageError, match="--draft_policy: unknown greedy"):
+        arguments.pop_variants(["--draft_policy", "static,greedy"])

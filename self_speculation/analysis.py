@@ -23,6 +23,7 @@ from .errors import UsageError
 from .config import GenerationConfig
 from .generator import Generator
 from .results import write_json
+from .drafting import Adaptive, RowPlan, step_seconds
 from .strategies import SelfSpeculative, draft_share
 
 
@@ -134,6 +135,42 @@ def simulate(trace: GreedyTrace, exit_layer: int, num_speculations: int) -> Repl
     return Replay(steps, drafted, accepted)
 
 
+def simulate_adaptive(trace: GreedyTrace, exit_layer: int, policy: Adaptive) -> tuple[Replay, int, int]:
+    """The steps greedy self-speculative decoding takes along `trace` under the adaptive draft policy (the class
+    decoding runs; its state carries over from one trace to the next, as a generator's does), counted as
+    `simulate` counts them; also the steps that drafted nothing, and of those the ones with a shadow draft."""
+    choices, tokens, n = trace.exit_choices[exit_layer - 1].tolist(), trace.tokens, len(trace.tokens)
+    plans, done, steps, drafted, accepted, plain, shadows = [RowPlan(min(policy.config.num_speculations,
+                                                                      policy.longest))], 1, 0, 0, 0, 0, 0
+    while done < n:
+        k, shadow = draft_share(policy.drafts(plans), trace.budget - done), policy.shadow(plans)
+        run = 0
+        while run < k and done + run < n and choices[done + run] == tokens[done + run]:
+            run += 1
+        policy.observe(plans, [k], [run], [int(choices[done] == tokens[done])] if shadow and k == 0 else None)
+        steps, drafted, accepted, done = steps + 1, drafted + k, accepted + run, done + run + 1
+        plain, shadows = plain + (k == 0), shadows + (shadow and k == 0)
+    return Replay(steps, drafted, accepted), plain, shadows
+
+
+def adaptive_speedup(traces: list[GreedyTrace], exit_layer: int, costs: PassCosts, start: int) -> float:
+    """The adaptive draft policy's predicted speedup over autoregressive decoding along `traces`, starting at
+    `start` drafts, with its break-even rate from `costs`: each drafting step priced by the cost model at its
+    mean length, each step without drafts as a full pass (and the head once more for a shadow draft)."""
+    policy = Adaptive(GenerationConfig(generation_strategy="self_speculative", sample=False, exit_layer=exit_layer,
+                                       num_speculations=start, draft_policy="adaptive"))
+    policy.break_even[1] = step_seconds(costs, 1) / step_seconds(costs, 0) - 1
+    seconds = tokens = 0.0
+    for trace in traces:
+        replay, plain, shadows = simulate_adaptive(trace, exit_layer, policy)
+        drafting = replay.steps - plain
+        if drafting:
+            seconds += drafting * step_seconds(costs, replay.drafted / drafting)
+        seconds += plain * step_seconds(costs, 0) + shadows * costs.head[1]
+        tokens += replay.steps + replay.accepted
+    return tokens * step_seconds(costs, 0) / seconds
+
+
 @dataclass
 class Prediction:
     exit_layer: int
@@ -184,6 +221,7 @@ class ExitReport:
     agreement: list[float]  # exit l = 1..L: top-1 agreement with the last layer, teacher-forced
     predictions: list[Prediction]
     costs: dict[int, PassCosts]
+    adaptive: dict[int, float] = dataclasses.field(default_factory=dict)  # exit layer -> the adaptive policy's
 
     @property
     def best(self) -> Prediction:
@@ -200,6 +238,8 @@ class ExitReport:
                 fastest = max(at, key=lambda p: p.speedup)
                 row[f"{self.label} acceptance (d={num_speculations})"] = f"{100 * fixed.acceptance:.1f}%"
                 row[f"{self.label} best d: predicted speedup"] = f"{fastest.num_speculations}: {fastest.speedup:.2f}x"
+            if layer in self.adaptive:
+                row[f"{self.label} adaptive: predicted speedup"] = f"{self.adaptive[layer]:.2f}x"
         return rows
 
     def summary(self) -> str:
@@ -218,7 +258,8 @@ def exit_report(label: str, model, tokenizer, problems: list[dict], max_steps: i
     agreement = exit_agreement(model, [tokenizer(p["prompt"] + p["canonical_solution"]).input_ids for p in problems])
     traces = greedy_traces(model, tokenizer, [p["prompt"] for p in problems], max_steps)
     costs = costs or measure_costs(model, traces, exit_layers, max_speculations)
-    return ExitReport(label, quality, agreement, predict(traces, costs, speculations), costs)
+    adaptive = {e: adaptive_speedup(traces, e, cost, min(4, max(speculations))) for e, cost in costs.items()}
+    return ExitReport(label, quality, agreement, predict(traces, costs, speculations), costs, adaptive)
 
 
 SHAPE = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",

@@ -5,7 +5,9 @@ import torch
 
 from models import byte_tokenizer, tiny_llama
 from self_speculation import layers
-from self_speculation.analysis import exit_agreement, greedy_traces, predict, simulate, solution_loss
+from self_speculation.analysis import (exit_agreement, greedy_traces, predict, simulate, simulate_adaptive,
+                                       solution_loss)
+from self_speculation.drafting import Adaptive
 from self_speculation.costs import PassCosts
 from self_speculation.strategies import SelfSpeculative
 from self_speculation.config import GenerationConfig
@@ -58,7 +60,7 @@ def test_replayed_steps_are_the_steps_self_speculative_decoding_takes(eos):
         for d in (1, 2, 5):
             generator = Generator(model, tokenizer, GenerationConfig(generation_strategy="self_speculative", sample=False,
                                                                      max_steps=40, exit_layer=exit_layer,
-                                                                     num_speculations=d))
+                                                                     num_speculations=d, draft_policy="static"))
             for prompt, trace in zip(prompts, traces):
                 real = generator.generate(prompt)
                 assert real.tokens == trace.tokens
@@ -123,3 +125,26 @@ def test_every_exit_layer_is_timed_in_every_round(monkeypatch):
     assert runs == one_round * 3  # two warm-up rounds and one timed
     assert set(samples) == {("full",), ("draft", 1), ("verify", 1, 1), ("verify", 1, 2), ("draft", 3),
                             ("verify", 3, 1), ("verify", 3, 2), ("head", 1), ("head", 2)}
+
+
+def test_the_adaptive_policy_replayed_takes_the_steps_it_takes_decoding():
+    """The adaptive draft policy is replayed with the class decoding runs: steps, drafts and acceptances of real
+    runs, for a break-even rate that switches drafting off and on (shadow drafts) and one that never does."""
+    model = tiny_llama(vocab_size=258, eos_token_id=None)
+    tokenizer = byte_tokenizer()
+    prompts = ["def f(x):", "import os", "class A:"]
+    traces = greedy_traces(model, tokenizer, prompts, max_steps=40)
+    plain_steps = 0
+    for exit_layer, break_even in ((1, 0.6), (3, 0.6), (5, 0.6), (3, 0.0)):
+        config = GenerationConfig(generation_strategy="self_speculative", sample=False, max_steps=40,
+                                  exit_layer=exit_layer, num_speculations=2, draft_policy="adaptive")
+        generator = Generator(model, tokenizer, config)
+        generator.strategy.policy.break_even[1] = break_even
+        replayed = Adaptive(config)
+        replayed.break_even[1] = break_even
+        for prompt, trace in zip(prompts, traces):
+            real = generator.generate(prompt)
+            replay, plain, _ = simulate_adaptive(trace, exit_layer, replayed)
+            assert (replay.steps, replay.drafted, replay.accepted) == (real.steps, real.drafted, real.accepted)
+            plain_steps += plain
+    assert plain_steps > 10  # drafting was switched off somewhere

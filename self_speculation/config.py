@@ -39,7 +39,8 @@ class GenerationConfig:
     )
     draft_policy: str = field(
         default="adaptive",
-        metadata={"help": "how many tokens each self_speculative step drafts: adaptive (one prompt: from its recent "
+        metadata={"choices": DRAFT_POLICIES,
+                  "help": "how many tokens each self_speculative step drafts: adaptive (one prompt: from its recent "
                           "acceptance, starting at --num_speculations, up to 12, none while drafting does not pay; "
                           "a batch: as static) or static (--num_speculations; in batches see --batch_drafts)"},
     )

@@ -113,43 +113,43 @@ def simulate(trace: GreedyTrace, exit_layer: int, num_speculations: int) -> Repl
     up to d drafts (fewer near the end of the budget), drafting stops after a stop token, the agreeing prefix is
     accepted and the full model adds one token. Drafts after the first wrong one follow a prefix the trace does
     not hold; they are counted as drafted and assumed not to be stop tokens."""
-    choices, tokens, n = trace.exit_choices[exit_layer - 1].tolist(), trace.tokens, len(trace.tokens)
+    choices = trace.exit_choices[exit_layer - 1].tolist()
     done, steps, drafted, accepted = 1, 0, 0, 0  # `done` tokens are out; tokens[done - 1] is the newest
-    while done < n:
-        limit = draft_share(num_speculations, trace.budget - done)
-        run, stopped = 0, False
-        while run < limit and done + run < n and choices[done + run] == tokens[done + run]:
-            run += 1
-            if tokens[done + run - 1] in trace.stop_ids:
-                stopped = True
-                break
-        if stopped or run == limit:
-            drafted += run
-        elif done + run < n and choices[done + run] in trace.stop_ids:
-            drafted += run + 1  # the first wrong draft is a stop token: drafting ends there
-        else:
-            drafted += limit
-        accepted += run
-        steps += 1
-        done += run + 1
+    while done < len(trace.tokens):
+        own, run = _step(trace, choices, done, draft_share(num_speculations, trace.budget - done))
+        steps, drafted, accepted, done = steps + 1, drafted + own, accepted + run, done + run + 1
     return Replay(steps, drafted, accepted)
+
+
+def _step(trace: GreedyTrace, choices: list[int], done: int, limit: int) -> tuple[int, int]:
+    """One step of up to `limit` drafts after `done` tokens of `trace`: (drafts counted, drafts accepted). The
+    agreeing prefix is accepted; drafting stops after a stop token."""
+    tokens, n, run = trace.tokens, len(trace.tokens), 0
+    while run < limit and done + run < n and choices[done + run] == tokens[done + run]:
+        run += 1
+        if tokens[done + run - 1] in trace.stop_ids:
+            return run, run
+    if run == limit:
+        return run, run
+    if done + run < n and choices[done + run] in trace.stop_ids:
+        return run + 1, run  # the first wrong draft is a stop token: drafting ends there
+    return limit, run
 
 
 def simulate_adaptive(trace: GreedyTrace, exit_layer: int, policy: Adaptive) -> tuple[Replay, int, int]:
     """The steps greedy self-speculative decoding takes along `trace` under the adaptive draft policy (the class
     decoding runs; its state carries over from one trace to the next, as a generator's does), counted as
     `simulate` counts them; also the steps that drafted nothing, and of those the ones with a shadow draft."""
-    choices, tokens, n = trace.exit_choices[exit_layer - 1].tolist(), trace.tokens, len(trace.tokens)
-    plans, done, steps, drafted, accepted, plain, shadows = [RowPlan(min(policy.config.num_speculations,
-                                                                      policy.longest))], 1, 0, 0, 0, 0, 0
-    while done < n:
-        k, shadow = draft_share(policy.drafts(plans), trace.budget - done), policy.shadow(plans)
-        run = 0
-        while run < k and done + run < n and choices[done + run] == tokens[done + run]:
-            run += 1
-        policy.observe(plans, [k], [run], [int(choices[done] == tokens[done])] if shadow and k == 0 else None)
-        steps, drafted, accepted, done = steps + 1, drafted + k, accepted + run, done + run + 1
-        plain, shadows = plain + (k == 0), shadows + (shadow and k == 0)
+    choices = trace.exit_choices[exit_layer - 1].tolist()
+    plans = [RowPlan(min(policy.config.num_speculations, policy.longest))]
+    done, steps, drafted, accepted, plain, shadows = 1, 0, 0, 0, 0, 0
+    while done < len(trace.tokens):
+        limit, shadow = draft_share(policy.drafts(plans), trace.budget - done), policy.shadow(plans)
+        own, run = _step(trace, choices, done, limit)
+        shadowed = shadow and own == 0
+        policy.observe(plans, [own], [run], [int(choices[done] == trace.tokens[done])] if shadowed else None)
+        steps, drafted, accepted, done = steps + 1, drafted + own, accepted + run, done + run + 1
+        plain, shadows = plain + (own == 0), shadows + shadowed
     return Replay(steps, drafted, accepted), plain, shadows
 
 
@@ -159,7 +159,7 @@ def adaptive_speedup(traces: list[GreedyTrace], exit_layer: int, costs: PassCost
     mean length, each step without drafts as a full pass (and the head once more for a shadow draft)."""
     policy = Adaptive(GenerationConfig(generation_strategy="self_speculative", sample=False, exit_layer=exit_layer,
                                        num_speculations=start, draft_policy="adaptive"))
-    policy.break_even[1] = step_seconds(costs, 1) / step_seconds(costs, 0) - 1
+    policy.break_even = step_seconds(costs, 1) / step_seconds(costs, 0) - 1
     seconds = tokens = 0.0
     for trace in traces:
         replay, plain, shadows = simulate_adaptive(trace, exit_layer, policy)

@@ -270,6 +270,7 @@ def variant_runners(strategies: list[str], variants: list[tuple], model, tokeniz
     knows its siblings: the row with one axis at its first value ("eager", "static"), which it is compared with.
     Also returns the strategies that have no compiled variant (run eager only)."""
     runners, eager_only = {}, []
+    firsts = {flag: part for part, flag, _ in variants[0]}  # every axis at its first value
     for name in strategies:
         for variant in variants:
             parts = [(part, flag, value) for part, flag, value in variant
@@ -281,7 +282,6 @@ def variant_runners(strategies: list[str], variants: list[tuple], model, tokeniz
             if COMPILED in suffix and not runner.compiles:
                 eager_only.append(name)
                 continue
-            firsts = {flag: part for part, flag, _ in variants[0]}  # every axis at its first value
             siblings = {(firsts[flag] or "+eager")[1:]: (part[1:], name + suffix.replace(part, firsts[flag]))
                         for part, flag, _ in parts if part != firsts[flag]}
             runners[name + suffix] = dataclasses.replace(runner, variant=suffix, siblings=siblings,

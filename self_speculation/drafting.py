@@ -188,7 +188,8 @@ class RowPlan:
 
 class Adaptive(DraftPolicy):
     """One prompt: one more draft after a step that kept every draft, as many as it kept after one that did not;
-    none while the first draft is accepted too rarely to pay (`break_even`), retrying with one draft now and then.
+    none while the first draft is accepted too rarely to pay (`break_even`), a shadow draft every SHADOW_EVERY
+    steps telling when it pays again.
     A batch: as the static policy drafts (the rules above, for a batch's rows, measured slower: see the module)."""
 
     name, shadows = "adaptive", True
@@ -196,7 +197,7 @@ class Adaptive(DraftPolicy):
     def __init__(self, config: GenerationConfig):
         super().__init__(config)
         self.batches = Static(config)  # what a batch drafts; it sees every step, one prompt's too
-        self.break_even: dict[int, float] = {}  # rows -> the first-draft acceptance above which drafting pays
+        self.break_even: float | None = None  # the first-draft acceptance above which drafting pays (one prompt)
         self.rows = 1
         self.lengths_used: dict[int, int] = {}  # draft length -> steps that drafted it
 
@@ -215,12 +216,12 @@ class Adaptive(DraftPolicy):
         self.rows = rows
         if rows > 1:
             return self.batches.begin(generator, rows, context)
-        if 1 not in self.break_even:
+        if self.break_even is None:
             # eager passes: compiled ones would compile passes the decoding may never run, for a ratio
             costs = PassTimer(generator.decoder, context, 2, None, 1, 5).costs(self.config.exit_layer, 2)
             # one draft costs less than two full passes (layers [0, E) twice, [E, L) over 2 positions): a ratio
             # past that is a slow moment of the machine during the timing, which must not switch drafting off
-            self.break_even[1] = min(step_seconds(costs, 1) / step_seconds(costs, 0) - 1, MOST_BREAK_EVEN)
+            self.break_even = min(step_seconds(costs, 1) / step_seconds(costs, 0) - 1, MOST_BREAK_EVEN)
         return [RowPlan(min(self.config.num_speculations, self.longest))]
 
     def drafts(self, plans):
@@ -246,7 +247,7 @@ class Adaptive(DraftPolicy):
             plan.wait -= 1
             return
         plan.rate += SMOOTHING * ((shadows[0] if own == 0 else kept > 0) - plan.rate)
-        if plan.rate < self.break_even[1]:  # drafting does not pay: none, a shadow draft now and then
+        if plan.rate < self.break_even:  # drafting does not pay: none, a shadow draft now and then
             plan.length, plan.wait = 0, SHADOW_EVERY - 1
         elif own == 0:
             plan.length = 1
@@ -258,7 +259,7 @@ class Adaptive(DraftPolicy):
     def metrics(self):
         return (self.batches.metrics() | super().metrics()
                 | {"drafts_per_step_histogram": dict(sorted(self.lengths_used.items())),
-                   "break_even": self.break_even.get(1)})
+                   "break_even": self.break_even})
 
 
 class Replayed(DraftPolicy):

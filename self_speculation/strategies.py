@@ -433,18 +433,19 @@ class SelfSpeculative(Strategy):
         accepted, final = self.verify(d, contexts, drafts, logits, noise)
         d.current = final[:, None]
         D, results = drafts.shape[1], []
-        # a step without drafts can still tell whether one would have been accepted: the exit's choice from the
-        # hidden state the full pass went through, against the full model's (the head once more, no pass)
-        shadowed = accepted[:, None] if D or not shadow else (d.choose(
-            d.scores(decoder.head(exit_hiddens[0])[:, -1], contexts, drafts), None if noise is None else noise[:, 0])
-            == final)[:, None].long()
-        rows = read(torch.cat([drafts, d.current, accepted[:, None], shadowed], dim=1))
+        read_out = [drafts, d.current, accepted[:, None]]
+        shadowed = shadow and D == 0
+        if shadowed:  # without drafts, whether one would have been accepted: the exit's choice from the hidden
+            # state the full pass went through, against the full model's (the head once more, no pass)
+            exit_scores = d.scores(decoder.head(exit_hiddens[0])[:, -1], contexts, drafts)
+            read_out.append((d.choose(exit_scores, None if noise is None else noise[:, 0]) == final).long()[:, None])
+        rows = read(torch.cat(read_out, dim=1))
         for b, row in enumerate(rows):
             n = row[D + 1]
             own = self._own_drafts(row[:D], shares[b], d.stop_ids)
             results.append(StepResult(row[:n] + [row[D]], drafted=own, accepted=min(n, own)))
         self.policy.observe(d.plans, [r.drafted for r in results], [r.accepted for r in results],
-                            [row[-1] for row in rows] if D == 0 else None)
+                            [int(row[-1]) for row in rows] if shadowed else None)
         # every row keeps its accepted drafts and the token before them; the device's counts where rows differ
         kept = [len(r.tokens) for r in results]
         d.commit(kept, accepted + 1 if len(set(kept)) > 1 else None)

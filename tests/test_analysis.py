@@ -139,9 +139,9 @@ def test_the_adaptive_policy_replayed_takes_the_steps_it_takes_decoding():
         config = GenerationConfig(generation_strategy="self_speculative", sample=False, max_steps=40,
                                   exit_layer=exit_layer, num_speculations=2, draft_policy="adaptive")
         generator = Generator(model, tokenizer, config)
-        generator.strategy.policy.break_even[1] = break_even
+        generator.strategy.policy.break_even = break_even
         replayed = Adaptive(config)
-        replayed.break_even[1] = break_even
+        replayed.break_even = break_even
         for prompt, trace in zip(prompts, traces):
             real = generator.generate(prompt)
             replay, plain, _ = simulate_adaptive(trace, exit_layer, replayed)

@@ -108,7 +108,7 @@ ADAPTIVE = dataclasses.replace(CONFIG, draft_policy="adaptive")
 def adaptive_alone(break_even: float = 0.5) -> tuple[Adaptive, list[RowPlan]]:
     """The adaptive policy at the start of one prompt's generation, drafting pays above `break_even`."""
     policy = Adaptive(ADAPTIVE)
-    policy.break_even[1] = break_even
+    policy.break_even = break_even
     return policy, policy.begin(generator(ADAPTIVE), rows=1, context=10)
 
 

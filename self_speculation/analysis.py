@@ -103,9 +103,30 @@ def greedy_traces(model, tokenizer, prompts: list[str], max_steps: int) -> list[
 
 @dataclass
 class Replay:
-    steps: int  # full-model passes after the prompt
-    drafted: int
-    accepted: int
+    steps: int = 0  # full-model passes after the prompt
+    drafted: int = 0
+    accepted: int = 0
+    step_drafts: dict[int, int] = dataclasses.field(default_factory=dict)  # drafts in a step -> steps
+
+    @property
+    def tokens(self) -> int:
+        """The tokens the steps yielded (the prompt's pass gives one more)."""
+        return self.steps + self.accepted
+
+    def add(self, drafted: int, accepted: int) -> None:
+        """A step of `drafted` drafts that kept `accepted`."""
+        self.steps, self.drafted, self.accepted = self.steps + 1, self.drafted + drafted, self.accepted + accepted
+        self.step_drafts[drafted] = self.step_drafts.get(drafted, 0) + 1
+
+    @classmethod
+    def total(cls, replays: list["Replay"]) -> "Replay":
+        whole = cls()
+        for replay in replays:
+            whole.steps, whole.drafted, whole.accepted = (whole.steps + replay.steps, whole.drafted + replay.drafted,
+                                                          whole.accepted + replay.accepted)
+            for drafts, steps in replay.step_drafts.items():
+                whole.step_drafts[drafts] = whole.step_drafts.get(drafts, 0) + steps
+        return whole
 
 
 def simulate(trace: GreedyTrace, exit_layer: int, num_speculations: int) -> Replay:
@@ -114,11 +135,12 @@ def simulate(trace: GreedyTrace, exit_layer: int, num_speculations: int) -> Repl
     accepted and the full model adds one token. Drafts after the first wrong one follow a prefix the trace does
     not hold; they are counted as drafted and assumed not to be stop tokens."""
     choices = trace.exit_choices[exit_layer - 1].tolist()
-    done, steps, drafted, accepted = 1, 0, 0, 0  # `done` tokens are out; tokens[done - 1] is the newest
+    replay, done = Replay(), 1  # `done` tokens are out; tokens[done - 1] is the newest
     while done < len(trace.tokens):
         own, run = _step(trace, choices, done, draft_share(num_speculations, trace.budget - done))
-        steps, drafted, accepted, done = steps + 1, drafted + own, accepted + run, done + run + 1
-    return Replay(steps, drafted, accepted)
+        replay.add(own, run)
+        done += run + 1
+    return replay
 
 
 def _step(trace: GreedyTrace, choices: list[int], done: int, limit: int) -> tuple[int, int]:
@@ -136,39 +158,34 @@ def _step(trace: GreedyTrace, choices: list[int], done: int, limit: int) -> tupl
     return limit, run
 
 
-def simulate_adaptive(trace: GreedyTrace, exit_layer: int, policy: Adaptive) -> tuple[Replay, int, int]:
+def simulate_adaptive(trace: GreedyTrace, exit_layer: int, policy: Adaptive) -> tuple[Replay, int]:
     """The steps greedy self-speculative decoding takes along `trace` under the adaptive draft policy (the class
     decoding runs; its state carries over from one trace to the next, as a generator's does), counted as
-    `simulate` counts them; also the steps that drafted nothing, and of those the ones with a shadow draft."""
+    `simulate` counts them; also how many of the steps without drafts made a shadow draft."""
     choices = trace.exit_choices[exit_layer - 1].tolist()
     plans = [RowPlan(min(policy.config.num_speculations, policy.longest))]
-    done, steps, drafted, accepted, plain, shadows = 1, 0, 0, 0, 0, 0
+    replay, done, shadows = Replay(), 1, 0
     while done < len(trace.tokens):
         limit, shadow = draft_share(policy.drafts(plans), trace.budget - done), policy.shadow(plans)
         own, run = _step(trace, choices, done, limit)
         shadowed = shadow and own == 0
         policy.observe(plans, [own], [run], [int(choices[done] == trace.tokens[done])] if shadowed else None)
-        steps, drafted, accepted, done = steps + 1, drafted + own, accepted + run, done + run + 1
-        plain, shadows = plain + (own == 0), shadows + shadowed
-    return Replay(steps, drafted, accepted), plain, shadows
+        replay.add(own, run)
+        done, shadows = done + run + 1, shadows + shadowed
+    return replay, shadows
 
 
 def adaptive_speedup(traces: list[GreedyTrace], exit_layer: int, costs: PassCosts, start: int) -> float:
     """The adaptive draft policy's predicted speedup over autoregressive decoding along `traces`, starting at
-    `start` drafts, with its break-even rate from `costs`: each drafting step priced by the cost model at its
-    mean length, each step without drafts as a full pass (and the head once more for a shadow draft)."""
+    `start` drafts, with its break-even rate from `costs`: every step priced by the cost model at its own length
+    (a step without drafts is a full pass; a shadow draft adds the head once more)."""
     policy = Adaptive(GenerationConfig(generation_strategy="self_speculative", sample=False, exit_layer=exit_layer,
                                        num_speculations=start, draft_policy="adaptive"))
     policy.break_even = step_seconds(costs, 1) / step_seconds(costs, 0) - 1
-    seconds = tokens = 0.0
-    for trace in traces:
-        replay, plain, shadows = simulate_adaptive(trace, exit_layer, policy)
-        drafting = replay.steps - plain
-        if drafting:
-            seconds += drafting * step_seconds(costs, replay.drafted / drafting)
-        seconds += plain * step_seconds(costs, 0) + shadows * costs.head[1]
-        tokens += replay.steps + replay.accepted
-    return tokens * step_seconds(costs, 0) / seconds
+    replays = [simulate_adaptive(trace, exit_layer, policy) for trace in traces]
+    whole = Replay.total([replay for replay, _ in replays])
+    seconds = SelfSpeculative().predicted_seconds(costs, whole.step_drafts) + sum(s for _, s in replays) * costs.head[1]
+    return whole.tokens * step_seconds(costs, 0) / seconds
 
 
 @dataclass
@@ -203,11 +220,10 @@ def predict(traces: list[GreedyTrace], costs: dict[int, PassCosts], speculations
     autoregressive = 1 / statistics.median(cost.full + cost.head[1] for cost in costs.values())
     for exit_layer, cost in sorted(costs.items()):
         for d in speculations:
-            replays = [simulate(t, exit_layer, d) for t in traces]
-            steps, drafted, accepted = (sum(getattr(r, f) for r in replays) for f in ("steps", "drafted", "accepted"))
-            speedup = SelfSpeculative().ideal_speedup(cost, steps, drafted, accepted)
-            predictions.append(Prediction(exit_layer, d, accepted / drafted if drafted else float("nan"),
-                                          (accepted + steps) / steps if steps else 1.0, speedup,
+            whole = Replay.total([simulate(t, exit_layer, d) for t in traces])
+            speedup = SelfSpeculative().ideal_speedup(cost, whole.step_drafts, whole.tokens)
+            predictions.append(Prediction(exit_layer, d, whole.accepted / whole.drafted if whole.drafted else float("nan"),
+                                          whole.tokens / whole.steps if whole.steps else 1.0, speedup,
                                           speedup * autoregressive))
     return predictions
 

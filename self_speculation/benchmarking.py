@@ -32,6 +32,7 @@ class Sample:
     cache_bytes: int | None = None  # keys and values the KV cache held at its largest (our strategies)
     peak_gpu_bytes: int | None = None  # peak GPU memory allocated during the run, weights included (CUDA only)
     batch: int = -1  # samples of one batch (>= 0) were generated together: `total_time` is the batch's wall time
+    step_drafts: dict[int, int] = dataclasses.field(default_factory=dict)  # drafts in a step -> steps (ours)
 
     @property
     def tokens_per_second(self) -> float:
@@ -104,7 +105,8 @@ def _ours(name: str):
 
         def sample(r, peak) -> Sample:
             return Sample(name, -1, r.tokens, r.total_time, r.time_to_first_token, r.drafted, r.accepted,
-                          full_passes * (r.steps + 1), r.steps, r.cache_bytes, peak.get("bytes"))
+                          full_passes * (r.steps + 1), r.steps, r.cache_bytes, peak.get("bytes"),
+                          step_drafts=r.step_drafts)
 
         def run(prompt_ids):
             with _peak_gpu_memory(generator.device) as peak:

@@ -1,7 +1,7 @@
 """The generator: prompt in, tokens, text and speed figures out."""
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -27,6 +27,7 @@ class GenerationResult:
     total_time: float  # seconds, prompt included
     time_to_first_token: float
     cache_bytes: int = 0  # what the KV cache held at its largest (a batch's: all rows, before any left)
+    step_drafts: dict[int, int] = field(default_factory=dict)  # drafts in a step -> its steps with that many
 
     @property
     def num_tokens(self) -> int:
@@ -256,6 +257,7 @@ class Generator:
                             result.steps += 1
                             result.drafted += step.drafted
                             result.accepted += step.accepted
+                            result.step_drafts[step.drafted] = result.step_drafts.get(step.drafted, 0) + 1
                     new_tokens = [step.tokens for step in steps]
             finally:
                 sync_device(self.device)

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from . import layers
+from . import drafting, layers
 from .config import GenerationConfig
 from .costs import PassCosts
-from .drafting import POLICIES, DraftPolicy, draft_share, drafting_seconds
+from .drafting import POLICIES, DraftPolicy, draft_share
 from .errors import UsageError
 from .sampling import Processing, first_rejection, greedy, probabilities, race_noise, sample
 
@@ -145,8 +145,8 @@ class Strategy:
     - `cache_room(config, budget)`: cache positions needed beyond the prompt and the token budget.
     - `output_layer(config, num_layers)`: the layer whose logits are the distribution the strategy samples from
       (where lm-eval scores log-likelihoods).
-    - `step_seconds(costs, drafts)`: the cost model: the time of one step from measured pass costs, `drafts`
-      being the mean number of tokens drafted per step. `ideal_speedup` turns it into a speedup.
+    - `step_seconds(costs, drafts)`: the cost model: the time of one step of `drafts` drafts from measured pass
+      costs. `predicted_seconds` sums it over a generation's steps, `ideal_speedup` turns that into a speedup.
 
     Decoding, over the rows of a `Decoding` (one prompt is a batch of one):
     - `prefill(decoding, padded, lengths)` runs the right-padded prompts (B, T) and returns the logits (B, V) of
@@ -207,10 +207,10 @@ class Strategy:
             return {}
         measured = predicted = tokens = 0.0
         for rows in batches:
-            steps = max(s.steps for s in rows)
-            drafted = sum(s.drafted for s in rows) / max(sum(s.steps for s in rows), 1)
             measured += rows[0].total_time - (rows[0].time_to_first_token or 0.0)
-            predicted += steps * self.step_seconds(costs, drafted)
+            # the row that ran longest was in every step of its batch, which drafted as much as it did (or, at
+            # the end of its budget, a little more)
+            predicted += self.predicted_seconds(costs, max(rows, key=lambda s: s.steps).step_drafts)
             tokens += sum(len(s.tokens) - 1 for s in rows)
         if not tokens or not predicted:
             return {}
@@ -225,13 +225,16 @@ class Strategy:
         return [f"{name}: {m['ms_per_token_after_first']:.3f} ms/token after the first, its passes alone "
                 f"{m['predicted_ms_per_token_after_first']:.3f} (overhead {100 * m['overhead_vs_passes']:+.0f}%)"]
 
-    def ideal_speedup(self, costs: PassCosts, steps: int, drafted: int, accepted: int) -> float:
-        """The speedup over autoregressive decoding with no overhead beyond the passes, for the measured counts:
-        tokens per step × an autoregressive token's time / a step's time."""
-        if steps == 0:
-            return 1.0
-        token = Autoregressive().step_seconds(costs, 0.0)
-        return (accepted + steps) * token / (steps * self.step_seconds(costs, drafted / steps))
+    def predicted_seconds(self, costs: PassCosts, step_drafts: dict[int, int]) -> float:
+        """The cost model's time of the steps `step_drafts` counts (drafts in a step -> steps), each priced at
+        its own length: a policy that varies the length is not priced at its mean."""
+        return sum(steps * self.step_seconds(costs, drafts) for drafts, steps in step_drafts.items())
+
+    def ideal_speedup(self, costs: PassCosts, step_drafts: dict[int, int], tokens: int) -> float:
+        """The speedup over autoregressive decoding with no overhead beyond the passes: the time of `tokens`
+        autoregressive steps over the predicted time of the steps `step_drafts` counts, which yielded them."""
+        seconds = self.predicted_seconds(costs, step_drafts)
+        return tokens * Autoregressive().step_seconds(costs, 0) / seconds if seconds else 1.0
 
 
 # Settings the LayerSkip authors published for their checkpoints, which carry no `layerskip` key of ours: the
@@ -395,7 +398,7 @@ class SelfSpeculative(Strategy):
         return num_layers
 
     def step_seconds(self, costs, drafts):
-        return drafting_seconds(costs, drafts)
+        return drafting.step_seconds(costs, drafts)  # a step without drafts is a full pass
 
     def begin(self, generator, rows, context):
         self.trail = []
@@ -461,9 +464,13 @@ class SelfSpeculative(Strategy):
         samples = [s for rows in batches for s in rows]
         report |= self.policy.metrics()
         if costs is not None:
+            step_drafts = {}  # every row's steps, each priced alone at the batch's pass costs
+            for s in samples:
+                for drafts, steps in s.step_drafts.items():
+                    step_drafts[drafts] = step_drafts.get(drafts, 0) + steps
             report |= {"ideal_speedup_vs_autoregressive": self.ideal_speedup(
-                costs, steps=sum(s.steps for s in samples), drafted=sum(s.drafted for s in samples),
-                accepted=sum(s.accepted for s in samples)), "pass_costs_seconds": dataclasses.asdict(costs)}
+                costs, step_drafts, tokens=sum(s.steps + s.accepted for s in samples)),
+                "pass_costs_seconds": dataclasses.asdict(costs)}
         if plain:
             report["speedup_vs_autoregressive"] = mine["tokens_per_second"] / plain["tokens_per_second"]
             if "ms_per_token_after_first" in report and "ms_per_token_after_first" in plain:

@@ -68,6 +68,7 @@ def test_replayed_steps_are_the_steps_self_speculative_decoding_takes(eos):
                 assert (replay.steps, replay.accepted) == (real.steps, real.accepted)
                 if eos is None:
                     assert replay.drafted == real.drafted
+                    assert replay.step_drafts == real.step_drafts
                 compared += real.accepted > 0 and real.accepted < real.drafted
     assert compared > 5  # drafts were both accepted and rejected
 
@@ -80,7 +81,7 @@ def test_prediction_from_replays_and_pass_costs():
     assert [(p.exit_layer, p.num_speculations) for p in predictions] == [(2, 1), (2, 2)]
     for p in predictions:
         replay = simulate(traces[0], 2, p.num_speculations)
-        assert p.speedup == pytest.approx(SelfSpeculative().ideal_speedup(costs, replay.steps, replay.drafted, replay.accepted))
+        assert p.speedup == pytest.approx(SelfSpeculative().ideal_speedup(costs, replay.step_drafts, replay.tokens))
         assert p.tokens_per_second == pytest.approx(p.speedup / 4.5)
         assert p.acceptance == pytest.approx(replay.accepted / replay.drafted)
 
@@ -144,7 +145,8 @@ def test_the_adaptive_policy_replayed_takes_the_steps_it_takes_decoding():
         replayed.break_even = break_even
         for prompt, trace in zip(prompts, traces):
             real = generator.generate(prompt)
-            replay, plain, _ = simulate_adaptive(trace, exit_layer, replayed)
+            replay, _ = simulate_adaptive(trace, exit_layer, replayed)
             assert (replay.steps, replay.drafted, replay.accepted) == (real.steps, real.drafted, real.accepted)
-            plain_steps += plain
+            assert replay.step_drafts == real.step_drafts  # step by step: what the cost model prices
+            plain_steps += replay.step_drafts.get(0, 0)
     assert plain_steps > 10  # drafting was switched off somewhere

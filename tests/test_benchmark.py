@@ -1,5 +1,6 @@
 """benchmark.py: every strategy on the same prompts, one valid JSON document, per-sample JSONL."""
 
+import dataclasses
 import json
 
 import pytest
@@ -73,9 +74,13 @@ def test_ideal_speedup_by_hand():
     position and 1 over three: a step of two drafts costs 3 * 1 + 3 * 1.5 + 2 * 0.5 + 1 = 9.5 and yields
     accepted + 1 = 3 tokens; an autoregressive token costs 4 + 0.5."""
     costs = PassCosts(draft=1.0, verify={1: 3.0, 2: 3.75, 3: 4.5}, full=4.0, head={1: 0.5, 2: 0.75, 3: 1.0})
-    assert SelfSpeculative().ideal_speedup(costs, steps=10, drafted=20, accepted=20) == pytest.approx(3 * 4.5 / 9.5)
-    # one draft per step on average, half of them accepted: 2 * 1 + 3.75 + 0.5 + 0.75 = 7 for 1.5 tokens
-    assert SelfSpeculative().ideal_speedup(costs, steps=10, drafted=10, accepted=5) == pytest.approx(1.5 * 4.5 / 7)
+    assert SelfSpeculative().ideal_speedup(costs, {2: 10}, tokens=30) == pytest.approx(3 * 4.5 / 9.5)
+    # one draft per step, half of them accepted: 2 * 1 + 3.75 + 0.5 + 0.75 = 7 for 1.5 tokens
+    assert SelfSpeculative().ideal_speedup(costs, {1: 10}, tokens=15) == pytest.approx(1.5 * 4.5 / 7)
+    # each step at its own length: a step without drafts is a full pass and the head (3.5 + 0.5 here, where the
+    # full pass is cheaper than layers [0, E) and [E, L) apart), not a step of a mean of one draft (7 each)
+    cheap = dataclasses.replace(costs, full=3.5)
+    assert SelfSpeculative().ideal_speedup(cheap, {0: 5, 2: 5}, tokens=20) == pytest.approx(20 * 4 / (5 * 4 + 5 * 9.5))
     # a mean of 1.5 drafts interpolates the costs over 2.5 positions
     assert costs.at(costs.verify, 2.5) == pytest.approx(4.125)
 

@@ -293,15 +293,22 @@ def pop_compile_both(argv: list[str]) -> bool:
     return False
 
 
+def pop_policies(argv: list[str], default: str = "static") -> list[str]:
+    """Remove every --draft_policy from argv and return the policies named, comma-separated (`pop_list`),
+    refusing one that does not exist."""
+    policies = pop_list(argv, "--draft_policy", default)
+    if unknown := [p for p in policies if p not in DRAFT_POLICIES]:
+        raise UsageError(f"--draft_policy: unknown {', '.join(unknown)} (choose from {', '.join(DRAFT_POLICIES)})")
+    return policies
+
+
 def pop_variants(argv: list[str]) -> list[tuple[tuple[str, str, object], ...]]:
     """The variants a benchmark runs of each strategy, interleaved batch by batch, as rows NAME+SUFFIX: `--compile
     both` gives eager and +compiled, `--draft_policy a,b` gives +a and +b, and together every pair. Each variant
     is a tuple of (suffix part, flag, value) per axis; both flags leave argv (one policy stays, for the parser)."""
     axes = [(("", "compile", False), (COMPILED, "compile", True))] if pop_compile_both(argv) else []
     if "draft_policy" in given_flags(argv):
-        policies = pop_list(argv, "--draft_policy", "static")
-        if unknown := [p for p in policies if p not in DRAFT_POLICIES]:
-            raise UsageError(f"--draft_policy: unknown {', '.join(unknown)} (choose from {', '.join(DRAFT_POLICIES)})")
+        policies = pop_policies(argv)
         if len(policies) == 1:
             argv += ["--draft_policy", policies[0]]
         else:

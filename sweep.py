@@ -3,6 +3,10 @@
     python sweep.py --dataset human_eval --num_samples 10 --max_steps 128 --sample False \
         --exit_layer_first 1 --exit_layer_last 12 --num_speculations_first 1 --num_speculations_last 8
 
+The grid's points draft a fixed length (the static draft policy). With --draft_policy static,adaptive the adaptive
+policy is measured too, once per exit layer (it chooses its lengths; its first step drafts
+--num_speculations_first), beside the grid.
+
 Each point is a benchmark of every example, with our autoregressive decoding timed batch by batch in turn with it
 (its speedup is a ratio within the point, which this machine's drift between points does not enter; the best point
 is chosen by it); sweep.csv gets a row as each point finishes. Running the same command again resumes: finished
@@ -17,13 +21,13 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from arguments import (MAX_WARMUP, SAMPLING, DatasetBatchArguments, DataArguments, GenerationArguments,
-                       ModelArguments, parse, run, warn_ignored)
+                       ModelArguments, parse, pop_policies, run, warn_ignored)
 from self_speculation import UsageError, distributed
 from self_speculation.errors import check_range
 from self_speculation.benchmarking import RUNNERS
 from self_speculation.generator import check_prompt_lengths
 from self_speculation.results import ensure_output_dir
-from self_speculation.sweeping import SweepDirectory, run_in_turn
+from self_speculation.sweeping import Point, SweepDirectory, run_in_turn
 
 MAX_POINTS = 10_000  # each point benchmarks every example: more is a mistyped bound, not a sweep
 
@@ -57,16 +61,23 @@ class SweepArguments:
 
 
 # the sweep sets them at every point
-IGNORED = ("generation_strategy", "exit_layer", "num_speculations", "batch_drafts", "no_batch_drafts", "draft_policy")
+IGNORED = ("generation_strategy", "exit_layer", "num_speculations")
+STATIC_ONLY = ("batch_drafts", "no_batch_drafts")  # read by the adaptive policy's points alone
+HELP = {"--draft_policy": ("static: the grid, every step drafting its point's length; adaptive: a point per exit "
+                           "layer, the policy choosing its lengths; static,adaptive: both (default: static)",
+                           "{static,adaptive}")}
 
 
 ARGUMENTS = (ModelArguments, GenerationArguments, DataArguments, DatasetBatchArguments, SweepArguments)
 
 
 def main(argv: list[str] | None = None) -> int:
-    model_args, config, data_args, batching, args = parse(ARGUMENTS, argv, doc=__doc__)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    policies = pop_policies(argv)
+    model_args, config, data_args, batching, args = parse(ARGUMENTS, argv, help=HELP, doc=__doc__)
     out = ensure_output_dir(model_args.output_dir)
-    directory = SweepDirectory(out, {"model": dataclasses.asdict(model_args), "generation": dataclasses.asdict(config),
+    generation = dataclasses.asdict(config) | {"draft_policy": ",".join(policies)}
+    directory = SweepDirectory(out, {"model": dataclasses.asdict(model_args), "generation": generation,
                                      "data": dataclasses.asdict(data_args),
                                      "sweep": dataclasses.asdict(args) | batching.settings()})
     examples = data_args.load(model_args.seed)
@@ -82,10 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     if len(exits) * len(drafts) > MAX_POINTS:
         raise UsageError(f"{len(exits)} exit layers x {len(drafts)} draft lengths is more than the {MAX_POINTS} points "
                          "a sweep may have; raise --exit_layer_step or --num_speculations_step")
-    points = [(e, d) for e in exits for d in drafts]
+    points = [Point(e, d) for e in exits for d in drafts] if "static" in policies else []
+    points += [Point(e, args.num_speculations_first, "adaptive") for e in exits] if "adaptive" in policies else []
     if distributed.rank() == 0:
         warn_ignored(argv, IGNORED, "a sweep runs self_speculative at every (exit layer, draft length) of its grid "
                                     "(--exit_layer_first/last/step, --num_speculations_first/last/step)")
+        if "adaptive" not in policies:
+            warn_ignored(argv, STATIC_ONLY, "the grid's points draft their own length in batches too")
         if not config.sample:
             warn_ignored(argv, SAMPLING, "greedy decoding (--sample False)")
         if batching.batch_size == 1:
@@ -99,10 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         plain.append(RUNNERS["autoregressive"](model, tokenizer, config, model_args.seed))
     for runner in plain:  # warmed up as the baseline was
         runner.warm_up(batches, args.warmup)
-    for exit_layer, num_speculations in tqdm(todo, desc="sweep", unit="point", disable=distributed.rank() != 0):
-        # every point drafts exactly its num_speculations at every step and batch size: a sweep measures the grid
+    for exit_layer, num_speculations, policy in tqdm(todo, desc="sweep", unit="point",
+                                                    disable=distributed.rank() != 0):
+        # a static point drafts exactly its num_speculations at every step and batch size: it measures the grid
         point = dataclasses.replace(config, exit_layer=exit_layer, num_speculations=num_speculations,
-                                    batch_drafts=False, draft_policy="static")
+                                    draft_policy=policy, batch_drafts=config.batch_drafts and policy != "static")
         speculative = RUNNERS["self_speculative"](model, tokenizer, point, model_args.seed)
         speculative.warm_up(batches, args.warmup)  # with --compile, the point compiles here, not in its timed runs
         samples, *autoregressive = run_in_turn([speculative] + plain, batches)

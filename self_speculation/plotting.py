@@ -30,6 +30,23 @@ def sweep_plot(frame: pd.DataFrame, column: str, title: str, stem: Path) -> list
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.yaxis.set_major_locator(MaxNLocator(integer=grid.shape[0] > 1 and grid.shape[1] > 1))
     axes.set_title(title)
+    return _save(figure, stem)
+
+
+def policy_plot(frame: pd.DataFrame, column: str, stem: Path) -> list[Path]:
+    """`column` by exit layer for each draft policy, at its best draft length per exit layer (the adaptive policy
+    has one point per exit layer); written as PNG and PDF."""
+    figure, axes = plt.subplots(figsize=(7, 5))
+    for policy, rows in frame.groupby("draft_policy", sort=False):
+        best = rows.groupby("exit_layer")[column].max()
+        axes.plot(best.index, best.values, marker="o", label=policy)
+    axes.set(xlabel="exit_layer", ylabel=column, title=f"{column} by exit layer, the best draft length of each policy")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.legend()
+    return _save(figure, stem)
+
+
+def _save(figure, stem: Path) -> list[Path]:
     figure.tight_layout()
     paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
     for path in paths:

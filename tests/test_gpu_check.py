@@ -34,9 +34,13 @@ def test_a_benchmark_summary_gives_the_ratios_ours_report():
                "self_speculative+compiled": {"tokens_per_second": 250.0, "speedup_vs_autoregressive": 1.61,
                                              "efficiency": 0.93, "speedup_vs_eager": 1.5,
                                              "draft_length_by_batch_size": {8: 0}},
+               "self_speculative+adaptive": {"tokens_per_second": 260.0, "speedup_vs_static": 1.04,
+                                             "mean_drafts_per_step": 3.5},
                "hf_generate": {"tokens_per_second": 80.0}}
     cell = gpu_check.benchmark_cell(metrics)
-    assert cell.startswith("tokens/s: autoregressive 100.0, self_speculative+compiled 250.0, hf_generate 80.0")
+    assert cell.startswith("tokens/s: autoregressive 100.0, self_speculative+compiled 250.0, self_speculative+adaptive "
+                           "260.0, hf_generate 80.0")
+    assert "self_speculative+adaptive: vs static 1.04, drafts per step 3.50" in cell
     assert "autoregressive: overhead +5%" in cell
     assert ("self_speculative+compiled: vs autoregressive 1.61, efficiency 0.93, vs eager 1.50, drafts {8: 0}"
             in cell)
@@ -68,7 +72,7 @@ def test_the_probe_counts_compilations_and_says_where_it_cannot_count_waits(tmp_
     """On the CPU (no CUDA sync debug mode) the probe still runs every case and counts compilations; the waits are
     said not to be counted rather than reported as zero."""
     records = gpu_check.probe("cpu", "False", tmp_path)
-    assert len(records) == 8 and json.loads((tmp_path / "gpu_check_probe.json").read_text())["probe"] == records
+    assert len(records) == 12 and json.loads((tmp_path / "gpu_check_probe.json").read_text())["probe"] == records
     assert all(r["host_waits_per_step_beyond_the_read"] is None and r["compilations_later_runs"] == 0
                for r in records.values())
     assert gpu_check.probe_cell(records) == "host waits not counted (no CUDA); compilations: 0 in first runs, 0 after"

@@ -185,7 +185,7 @@ def adaptive_speedup(traces: list[GreedyTrace], exit_layer: int, costs: PassCost
     replays = [simulate_adaptive(trace, exit_layer, policy) for trace in traces]
     whole = Replay.total([replay for replay, _ in replays])
     seconds = SelfSpeculative().predicted_seconds(costs, whole.step_drafts) + sum(s for _, s in replays) * costs.head[1]
-    return whole.tokens * step_seconds(costs, 0) / seconds
+    return whole.tokens * step_seconds(costs, 0) / seconds if seconds else 1.0  # no steps: nothing to gain
 
 
 @dataclass

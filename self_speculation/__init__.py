@@ -3,6 +3,7 @@
 from .config import GenerationConfig
 from .errors import UsageError
 from .generator import GenerationResult, Generator
+from .hf import layerskip_generate
 from .strategies import STRATEGIES
 
-__all__ = ["GenerationConfig", "GenerationResult", "Generator", "STRATEGIES", "UsageError"]
+__all__ = ["GenerationConfig", "GenerationResult", "Generator", "STRATEGIES", "UsageError", "layerskip_generate"]

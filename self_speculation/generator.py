@@ -103,7 +103,9 @@ class Generator:
         tokenizer: PreTrainedTokenizerBase | None,
         config: GenerationConfig,
         seed: int = 42,
+        eos_token_ids: set[int] | None = None,
     ):
+        """`eos_token_ids`: the end-of-sequence ids; None: the model's generation config's and the tokenizer's."""
         layers.check_layout(model)
         self.strategy, config = configured(config, model.config)
         self.model = model
@@ -118,9 +120,11 @@ class Generator:
         self.seed = seed
         self.drawn = 0  # prompts sampled from so far: the next one's noise stream (`sampling.race_noise`)
         self.context_length = context_length(model)
-        eos = _token_ids(model.generation_config.eos_token_id if model.generation_config else None)
-        if tokenizer is not None:
-            eos |= _token_ids(tokenizer.eos_token_id)
+        eos = eos_token_ids
+        if eos is None:
+            eos = _token_ids(model.generation_config.eos_token_id if model.generation_config else None)
+            if tokenizer is not None:
+                eos |= _token_ids(tokenizer.eos_token_id)
         self.stop = StopCondition(
             eos,
             config.stop_token_ids,
@@ -137,11 +141,12 @@ class Generator:
         self.drawn += rows
         return layers.upload([s % (1 << 63) for s in streams], self.device)
 
-    def _budgets(self, prompts: list[list[int]]) -> tuple[list[int], int]:
-        """Each prompt's budget of new tokens (--max_steps, or less where the context ends first), and the cache
-        capacity of their generation: room for all of it and what a step writes past it, so that the cache never
-        grows."""
-        budgets = [token_budget(self.config.max_steps, self.context_length, len(p)) for p in prompts]
+    def _budgets(self, prompts: list[list[int]], max_steps: int | None = None) -> tuple[list[int], int]:
+        """Each prompt's budget of new tokens (`max_steps`, by default --max_steps, or less where the context ends
+        first), and the cache capacity of their generation: room for all of it and what a step writes past it, so
+        that the cache never grows."""
+        max_steps = max_steps or self.config.max_steps
+        budgets = [token_budget(max_steps, self.context_length, len(p)) for p in prompts]
         room = self.strategy.cache_room(self.config, max(budgets))
         return budgets, max(len(p) for p in prompts) + max(budgets) + room
 
@@ -179,7 +184,8 @@ class Generator:
         return GenerationResult(prompt_tokens=prompt_tokens, tokens=[], text="", stop_reason="running", drafted=0,
                                 accepted=0, steps=0, total_time=0.0, time_to_first_token=0.0)
 
-    def _extend(self, result: GenerationResult, sequence: list[int], new_tokens: list[int], budget: int) -> list[int]:
+    def _extend(self, result: GenerationResult, sequence: list[int], new_tokens: list[int], budget: int,
+                max_steps: int) -> list[int]:
         """Append a step's tokens to the result and the sequence up to a stop or the budget, and set
         `stop_reason` if the generation ends there; returns the tokens taken."""
         for i, token in enumerate(new_tokens):
@@ -187,7 +193,7 @@ class Generator:
             sequence.append(token)
             reason = self.stop.reason(result.tokens)
             if reason is None and len(result.tokens) >= budget:
-                reason = "max_steps" if budget == self.config.max_steps else "context_length"
+                reason = "max_steps" if budget == max_steps else "context_length"
             if reason is not None:
                 result.stop_reason = reason
                 return new_tokens[: i + 1]
@@ -204,19 +210,21 @@ class Generator:
             kept = sorted(kept + [running.index(False)])
         return kept
 
-    def generate_batch(self, prompts: list[list[int]], shrink: bool = SHRINK_BATCHES,
-                       streamer=None) -> list[GenerationResult]:
+    def generate_batch(self, prompts: list[list[int]], shrink: bool = SHRINK_BATCHES, streamer=None,
+                       max_steps: int | None = None) -> list[GenerationResult]:
         """Generate from prompts (token ids) at once, in one cache: the one decoding loop (one prompt is a batch
         of one). Each row's tokens are what it gets alone. Every result's `total_time` is the batch's wall time
         (throughput is the tokens of all rows over it). A row that has stopped leaves the batch (`shrink`), or is
         held in place, keeping none of its steps, until the others stop. A `streamer` shows a single prompt's
-        tokens (and drafts) as they come."""
+        tokens (and drafts) as they come. `max_steps` replaces --max_steps for this generation (Hugging Face's
+        generate, through `hf.layerskip_generate`, gives each call its own budget)."""
         if not prompts or any(not p for p in prompts):
             raise UsageError("the prompt is empty")
         if streamer is not None and len(prompts) > 1:
             raise ValueError("a streamer shows one prompt's generation")
         check_prompt_lengths(self.model, prompts)
-        budgets, capacity = self._budgets(prompts)
+        max_steps = max_steps or self.config.max_steps
+        budgets, capacity = self._budgets(prompts, max_steps)
         lengths = [len(p) for p in prompts]
         plans = self.strategy.begin(self, len(prompts), typical_context(lengths, max(budgets)))
         d = Decoding(decoder=self.decoder, config=self.config, cache=self.new_cache(capacity, len(prompts)),
@@ -236,7 +244,7 @@ class Generator:
                 while True:
                     for b, result in enumerate(results):
                         if result.stop_reason == "running":
-                            taken = self._extend(result, d.sequences[b], new_tokens[b], budgets[b])
+                            taken = self._extend(result, d.sequences[b], new_tokens[b], budgets[b], max_steps)
                             if streamer is not None:
                                 streamer.put(torch.tensor(taken))
                     if first is None:

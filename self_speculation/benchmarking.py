@@ -262,6 +262,27 @@ def _hf_assistant_early_exit(model, tokenizer, config, seed) -> Runner:
     return Runner(run, settings, alone="Hugging Face's assisted generation takes a batch of one", compiles=False)
 
 
+def _hf_custom_generate(model, tokenizer, config, seed) -> Runner:
+    """model.generate with this toolkit's self-speculative decoding as its decoding loop (`custom_generate`,
+    self_speculation/hf.py), left-padded batches as Hugging Face users pass them: what the route costs over our own
+    runner. Eager only: its compiled passes would compile per batch shape inside timed runs (our runner warms up
+    each one)."""
+    from .hf import layerskip_generate
+
+    kwargs = _hf_kwargs(model, tokenizer, config)
+    stop = _hf_stop(tokenizer, config, kwargs)
+    if kwargs.pop("stopping_criteria", None) is not None:  # the route takes stop strings and their tokenizer
+        kwargs |= {"stop_strings": config.stop_words, "stop_strings_tokenizer": tokenizer}
+    options = {"generation_strategy": "self_speculative", "draft_policy": config.draft_policy,
+               "batch_drafts": config.batch_drafts, "seed": seed}
+    options |= {name: getattr(config, name) for name in ("exit_layer", "num_speculations") if getattr(config, name) != -1}
+    settings = {k: v for k, v in kwargs.items() if k != "stop_strings_tokenizer"} | options
+    run, run_together = _hf_run("hf_custom_generate", model, kwargs | options | {"custom_generate": layerskip_generate},
+                                stop)
+    return Runner(run, settings | {"custom_generate": "self_speculation.hf.layerskip_generate"}, run_together,
+                  compiles=False)
+
+
 COMPILED = "+compiled"
 
 
@@ -293,12 +314,14 @@ def variant_runners(strategies: list[str], variants: list[tuple], model, tokeniz
 
 # what each runner reads of the strategy flags (STRATEGY_FLAGS): a benchmark warns of one none of its runners reads
 RUNNER_FLAGS = {name: strategy.flags for name, strategy in STRATEGIES.items()} | {
-    "hf_generate": frozenset(), "hf_assistant_early_exit": frozenset({"exit_layer", "num_speculations"})}
+    "hf_generate": frozenset(), "hf_assistant_early_exit": frozenset({"exit_layer", "num_speculations"}),
+    "hf_custom_generate": STRATEGIES["self_speculative"].flags}
 
 RUNNERS: dict[str, Callable] = {
     **{name: _ours(name) for name in STRATEGIES},
     "hf_generate": _hf_generate,
     "hf_assistant_early_exit": _hf_assistant_early_exit,
+    "hf_custom_generate": _hf_custom_generate,
 }
 
 

@@ -177,7 +177,8 @@ def test_batched_benchmark_gives_every_row_its_batch_of_one_output(checkpoint, t
                                     "--max_steps", "12", "--sample", "False", "--exit_layer", "3", "--num_speculations",
                                     "3", "--output_dir", str(out), "--batch_size", str(batch_size),
                                     "--generation_strategy",
-                                    "autoregressive,self_speculative,hf_generate,hf_assistant_early_exit"])
+                                    "autoregressive,self_speculative,hf_generate,hf_assistant_early_exit,"
+                                    "hf_custom_generate"])
         assert code == 0
         [records] = out.glob("benchmark_*.jsonl")
         outputs[batch_size] = {(r["strategy"], r["prompt_id"]): r["tokens"]
@@ -185,12 +186,14 @@ def test_batched_benchmark_gives_every_row_its_batch_of_one_output(checkpoint, t
         [result] = out.glob("benchmark_*.json")
         metrics = json.loads(result.read_text())["metrics"]
         assert metrics["self_speculative"]["samples"] == 5
-        assert [metrics[name]["rows_per_batch"] for name in ("self_speculative", "hf_assistant_early_exit")] == [
-            batch_size, 1]
+        # our decoding through model.generate takes the batch that Hugging Face's own early-exit assistant refuses
+        assert [metrics[name]["rows_per_batch"] for name in ("self_speculative", "hf_assistant_early_exit",
+                                                             "hf_custom_generate")] == [batch_size, 1, batch_size]
         printed = capsys.readouterr().out
         assert ("hf_assistant_early_exit: one prompt at a time (Hugging Face's assisted generation takes a batch of "
                 "one)" in printed) == (batch_size > 1)
     assert outputs[1] == outputs[2]  # three batches of 2, 2 and 1 rows; hf_generate left-padded
+    assert all(outputs[2]["hf_custom_generate", i] == outputs[2]["self_speculative", i] for i in range(5))
 
 
 def test_compile_both_measures_eager_and_compiled_interleaved(checkpoint, prompts_file, tmp_path, capsys):

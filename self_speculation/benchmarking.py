@@ -71,6 +71,8 @@ class Runner:
     # what it varies: e.g. "eager" -> ("compiled", the eager row); "static" -> ("adaptive", the row with static)
     siblings: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
     compiles: bool = True  # False: --compile changes nothing in this runner (no compiled variant of it is run)
+    # what makes a batch's first run cost more than the next (None: nothing, or ours' `Generator.compile_key`)
+    warm_key: Callable[[list[list[int]]], object] | None = None
 
     def run_batch(self, batch: Batch, index: int = 0) -> list[Sample]:
         """Batch number `index` as one batch, or one prompt after another where the runner takes one at a time.
@@ -82,16 +84,20 @@ class Runner:
         return [dataclasses.replace(s, prompt_id=i) for i, s in zip(batch.ids, samples)]
 
     def warm_up(self, batches: list[Batch], runs: int) -> None:
-        """`runs` untimed runs of the first batch; with --compile, where the passes compile, then one of each
-        batch that needs code the first did not compile (`Generator.compile_key`: a lone prompt after batches, with
-        CUDA graphs another batch size or cache bucket), so that nothing compiles inside a timed run."""
+        """`runs` untimed runs of the first batch; then one of each batch of another `warm_key`: with --compile,
+        where the passes compile, one that needs code the first did not compile (`Generator.compile_key`: a lone
+        prompt after batches, with CUDA graphs another batch size or cache bucket), so that nothing compiles inside
+        a timed run."""
         for _ in range(runs):
             self.run_batch(batches[0])
-        if runs and self.generator is not None and self.generator.compiled is not None:
-            seen = {self.generator.compile_key(batches[0].prompts)}
+        key = self.warm_key
+        if key is None and self.generator is not None and self.generator.compiled is not None:
+            key = self.generator.compile_key
+        if runs and key is not None:
+            seen = {key(batches[0].prompts)}
             for batch in batches[1:]:
-                if (key := self.generator.compile_key(batch.prompts)) not in seen:
-                    seen.add(key)
+                if (found := key(batch.prompts)) not in seen:
+                    seen.add(found)
                     self.run_batch(batch)
 
 
@@ -279,8 +285,10 @@ def _hf_custom_generate(model, tokenizer, config, seed) -> Runner:
     settings = {k: v for k, v in kwargs.items() if k != "stop_strings_tokenizer"} | options
     run, run_together = _hf_run("hf_custom_generate", model, kwargs | options | {"custom_generate": layerskip_generate},
                                 stop)
+    # the first batch of each size times the draft policy's passes at that size inside generate's call (ours
+    # does it before its clock starts): warmed up once per batch size
     return Runner(run, settings | {"custom_generate": "self_speculation.hf.layerskip_generate"}, run_together,
-                  compiles=False)
+                  compiles=False, warm_key=len)
 
 
 COMPILED = "+compiled"

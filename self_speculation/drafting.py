@@ -153,11 +153,14 @@ class Static(DraftPolicy):
         by the model's account. Compiled, the choice is --num_speculations or 0 (the passes compiled)."""
         config, compiled = self.config, generator.compiled
         self.length = config.num_speculations
-        if rows > 1 and config.batch_drafts and self.acceptance.seen:
+        if rows > 1 and config.batch_drafts:
             most = draft_share(config.num_speculations, config.max_steps)  # never more than a generation drafts
-            if rows not in self.batch_costs:
+            if rows not in self.batch_costs:  # at the first batch of a size, acceptance seen or not: a warm-up
+                # at each batch size then leaves the timing out of every timed generation's call
                 timer = PassTimer(generator.decoder, context, most + 1, compiled, rows, 5, generator.new_cache)
                 self.batch_costs[rows] = timer.costs(config.exit_layer, most + 1)
+            if not self.acceptance.seen:
+                return super().begin(generator, rows, context)
             costs = self.batch_costs[rows]
             choices = range(most + 1) if compiled is None else (0, most)
             self.length = self.chosen[rows] = max(

@@ -68,7 +68,20 @@ def test_one_prompt_and_batch_drafts_off_draft_the_configured_length(seen):
     assert chosen(seen, rows=1) == 3
     off = GenerationConfig(**{**CONFIG.__dict__, "batch_drafts": False})
     assert chosen(Static(off), rows=3, config=off) == 3
-    assert chosen(Static(CONFIG), rows=3) == 3  # nothing seen yet
+    fresh = Static(CONFIG)
+    fresh.batch_costs[3] = costs(2.0)  # what made `seen` choose 0 above
+    assert chosen(fresh, rows=3) == 3 and fresh.chosen == {}  # nothing seen yet
+
+
+def test_a_batch_size_is_timed_at_its_first_batch_before_anything_is_seen():
+    """The pass costs of a batch size are timed when its first batch begins, so that a warm-up at each size takes
+    the timing out of later generations (Hugging Face's generate, through hf.py, times the whole call)."""
+    generator = Generator(tiny_llama(num_layers=4, seed=3), None, CONFIG)
+    generator.generate_batch(PROMPTS)
+    policy = generator.strategy.policy
+    assert set(policy.batch_costs) == {3} and policy.chosen == {}  # timed, but the configured length drafted
+    generator.generate_batch(PROMPTS)
+    assert set(policy.chosen) == {3}
 
 
 def test_compiled_chooses_between_the_compiled_lengths(seen):

@@ -222,9 +222,9 @@ def predict(traces: list[GreedyTrace], costs: dict[int, PassCosts], speculations
         for d in speculations:
             whole = Replay.total([simulate(t, exit_layer, d) for t in traces])
             speedup = SelfSpeculative().ideal_speedup(cost, whole.step_drafts, whole.tokens)
-            predictions.append(Prediction(exit_layer, d, whole.accepted / whole.drafted if whole.drafted else float("nan"),
-                                          whole.tokens / whole.steps if whole.steps else 1.0, speedup,
-                                          speedup * autoregressive))
+            acceptance = whole.accepted / whole.drafted if whole.drafted else float("nan")
+            predictions.append(Prediction(exit_layer, d, acceptance, whole.tokens / whole.steps if whole.steps else 1.0,
+                                          speedup, speedup * autoregressive))
     return predictions
 
 

@@ -281,7 +281,8 @@ def _hf_custom_generate(model, tokenizer, config, seed) -> Runner:
         kwargs |= {"stop_strings": config.stop_words, "stop_strings_tokenizer": tokenizer}
     options = {"generation_strategy": "self_speculative", "draft_policy": config.draft_policy,
                "batch_drafts": config.batch_drafts, "seed": seed}
-    options |= {name: getattr(config, name) for name in ("exit_layer", "num_speculations") if getattr(config, name) != -1}
+    options |= {name: getattr(config, name) for name in ("exit_layer", "num_speculations")
+                if getattr(config, name) != -1}  # -1: the route takes the checkpoint's recommendation
     settings = {k: v for k, v in kwargs.items() if k != "stop_strings_tokenizer"} | options
     run, run_together = _hf_run("hf_custom_generate", model, kwargs | options | {"custom_generate": layerskip_generate},
                                 stop)

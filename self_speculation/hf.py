@@ -16,9 +16,9 @@ merged from the model's, the call's arguments and the library defaults, and the 
 callable only when its signature names them and `_sample`'s does not (lines 2574-2578): here
 `generation_strategy` (default self_speculative), `exit_layer` and `num_speculations` (default: the checkpoint's
 recommendation, else a UsageError), `draft_policy`, `batch_drafts` and `compile` (default: the toolkit's),
-`seed`, `stop_strings` and `stop_strings_tokenizer`. `tokenizer=` is popped at line 2560 and never reaches a callable, and `streamer=` is
-a parameter of `generate` itself, passed to its own loops only (`_sample` names it, so no signature can claim it);
-`generate` still shows the streamer the prompt (line 2937).
+`seed`, `stop_strings` and `stop_strings_tokenizer`. `tokenizer=` is popped at line 2560 and never reaches a
+callable, and `streamer=` is a parameter of `generate` itself, passed to its own loops only (`_sample` names it,
+so no signature can claim it); `generate` still shows the streamer the prompt (line 2937).
 
 What this route does with them:
 - the prompts: each row of `input_ids` without its left padding (`attention_mask`), decoded as one ragged batch by

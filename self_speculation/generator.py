@@ -9,7 +9,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from . import layers
 from .config import GenerationConfig
 from .costs import sync_device, typical_context
-from .errors import UsageError, check_text
+from .errors import UsageError, check_range, check_text
 from .sampling import Processing
 from .stopping import StopCondition
 from .strategies import Decoding, configured
@@ -145,7 +145,7 @@ class Generator:
         """Each prompt's budget of new tokens (`max_steps`, by default --max_steps, or less where the context ends
         first), and the cache capacity of their generation: room for all of it and what a step writes past it, so
         that the cache never grows."""
-        max_steps = max_steps or self.config.max_steps
+        max_steps = self.config.max_steps if max_steps is None else max_steps
         budgets = [token_budget(max_steps, self.context_length, len(p)) for p in prompts]
         room = self.strategy.cache_room(self.config, max(budgets))
         return budgets, max(len(p) for p in prompts) + max(budgets) + room
@@ -223,7 +223,9 @@ class Generator:
         if streamer is not None and len(prompts) > 1:
             raise ValueError("a streamer shows one prompt's generation")
         check_prompt_lengths(self.model, prompts)
-        max_steps = max_steps or self.config.max_steps
+        if max_steps is None:
+            max_steps = self.config.max_steps
+        check_range("max_steps", max_steps, 1)
         budgets, capacity = self._budgets(prompts, max_steps)
         lengths = [len(p) for p in prompts]
         plans = self.strategy.begin(self, len(prompts), typical_context(lengths, max(budgets)))

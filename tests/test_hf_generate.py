@@ -316,6 +316,19 @@ def test_sampling_draws_from_generates_distribution(small_vocab_model):
     assert homogeneity_p_value(expected, hotter) < 1e-6
 
 
+def test_each_sampling_setting_reaches_the_decoding(gqa_tied):
+    """Sampling narrowed to the most likely token by one setting at a time (top_k 1, a tiny top_p, a tiny
+    temperature) gives generate's greedy output; left wide, it does not."""
+    batch = left_padded(PROMPTS)
+    greedy = gqa_tied.generate(**batch, max_new_tokens=12, do_sample=False).tolist()
+    for narrow in ({"top_k": 1}, {"top_k": 0, "top_p": 1e-6}, {"top_k": 0, "temperature": 1e-3}):
+        sampled = ours(gqa_tied, batch, exit_layer=2, num_speculations=3, max_new_tokens=12, do_sample=True, seed=5,
+                       **narrow)
+        assert sampled.tolist() == greedy, narrow
+    wide = ours(gqa_tied, batch, exit_layer=2, num_speculations=3, max_new_tokens=12, do_sample=True, seed=5, top_k=0)
+    assert wide.tolist() != greedy
+
+
 def test_seeds(small_vocab_model):
     """seed= repeats a call; without it torch's generator gives the seed, so torch.manual_seed repeats one and
     successive calls differ."""

@@ -308,12 +308,14 @@ def variant_runners(strategies: list[str], variants: list[tuple], model, tokeniz
             parts = [(part, flag, value) for part, flag, value in variant
                      if flag == "compile" or flag in RUNNER_FLAGS[name]]
             suffix = "".join(part for part, _, _ in parts)
-            if name + suffix in runners or name in eager_only:
+            if name + suffix in runners or (COMPILED in suffix and name in eager_only):
                 continue
-            runner = RUNNERS[name](model, tokenizer, dataclasses.replace(config, **{f: v for _, f, v in parts}), seed)
-            if COMPILED in suffix and not runner.compiles:
-                eager_only.append(name)
-                continue
+            effective = dataclasses.replace(config, **{f: v for _, f, v in parts})
+            runner = RUNNERS[name](model, tokenizer, effective, seed)
+            if effective.compile and not runner.compiles:  # said once; with --compile both its eager rows stand
+                eager_only += [name] if name not in eager_only else []
+                if COMPILED in suffix:
+                    continue
             siblings = {(firsts[flag] or "+eager")[1:]: (part[1:], name + suffix.replace(part, firsts[flag]))
                         for part, flag, _ in parts if part != firsts[flag]}
             runners[name + suffix] = dataclasses.replace(runner, variant=suffix, siblings=siblings,

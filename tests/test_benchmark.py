@@ -301,6 +301,23 @@ def test_compile_both_runs_a_runner_that_cannot_compile_once(checkpoint, prompts
     assert list(json.loads(path.read_text())["metrics"]) == ["hf_assistant_early_exit"]
 
 
+def test_compile_true_says_which_runners_run_eager(checkpoint, prompts_file, tmp_path, capsys):
+    """--compile True with runners that cannot compile: they run, eager, and a warning says so once each (a flag
+    they would otherwise ignore in silence), under both draft policies."""
+    code = run(benchmark.main, ["--model", str(checkpoint), "--dataset", "custom_jsonl", "--data_path",
+                                str(prompts_file), "--num_samples", "1", "--max_steps", "4", "--sample", "False",
+                                "--exit_layer", "3", "--num_speculations", "2", "--output_dir", str(tmp_path),
+                                "--compile", "True", "--draft_policy", "static,adaptive", "--generation_strategy",
+                                "hf_assistant_early_exit,hf_custom_generate"])
+    err = capsys.readouterr().err
+    assert code == 0
+    for name in ("hf_assistant_early_exit", "hf_custom_generate"):
+        assert err.count(f"warning: {name} has no compiled variant") == 1, err
+    [path] = tmp_path.glob("benchmark_*.json")
+    assert list(json.loads(path.read_text())["metrics"]) == ["hf_assistant_early_exit", "hf_custom_generate+static",
+                                                            "hf_custom_generate+adaptive"]
+
+
 def test_the_table_marks_what_a_run_did_not_measure_with_a_bare_dash():
     """Without hf_generate in the run there is no speedup over it: '-', not '-x'; units only beside numbers."""
     from self_speculation.reporting import format_table

@@ -53,12 +53,15 @@ What this route does with them:
   does not pad a row that met a stop string but goes on generating for it; this route pads it with
   `pad_token_id`, and refuses stop strings in a batch with neither id.
 
+Errors name generate's arguments (`exit_layer=`), where the scripts' name their flags (`--exit_layer`).
+
 Generators are built once per model and settings and kept on the model (`Generators`), since building one times
 the adaptive policy's passes and, with `compile=True`, compiles them again.
 """
 
 import dataclasses
 import inspect
+import re
 import sys
 from typing import NoReturn
 
@@ -129,8 +132,6 @@ def layerskip_generate(
     call = _generate_arguments()
     eos = _token_ids(g.eos_token_id)
     _check_supported(g, input_ids, logits_processor, stopping_criteria, model_kwargs, call, eos)
-    if seed is not None:
-        check_seed(seed)
     prompts = _prompts(input_ids, model_kwargs.get("attention_mask"))
     budget = g.max_length - input_ids.shape[1]  # generate counts the padded prompt's length
     context = getattr(model.config, "max_position_embeddings", None)
@@ -149,12 +150,17 @@ def layerskip_generate(
     chosen = {"generation_strategy": generation_strategy, "exit_layer": exit_layer,
               "num_speculations": num_speculations, "draft_policy": draft_policy, "batch_drafts": batch_drafts,
               "compile": compile}
-    config = GenerationConfig(
-        **{name: value for name, value in chosen.items() if value is not None},
-        sample=bool(g.do_sample), temperature=g.temperature, top_k=g.top_k or 0, top_p=g.top_p,
-        no_repeat_ngram_size=g.no_repeat_ngram_size or 0, stop_words=stop_words,
-    )
-    generator = Generators.of(model).get(config, set(eos), stop_strings_tokenizer if stop_words else None)
+    try:
+        if seed is not None:
+            check_seed(seed)
+        config = GenerationConfig(
+            **{name: value for name, value in chosen.items() if value is not None},
+            sample=bool(g.do_sample), temperature=g.temperature, top_k=g.top_k or 0, top_p=g.top_p,
+            no_repeat_ngram_size=g.no_repeat_ngram_size or 0, stop_words=stop_words,
+        )
+        generator = Generators.of(model).get(config, set(eos), stop_strings_tokenizer if stop_words else None)
+    except UsageError as error:  # the toolkit names its flags (--exit_layer); here they are generate's arguments
+        raise UsageError(re.sub(r"--(\w+)", r"\1=", str(error))) from None
     if config.sample:
         # one draw from torch's CPU generator: torch.manual_seed repeats a call, and calls differ, as in generate
         generator.seed = seed if seed is not None else int(torch.randint(MAX_SEED + 1, ()))

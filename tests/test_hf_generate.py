@@ -208,9 +208,9 @@ def test_other_refusals(gqa_tied):
          "need a pad_token_id or an eos_token_id"),
         ({"input_ids": torch.tensor([[0] * 250])}, {"max_new_tokens": 10}, "context of 256 positions"),
         ({"input_ids": torch.tensor([PROMPTS[0]])}, {"assistant_model": gqa_tied}, "assistant_model"),
-        ({"input_ids": torch.tensor([PROMPTS[0]])}, {"exit_layer": 6}, r"--exit_layer must be in \[1, 5\]"),
-        ({"input_ids": torch.tensor([PROMPTS[0]])}, {"generation_strategy": "beam"}, "--generation_strategy"),
-        ({"input_ids": torch.tensor([PROMPTS[0]])}, {"seed": -1}, "--seed"),
+        ({"input_ids": torch.tensor([PROMPTS[0]])}, {"exit_layer": 6}, r"^exit_layer= must be in \[1, 5\]"),
+        ({"input_ids": torch.tensor([PROMPTS[0]])}, {"generation_strategy": "beam"}, "^generation_strategy= must be one of"),
+        ({"input_ids": torch.tensor([PROMPTS[0]])}, {"seed": -1}, "^seed= "),
     ]
     for batch, settings, message in refused:
         settings = {"exit_layer": 2, "num_speculations": 2, "max_new_tokens": 4} | settings

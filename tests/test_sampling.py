@@ -94,9 +94,12 @@ def small_vocab_model():
     return tiny_llama(vocab_size=8, num_layers=4, init_std=0.2, layer_scale=0.3, eos_token_id=None)
 
 
-def continuations(model, config: GenerationConfig, seed: int) -> collections.Counter:
+def continuations(model, config: GenerationConfig, seed: int, rows: int = 1) -> collections.Counter:
+    """SAMPLES continuations of PROMPT, `rows` at a time in one batch (each row draws with its own noise stream,
+    as a prompt alone would)."""
     generator = Generator(model, None, config, seed=seed)
-    return collections.Counter(tuple(generator.generate_ids(PROMPT).tokens) for _ in range(SAMPLES))
+    return collections.Counter(tuple(result.tokens) for _ in range(SAMPLES // rows)
+                               for result in generator.generate_batch([PROMPT] * rows))
 
 
 def homogeneity_p_value(a: collections.Counter, b: collections.Counter) -> float:
@@ -132,9 +135,12 @@ def test_the_same_test_catches_a_wrong_acceptance_rule(small_vocab_model, autore
 
 
 def test_speculative_sampling_is_lossless_in_bfloat16(small_vocab_model):
-    """The same test with the model in bfloat16: the verifier's rounding must not bias the accepted tokens."""
+    """The same test with the model in bfloat16: the verifier's rounding must not bias the accepted tokens (in
+    batches of 500 rows, for time: a prompt draws in a batch as alone, by
+    test_speculative_sampling_draws_autoregressive_samplings_tokens)."""
     model = copy.deepcopy(small_vocab_model).to(torch.bfloat16)
-    p_value = homogeneity_p_value(continuations(model, SAMPLING, seed=1), continuations(model, SPECULATIVE, seed=2))
+    p_value = homogeneity_p_value(continuations(model, SAMPLING, seed=1, rows=500),
+                                  continuations(model, SPECULATIVE, seed=2, rows=500))
     print(f"p = {p_value:.3g}")
     assert p_value > 1e-3
 

@@ -115,7 +115,7 @@ def homogeneity_p_value(a: collections.Counter, b: collections.Counter) -> float
 
 @pytest.fixture(scope="module")
 def autoregressive_samples(small_vocab_model):
-    return continuations(small_vocab_model, SAMPLING, seed=1)
+    return continuations(small_vocab_model, SAMPLING, seed=1, rows=500)  # the same draws as one at a time
 
 
 def test_speculative_sampling_matches_autoregressive_sampling(small_vocab_model, autoregressive_samples):
@@ -128,7 +128,7 @@ def test_speculative_sampling_matches_autoregressive_sampling(small_vocab_model,
 def test_the_same_test_catches_a_wrong_acceptance_rule(small_vocab_model, autoregressive_samples, monkeypatch):
     """Accepting every draft samples from the early exit instead of the full model; the test must notice."""
     monkeypatch.setattr(strategies, "first_rejection", lambda agree: torch.full(agree.shape[:1], agree.shape[1]))
-    wrong = continuations(small_vocab_model, SPECULATIVE, seed=2)
+    wrong = continuations(small_vocab_model, SPECULATIVE, seed=2, rows=500)
     p_value = homogeneity_p_value(autoregressive_samples, wrong)
     print(f"p = {p_value:.3g}")
     assert p_value < 1e-6

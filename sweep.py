@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
                                     "(--exit_layer_first/last/step, --num_speculations_first/last/step)")
         if "adaptive" not in policies:
             warn_ignored(argv, STATIC_ONLY, "the grid's points draft their own length in batches too")
+        if "static" not in policies:
+            warn_ignored(argv, ("num_speculations_last", "num_speculations_step"), "without the static grid, the "
+                         "adaptive policy's points start at --num_speculations_first and choose their own lengths")
         if not config.sample:
             warn_ignored(argv, SAMPLING, "greedy decoding (--sample False)")
         if batching.batch_size == 1:

@@ -213,3 +213,7 @@ def test_a_sweep_of_draft_policies_measures_the_adaptive_one_at_every_exit_layer
     assert (tmp_path / "out" / "sweep_policies.png").exists() and (tmp_path / "out" / "sweep_tokens_per_second.png").exists()
     assert run(sweep.main, argv + ["--draft_policy", "static,fast"]) == 2
     assert "--draft_policy: unknown fast (choose from static, adaptive)" in capsys.readouterr().err
+    alone = argv[:-1] + [str(tmp_path / "adaptive"), "--draft_policy", "adaptive"]
+    assert run(sweep.main, alone) == 0
+    assert "warning: --num_speculations_last ignored: without the static grid" in capsys.readouterr().err
+    assert sorted(points(tmp_path / "adaptive" / "sweep.csv", "adaptive")) == [(1, 1), (2, 1), (3, 1)]

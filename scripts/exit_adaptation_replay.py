@@ -24,14 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from self_speculation.analysis import _step, adaptive_speedup, greedy_traces, humaneval_problems, measure_costs  # noqa: E402
 from self_speculation.config import GenerationConfig  # noqa: E402
-from self_speculation.drafting import LONGEST, MOST_BREAK_EVEN, Adaptive, RowPlan, draft_share, step_seconds  # noqa: E402
+from self_speculation.drafting import LONGEST, Adaptive, RowPlan, break_even, draft_share, step_seconds  # noqa: E402
 from self_speculation.loading import DEFAULT_MODEL, load  # noqa: E402
 
 
 def adaptive_policy(exit_layer: int, costs) -> Adaptive:
     policy = Adaptive(GenerationConfig(generation_strategy="self_speculative", sample=False, exit_layer=exit_layer,
                                        num_speculations=3, draft_policy="adaptive"))
-    policy.break_even = min(step_seconds(costs, 1) / step_seconds(costs, 0) - 1, MOST_BREAK_EVEN)
+    policy.break_even = break_even(costs)
     return policy
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import statistics
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from .errors import UsageError
 from .config import GenerationConfig
 from .generator import Generator
 from .results import write_json
-from .drafting import Adaptive, RowPlan, step_seconds
+from .drafting import Adaptive, RowPlan, break_even, step_seconds
 from .strategies import SelfSpeculative, draft_share
 
 
@@ -106,7 +107,7 @@ class Replay:
     steps: int = 0  # full-model passes after the prompt
     drafted: int = 0
     accepted: int = 0
-    step_drafts: dict[int, int] = dataclasses.field(default_factory=dict)  # drafts in a step -> steps
+    step_drafts: Counter = dataclasses.field(default_factory=Counter)  # drafts in a step -> steps
 
     @property
     def tokens(self) -> int:
@@ -116,17 +117,12 @@ class Replay:
     def add(self, drafted: int, accepted: int) -> None:
         """A step of `drafted` drafts that kept `accepted`."""
         self.steps, self.drafted, self.accepted = self.steps + 1, self.drafted + drafted, self.accepted + accepted
-        self.step_drafts[drafted] = self.step_drafts.get(drafted, 0) + 1
+        self.step_drafts[drafted] += 1
 
     @classmethod
     def total(cls, replays: list["Replay"]) -> "Replay":
-        whole = cls()
-        for replay in replays:
-            whole.steps, whole.drafted, whole.accepted = (whole.steps + replay.steps, whole.drafted + replay.drafted,
-                                                          whole.accepted + replay.accepted)
-            for drafts, steps in replay.step_drafts.items():
-                whole.step_drafts[drafts] = whole.step_drafts.get(drafts, 0) + steps
-        return whole
+        return cls(*(sum(getattr(r, name) for r in replays) for name in ("steps", "drafted", "accepted")),
+                   sum((r.step_drafts for r in replays), Counter()))
 
 
 def simulate(trace: GreedyTrace, exit_layer: int, num_speculations: int) -> Replay:
@@ -181,7 +177,7 @@ def adaptive_speedup(traces: list[GreedyTrace], exit_layer: int, costs: PassCost
     (a step without drafts is a full pass; a shadow draft adds the head once more)."""
     policy = Adaptive(GenerationConfig(generation_strategy="self_speculative", sample=False, exit_layer=exit_layer,
                                        num_speculations=start, draft_policy="adaptive"))
-    policy.break_even = step_seconds(costs, 1) / step_seconds(costs, 0) - 1
+    policy.break_even = break_even(costs)  # as decoding sets it
     replays = [simulate_adaptive(trace, exit_layer, policy) for trace in traces]
     whole = Replay.total([replay for replay, _ in replays])
     seconds = SelfSpeculative().predicted_seconds(costs, whole.step_drafts) + sum(s for _, s in replays) * costs.head[1]

@@ -112,7 +112,7 @@ def _ours(name: str):
         def sample(r, peak) -> Sample:
             return Sample(name, -1, r.tokens, r.total_time, r.time_to_first_token, r.drafted, r.accepted,
                           full_passes * (r.steps + 1), r.steps, r.cache_bytes, peak.get("bytes"),
-                          step_drafts=r.step_drafts)
+                          step_drafts=dict(r.step_drafts))  # a plain dict: asdict cannot copy a Counter
 
         def run(prompt_ids):
             with _peak_gpu_memory(generator.device) as peak:

@@ -44,6 +44,14 @@ def drafting_seconds(costs: PassCosts, drafts: float) -> float:
     return (k + 1) * costs.draft + costs.at(costs.verify, k + 1) + k * costs.head[1] + costs.at(costs.head, k + 1)
 
 
+def break_even(costs: PassCosts) -> float:
+    """The first-draft acceptance above which drafting one token pays for itself at these pass costs:
+    `step_seconds(1) / step_seconds(0) - 1`, at most MOST_BREAK_EVEN. One draft costs less than two full passes
+    (layers [0, E) twice, [E, L) over 2 positions): a ratio past that is a slow moment of the machine during the
+    timing, which must not switch drafting off."""
+    return min(step_seconds(costs, 1) / step_seconds(costs, 0) - 1, MOST_BREAK_EVEN)
+
+
 def step_seconds(costs: PassCosts, drafts: int) -> float:
     """A step of `drafts` drafts; none is a full-model pass and the head, autoregressive decoding."""
     return drafting_seconds(costs, drafts) if drafts else costs.full + costs.head[1]
@@ -221,10 +229,8 @@ class Adaptive(DraftPolicy):
             return self.batches.begin(generator, rows, context)
         if self.break_even is None:
             # eager passes: compiled ones would compile passes the decoding may never run, for a ratio
-            costs = PassTimer(generator.decoder, context, 2, None, 1, 5).costs(self.config.exit_layer, 2)
-            # one draft costs less than two full passes (layers [0, E) twice, [E, L) over 2 positions): a ratio
-            # past that is a slow moment of the machine during the timing, which must not switch drafting off
-            self.break_even = min(step_seconds(costs, 1) / step_seconds(costs, 0) - 1, MOST_BREAK_EVEN)
+            self.break_even = break_even(PassTimer(generator.decoder, context, 2, None, 1, 5).costs(
+                self.config.exit_layer, 2))
         return [RowPlan(min(self.config.num_speculations, self.longest))]
 
     def drafts(self, plans):

@@ -1,6 +1,7 @@
 """The generator: prompt in, tokens, text and speed figures out."""
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -27,7 +28,7 @@ class GenerationResult:
     total_time: float  # seconds, prompt included
     time_to_first_token: float
     cache_bytes: int = 0  # what the KV cache held at its largest (a batch's: all rows, before any left)
-    step_drafts: dict[int, int] = field(default_factory=dict)  # drafts in a step -> its steps with that many
+    step_drafts: Counter = field(default_factory=Counter)  # drafts in a step -> its steps with that many
 
     @property
     def num_tokens(self) -> int:
@@ -141,11 +142,10 @@ class Generator:
         self.drawn += rows
         return layers.upload([s % (1 << 63) for s in streams], self.device)
 
-    def _budgets(self, prompts: list[list[int]], max_steps: int | None = None) -> tuple[list[int], int]:
-        """Each prompt's budget of new tokens (`max_steps`, by default --max_steps, or less where the context ends
-        first), and the cache capacity of their generation: room for all of it and what a step writes past it, so
-        that the cache never grows."""
-        max_steps = self.config.max_steps if max_steps is None else max_steps
+    def _budgets(self, prompts: list[list[int]], max_steps: int) -> tuple[list[int], int]:
+        """Each prompt's budget of new tokens (`max_steps`, or less where the context ends first), and the cache
+        capacity of their generation: room for all of it and what a step writes past it, so that the cache never
+        grows."""
         budgets = [token_budget(max_steps, self.context_length, len(p)) for p in prompts]
         room = self.strategy.cache_room(self.config, max(budgets))
         return budgets, max(len(p) for p in prompts) + max(budgets) + room
@@ -158,7 +158,7 @@ class Generator:
             return None
         if not self.graphs:
             return (len(prompts) > 1,)  # a batch's passes serve every batch size from 2
-        return len(prompts), layers.capacity_bucket(self._budgets(prompts)[1])
+        return len(prompts), layers.capacity_bucket(self._budgets(prompts, self.config.max_steps)[1])
 
     def new_cache(self, capacity: int, rows: int) -> layers.KVCache:
         """A cache for a generation, or for timing this generator's passes: new, or with CUDA graphs the one of
@@ -267,7 +267,7 @@ class Generator:
                             result.steps += 1
                             result.drafted += step.drafted
                             result.accepted += step.accepted
-                            result.step_drafts[step.drafted] = result.step_drafts.get(step.drafted, 0) + 1
+                            result.step_drafts[step.drafted] += 1
                     new_tokens = [step.tokens for step in steps]
             finally:
                 sync_device(self.device)

@@ -6,6 +6,7 @@ entry (a `lossless` strategy must equal autoregressive decoding token for token)
 """
 
 import dataclasses
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -464,10 +465,8 @@ class SelfSpeculative(Strategy):
         samples = [s for rows in batches for s in rows]
         report |= self.policy.metrics()
         if costs is not None:
-            step_drafts = {}  # every row's steps, each priced alone at the batch's pass costs
-            for s in samples:
-                for drafts, steps in s.step_drafts.items():
-                    step_drafts[drafts] = step_drafts.get(drafts, 0) + steps
+            step_drafts = sum((Counter(s.step_drafts) for s in samples), Counter())  # every row's steps, each
+            # priced alone at the batch's pass costs
             report |= {"ideal_speedup_vs_autoregressive": self.ideal_speedup(
                 costs, step_drafts, tokens=sum(s.steps + s.accepted for s in samples)),
                 "pass_costs_seconds": dataclasses.asdict(costs)}
